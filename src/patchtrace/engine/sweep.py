@@ -1,0 +1,380 @@
+"""The sweep engine: run many exact patches, as few FLOPs as exactness allows.
+
+A *patch* is a set of sites whose activations are replaced, in a *base* run, by their values in a
+*source* run (denoising: base = corrupt, source = clean; noising: the reverse). For every patch the
+engine returns the metric per example. It is the one place where patched forwards happen; activation
+patching, causal tracing, mask evaluation and back-patching all call it.
+
+Why it is fast (and still exact). Patching a site at layer ``L`` and positions ``≥ p`` changes
+nothing below layer ``L`` and, with causal attention, nothing at positions ``< p``. So:
+
+(a) **resume at the patched layer**: the run starts from the base run's cached residual stream
+    entering layer ``L``;
+(b) **suffix only**: only positions ``p..T-1`` are computed, attending to the base run's cached
+    keys/values of positions ``< p`` (positions are absolute, so rotary and learned position
+    embeddings come out the same);
+(c) **many patches per batch**: rows are ``patch × example``; the prefix keys/values are shared;
+(d) **answer columns only**: when the metric reads a few logits (logit difference), only those
+    columns of the unembedding are computed, at the last position only.
+
+The *plain* path runs every patch as a full forward from the embeddings (still batched); it is used
+when ``fast=False`` and serves as the in-library cross-check. The test-suite checks both against an
+independent reference written with hooks on the Hugging Face modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from patchtrace.metrics import Metric
+from patchtrace.models.load import Model
+from patchtrace.models.runner import HookFn, RunCtx
+from patchtrace.sites import HookPoint, Site, SiteError
+
+
+class EngineError(ValueError):
+    """A patch that does not fit the model or the prompts (names the site)."""
+
+
+# where the position and unit axes are, per kind, in the [B, ...] activation
+def _layout(kind: str) -> tuple[int, int | None]:
+    if kind == "pattern":
+        return 2, 1
+    if kind in ("head", "q", "k", "v", "neuron"):
+        return 1, 2
+    return 1, None
+
+
+@dataclass
+class RunCache:
+    """Activations of one run over an equal-length group of examples.
+
+    Attributes:
+        acts: full-length activations per hook point, ``[N, T, ...]`` (``pattern``: ``[N, H, T, T]``).
+        kv: per layer, keys and values ``[N, K, T, d]``.
+        logits: last-position logits ``[N, V]``.
+    """
+
+    acts: dict[HookPoint, Tensor]
+    kv: list[tuple[Tensor, Tensor]]
+    logits: Tensor
+
+
+def collect(
+    model: Model,
+    ids: Tensor,
+    points: Iterable[HookPoint] = (),
+    *,
+    hooks: dict[HookPoint, list[HookFn]] | None = None,
+) -> RunCache:
+    """One forward over ``ids`` ``[N, T]``, recording ``resid_pre`` of every layer, the given points,
+    all keys/values, and the last-position logits."""
+    n_layers = model.dims.n_layers
+    want = set(points) | {HookPoint("resid_pre", i) for i in range(n_layers)}
+    acts: dict[HookPoint, Tensor] = {}
+    all_hooks: dict[HookPoint, list[HookFn]] = defaultdict(list)
+    for hp, fns in (hooks or {}).items():
+        all_hooks[hp].extend(fns)
+
+    def rec(hp: HookPoint) -> HookFn:
+        def fn(x: Tensor, ctx: RunCtx) -> None:
+            acts[hp] = x.detach().clone()
+
+        return fn
+
+    for hp in want:
+        all_hooks[hp].append(rec(hp))
+    explicit = any(hp.kind == "pattern" for hp in want)
+    with torch.no_grad():
+        out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit)
+    assert out.logits is not None and out.kv is not None
+    kv = [(k.clone(), v.clone()) for k, v in out.kv if k is not None]  # type: ignore[misc]
+    return RunCache(acts, kv, out.logits[:, -1].float())
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Sites replaced together (positions absolute and non-negative, or None for all positions)."""
+
+    sites: tuple[Site, ...]
+
+    @property
+    def start_layer(self) -> int:
+        """First layer the patch touches (-1 for ``embed``)."""
+        return min(-1 if s.layer is None else s.layer for s in self.sites)
+
+    @property
+    def start_pos(self) -> int:
+        return min(0 if s.pos is None else s.pos for s in self.sites)
+
+
+def resolve(site: Site, model: Model, T: int) -> Site:
+    """Check a site against the model and sequence length; make its position absolute."""
+    d = model.dims
+    if site.layer is not None and not 0 <= site.layer < d.n_layers:
+        raise EngineError(f"site {site}: layer {site.layer} out of range (model has {d.n_layers} layers)")
+    if site.kind == "resid_mid" and d.parallel_residual:
+        raise EngineError(f"site {site}: {model.family.name} blocks are parallel; there is no resid_mid")
+    if site.unit is not None:
+        n_units = {"neuron": d.d_mlp, "k": d.n_kv_heads, "v": d.n_kv_heads}.get(site.kind, d.n_heads)
+        if not 0 <= site.unit < n_units:
+            raise EngineError(f"site {site}: unit {site.unit} out of range ({site.kind} has {n_units})")
+    pos = site.pos
+    if pos is not None:
+        if not -T <= pos < T:
+            raise EngineError(f"site {site}: position {pos} out of range for prompts of {T} tokens")
+        pos %= T
+    return Site(site.kind, site.layer, site.unit, pos)
+
+
+@dataclass
+class Scorer:
+    """Turns last-position logits of ``P × N`` rows into the metric ``[P, N]``."""
+
+    metric: Metric
+    answer: Tensor
+    wrong: Tensor
+    ref_logprobs: Tensor | None = None
+    cols: Tensor | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.cols = self.metric.columns(self.answer, self.wrong)
+
+    def __call__(self, logits: Tensor, n_patches: int, cols_used: bool) -> Tensor:
+        reps = n_patches
+        ref = self.ref_logprobs.repeat(reps, 1) if self.ref_logprobs is not None else None
+        vals = self.metric.score(
+            logits,
+            self.answer.repeat(reps, 1),
+            self.wrong.repeat(reps, 1),
+            ref,
+            self.cols if cols_used else None,
+        )
+        return vals.view(n_patches, -1)
+
+
+@dataclass
+class SweepPlan:
+    """How a sweep will run, before it runs (``--dry-run`` prints this)."""
+
+    mode: str
+    n_patches: int
+    n_examples: int
+    rows_per_chunk: int
+    n_chunks: int
+    forward_equivalents: float
+    peak_bytes: int
+    reason: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"mode={self.mode} patches={self.n_patches} examples={self.n_examples} "
+            f"chunks={self.n_chunks} (≤{self.rows_per_chunk} rows) "
+            f"≈{self.forward_equivalents:.1f} full-forward equivalents, est. peak {self.peak_bytes / 2**20:.0f} MiB"
+            + (f" [{self.reason}]" if self.reason else "")
+        )
+
+
+def row_bytes(model: Model, n: int, T: int, ncols: int | None) -> int:
+    """Estimated working memory (bytes) of one batch row computing ``n`` positions of a ``T``-token prompt."""
+    d = model.dims
+    el = torch.finfo(model.dtype).bits // 8
+    per_pos = 8 * d.d_model + 3 * d.d_mlp + 4 * d.n_heads * d.d_head + 2 * d.n_heads * T
+    kv = 2 * 2 * d.n_heads * d.d_head * T  # prefix + new, GQA-expanded, one layer at a time
+    logits = ncols if ncols is not None else d.vocab
+    return el * (n * per_pos + kv) + 4 * logits * 2
+
+
+def default_budget(model: Model) -> int:
+    """Working-memory budget in bytes: a quarter of available RAM (or free VRAM), at least 256 MiB."""
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return max(256 << 20, int(free * 0.5))
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        avail = info.get("MemAvailable", 8 << 30)
+    except OSError:
+        avail = 8 << 30
+    return max(256 << 20, avail // 4)
+
+
+def _groups(patches: Sequence[Patch], fast: bool) -> dict[tuple[int, int], list[int]]:
+    g: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, p in enumerate(patches):
+        key = (max(p.start_layer, -1), p.start_pos) if fast else (-1, 0)
+        g[key].append(i)
+    return dict(sorted(g.items()))
+
+
+def plan_sweep(
+    model: Model, patches: Sequence[Patch], n_examples: int, T: int, *, fast: bool = True,
+    max_memory: int | None = None, ncols: int | None = None,
+) -> SweepPlan:
+    """Estimate chunks, forward-pass equivalents and peak memory of a sweep."""
+    budget = max_memory or default_budget(model)
+    L = model.dims.n_layers
+    fe = 0.0
+    chunks = 0
+    max_rows = 1
+    for (layer, p), idx in _groups(patches, fast).items():
+        n = T - p if fast else T
+        rb = row_bytes(model, n, T, ncols if fast else None)
+        rows = max(n_examples, budget // max(rb, 1) // n_examples * n_examples)
+        max_rows = max(max_rows, rows)
+        per_chunk = max(1, rows // n_examples)
+        chunks += math.ceil(len(idx) / per_chunk)
+        frac_layers = (L - max(layer, 0)) / L if fast else 1.0
+        fe += len(idx) * frac_layers * n / T
+    fixed = 2 * n_examples * T * (L * model.dims.d_model * 6) * 4
+    peak = min(budget, max_rows * row_bytes(model, T, T, None)) + fixed
+    return SweepPlan("fast" if fast else "plain", len(patches), n_examples, max_rows, chunks, fe, peak)
+
+
+def run_patches(
+    model: Model,
+    base_ids: Tensor,
+    base: RunCache,
+    source: RunCache,
+    patches: Sequence[Patch],
+    scorer: Scorer,
+    *,
+    fast: bool = True,
+    base_hooks: dict[HookPoint, list[HookFn]] | None = None,
+    max_memory: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Run every patch; return the metric ``[P, N]``.
+
+    Args:
+        model: the model.
+        base_ids: ``[N, T]`` token ids of the base run.
+        base: the base run's cache (from :func:`collect`, with ``base_hooks`` applied).
+        source: the source run's cache holding every patched hook point.
+        patches: patches with resolved sites (see :func:`resolve`).
+        scorer: metric of the last-position logits.
+        fast: use the fast path (a)–(d); False runs plain full forwards.
+        base_hooks: hooks present in the base run too (e.g. causal-tracing noise); they must be
+            position-aware through ``ctx.pos_offset``.
+        max_memory: working-memory budget in bytes (default: :func:`default_budget`).
+        on_chunk: called with the number of patches finished after each chunk (progress bars).
+    """
+    N, T = base_ids.shape
+    out = torch.empty(len(patches), N)
+    budget = max_memory or default_budget(model)
+    use_cols = fast and scorer.cols is not None
+    for (layer, p), idx in _groups(patches, fast).items():
+        n = T - p
+        rows = budget // max(row_bytes(model, n, T, len(scorer.cols) if use_cols and scorer.cols is not None else None), 1)
+        per_chunk = max(1, int(rows) // N)
+        for c0 in range(0, len(idx), per_chunk):
+            chunk = [patches[i] for i in idx[c0 : c0 + per_chunk]]
+            vals = _run_chunk(model, base_ids, base, source, chunk, layer, p, scorer, use_cols, base_hooks)
+            out[idx[c0 : c0 + per_chunk]] = vals
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    return out
+
+
+def _run_chunk(
+    model: Model,
+    base_ids: Tensor,
+    base: RunCache,
+    source: RunCache,
+    chunk: list[Patch],
+    layer: int,
+    p: int,
+    scorer: Scorer,
+    use_cols: bool,
+    base_hooks: dict[HookPoint, list[HookFn]] | None,
+) -> Tensor:
+    P = len(chunk)
+    N = base_ids.shape[0]
+    hooks: dict[HookPoint, list[HookFn]] = defaultdict(list)
+    for hp, fns in (base_hooks or {}).items():
+        hooks[hp].extend(fns)
+    entries: dict[HookPoint, list[tuple[int, int | None, int | None]]] = defaultdict(list)
+    for i, patch in enumerate(chunk):
+        for s in patch.sites:
+            entries[s.point].append((i, s.unit, s.pos))
+    for hp, ents in entries.items():
+        if hp not in source.acts:
+            raise EngineError(f"the source run did not record {hp}; cannot patch it")
+        hooks[hp].append(_patch_hook(source.acts[hp], ents, P, N, hp.kind))
+    explicit = any(hp.kind == "pattern" for hp in entries)
+    cols = scorer.cols if use_cols else None
+    with torch.no_grad():
+        if layer < 0:
+            ids = base_ids[:, p:].repeat(P, 1)
+            past = [(k[:, :, :p], v[:, :, :p]) for k, v in base.kv] if p > 0 else None
+            res = model.runner.forward(
+                ids, pos_offset=p, past_kv=past, hooks=hooks, last_only=True, unembed_cols=cols,
+                explicit_attention=explicit,
+            )
+        else:
+            resid = base.acts[HookPoint("resid_pre", layer)][:, p:].repeat(P, 1, 1)
+            past_l: list[tuple[Tensor, Tensor] | None] | None = None
+            if p > 0:
+                past_l = [None] * model.dims.n_layers
+                for li in range(layer, model.dims.n_layers):
+                    k, v = base.kv[li]
+                    past_l[li] = (k[:, :, :p], v[:, :, :p])
+            res = model.runner.forward(
+                resid=resid, start_layer=layer, pos_offset=p, past_kv=past_l, hooks=hooks, last_only=True,
+                unembed_cols=cols, explicit_attention=explicit,
+            )
+    assert res.logits is not None
+    return scorer(res.logits[:, -1], P, cols is not None)
+
+
+def _patch_hook(
+    src: Tensor, ents: list[tuple[int, int | None, int | None]], P: int, N: int, kind: str
+) -> HookFn:
+    """A hook writing source values into the rows of each patch (rows are patch-major)."""
+    pos_ax, unit_ax = _layout(kind)
+    # put positions at axis 1 and units at axis 2 (views)
+    s = src.transpose(1, 2) if pos_ax == 2 else src
+    single = [(i, u, t) for i, u, t in ents if t is not None and (u is not None or unit_ax is None)]
+    other = [e for e in ents if e not in single]
+    ar = torch.arange(N, device=src.device)
+
+    def fn(x: Tensor, ctx: RunCtx) -> Tensor:
+        xv = x.transpose(1, 2) if pos_ax == 2 else x
+        xv = xv.unflatten(0, (P, N))
+        off, n = ctx.pos_offset, xv.shape[2]
+        if single:
+            ii = torch.tensor([e[0] for e in single], device=x.device)
+            tt = torch.tensor([e[2] for e in single], device=x.device)  # type: ignore[misc]
+            if unit_ax is None:
+                xv[ii[:, None], ar[None, :], (tt - off)[:, None]] = s[ar[None, :], tt[:, None]]
+            else:
+                uu = torch.tensor([e[1] for e in single], device=x.device)  # type: ignore[misc]
+                xv[ii[:, None], ar[None, :], (tt - off)[:, None], uu[:, None]] = s[ar[None, :], tt[:, None], uu[:, None]]
+        for i, u, t in other:
+            if t is None:
+                if u is None:
+                    xv[i] = s[:, off : off + n]
+                else:
+                    xv[i, :, :, u] = s[:, off : off + n, u]
+            else:
+                if not off <= t < off + n:
+                    raise EngineError(f"internal: patch position {t} outside computed positions {off}..{off + n - 1}")
+                xv[i, :, t - off] = s[:, t]
+        return x
+
+    return fn
+
+
+def check_sites(sites: Iterable[Site]) -> None:
+    """Raise :class:`~patchtrace.sites.SiteError` for a site list with duplicates."""
+    seen = set()
+    for s in sites:
+        if s in seen:
+            raise SiteError(f"site {s} appears twice in one patch")
+        seen.add(s)

