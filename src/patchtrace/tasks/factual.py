@@ -65,6 +65,8 @@ def factual(n: int = 16, seed: int = 0, model: Any = None, template: int = 0) ->
     countries = list(CAPITALS)
     rng.shuffle(countries)
     tok = getattr(model, "tokenizer", None)
+    if tok is not None:  # answers must be single tokens (Task.tokenize refuses others)
+        countries = [c for c in countries if len(tok(" " + CAPITALS[c], add_special_tokens=False).input_ids) == 1]
 
     def ntok(s: str) -> int:
         return len(tok(tpl.format(c=s)).input_ids) if tok is not None else len(s.split())
