@@ -87,7 +87,7 @@ def test_unknown_model_offline_fast(tmp_path):
 
 def test_local_dir_without_config(tmp_path):
     (tmp_path / "junk.txt").write_text("x")
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_model(str(tmp_path))
 
 
@@ -204,7 +204,7 @@ def test_results_folder_missing_files(tmp_path):
     s = Scores(torch.zeros(2, 3), ("layer", "head"), "head")
     d = s.save(tmp_path / "r")
     (d / "scores.safetensors").unlink()
-    with pytest.raises(ResultsError, match="scores.safetensors"):
+    with pytest.raises(ResultsError, match=r"scores\.safetensors"):
         Scores.load(d)
     with pytest.raises(ResultsError):
         Scores.load(tmp_path / "does-not-exist")
