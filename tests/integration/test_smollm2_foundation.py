@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_metric, reference_patch
 
 from patchtrace.engine.sweep import Patch, Scorer, collect, resolve, run_patches
 from patchtrace.methods.causal_tracing import TracingConfig
@@ -12,6 +11,7 @@ from patchtrace.methods.causal_tracing import run as causal_trace
 from patchtrace.metrics import Metric
 from patchtrace.sites import Site
 from patchtrace.tasks import make_task
+from reference import reference_metric, reference_patch
 
 pytestmark = pytest.mark.smollm2
 

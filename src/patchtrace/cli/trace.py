@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         noise_seed: int = typer.Option(0, help="seed of the noise"),
         metric: str = typer.Option("prob", help="prob (ROME), logprob, logit_diff or kl"),
         target: str = typer.Option("top1", help="'top1' (the clean run's top token) or 'answer' (the task's answer)"),
-        out: Path | None = typer.Option(None, help="results folder (default runs/trace-<task>-<kind>)"),
+        out: str | None = typer.Option(None, help="results folder (default runs/trace-<task>-<kind>)"),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
         max_memory: str | None = typer.Option(None, help="working-memory budget, e.g. '4GB'"),
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
                   f"restore {kind}" + (f" (window {window})" if kind != "resid" else ""), markup=False)
         with common.progress(f"tracing {kind}", quiet=quiet) as bar:
             scores = causal_trace(m, tok, cfg, on_progress=bar.update)
-        folder = out or Path("runs") / f"trace-{Path(task).stem}-{kind}"
+        folder = Path(out) if out else Path("runs") / f"trace-{Path(task).stem}-{kind}"
         scores.save(folder)
         con.print(f"{metric}: clean {scores.baselines['clean']:.4g} · noisy {scores.baselines['corrupt']:.4g} · "
                   f"noise std {scores.provenance['noise_std']:.4g}", markup=False)
