@@ -34,7 +34,7 @@ from torch import Tensor
 
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
-from patchtrace.models.runner import HookFn, RunCtx
+from patchtrace.models.runner import HookFn, RunCtx, RunOutput
 from patchtrace.sites import HookPoint, Site, SiteError
 
 
@@ -255,7 +255,8 @@ def run_patches(
     Args:
         model: the model.
         base_ids: ``[N, T]`` token ids of the base run.
-        base: the base run's cache (from :func:`collect`, with ``base_hooks`` applied).
+        base: the base run's cache (from :func:`collect`, with ``base_hooks`` applied); activations
+            the fast path needs and the cache lacks are recorded by one extra base forward.
         source: the source run's cache holding every patched hook point.
         patches: patches with resolved sites (see :func:`resolve`).
         scorer: metric of the last-position logits.
@@ -269,31 +270,212 @@ def run_patches(
     out = torch.empty(len(patches), N)
     budget = max_memory or default_budget(model)
     use_cols = fast and scorer.cols is not None
-    for (layer, p), idx in _groups(patches, fast).items():
+    ncols = len(scorer.cols) if use_cols and scorer.cols is not None else None
+    if fast:
+        need = set().union(*[_base_points(pt, model) for pt in patches]) if patches else set()
+        missing = need - set(base.acts)
+        if missing:
+            extra = collect(model, base_ids, missing, hooks=base_hooks)
+            base = RunCache({**base.acts, **extra.acts}, base.kv, base.logits)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, pt in enumerate(patches):
+        groups[pt.start_pos if fast else 0].append(i)
+    for p, idx in sorted(groups.items()):
+        idx.sort(key=lambda i: _join_key(patches[i], model) if fast else (0, 0))
         n = T - p
-        rows = budget // max(row_bytes(model, n, T, len(scorer.cols) if use_cols and scorer.cols is not None else None), 1)
+        rows = budget // max(row_bytes(model, n, T, ncols if fast else None), 1)
         per_chunk = max(1, int(rows) // N)
         for c0 in range(0, len(idx), per_chunk):
-            chunk = [patches[i] for i in idx[c0 : c0 + per_chunk]]
-            vals = _run_chunk(model, base_ids, base, source, chunk, layer, p, scorer, use_cols, base_hooks)
-            out[idx[c0 : c0 + per_chunk]] = vals
+            sel = idx[c0 : c0 + per_chunk]
+            chunk = [patches[i] for i in sel]
+            if fast:
+                vals = _run_chunk_fast(model, base_ids, base, source, chunk, p, scorer, use_cols, base_hooks)
+            else:
+                vals = _run_chunk_plain(model, base_ids, source, chunk, scorer, base_hooks)
+            out[sel] = vals.cpu()
             if on_chunk is not None:
                 on_chunk(len(chunk))
     return out
 
 
-def _run_chunk(
+_ATTN_SIDE = frozenset({"head", "attn_out"})
+_MLP_SIDE = frozenset({"neuron", "mlp_out"})
+
+
+def _join_key(patch: Patch, model: Model) -> tuple[int, int]:
+    """Where a patch's rows join the staggered batch: (layer, 0 = entering it, 1 = at its MLP).
+
+    Layer -1 means the rows start from the embeddings (``embed`` patches).
+    """
+    layers = {s.layer for s in patch.sites}
+    kinds = {s.kind for s in patch.sites}
+    if None in layers:
+        return (-1, 0)
+    if len(layers) == 1:
+        (L,) = layers
+        assert L is not None
+        if kinds <= _ATTN_SIDE and not model.dims.parallel_residual:
+            return (L, 1)
+        if kinds <= _MLP_SIDE or kinds == {"resid_post"}:
+            return (L + 1, 0)
+    return (min(s.layer for s in patch.sites if s.layer is not None), 0)
+
+
+def _is_shortcut(patch: Patch, key: tuple[int, int]) -> bool:
+    """True when the engine builds the patch's joining rows itself (attn-side or MLP-side sites of one layer)."""
+    return key[1] == 1 or key[0] == patch.start_layer + 1
+
+
+def _base_points(patch: Patch, model: Model) -> set[HookPoint]:
+    """Base-run activations the fast path reads to build a patch's joining rows."""
+    key = _join_key(patch, model)
+    if not _is_shortcut(patch, key):
+        return set()
+    L = patch.start_layer
+    kinds = {s.kind for s in patch.sites}
+    if key[1] == 1:
+        return {HookPoint("head", L), HookPoint("attn_out", L)}
+    if kinds == {"resid_post"}:
+        return {HookPoint("resid_post", L)}
+    pts = {HookPoint("neuron", L), HookPoint("mlp_out", L)}
+    pts.add(HookPoint("attn_out", L) if model.dims.parallel_residual else HookPoint("resid_mid", L))
+    return pts
+
+
+def _patch_all(x: Tensor, sites_by_block: list[tuple[int, Site]], src: RunCache, kind: str, N: int, ctx: RunCtx) -> Tensor:
+    ents = [(i, s.unit, s.pos) for i, s in sites_by_block if s.kind == kind]
+    if not ents:
+        return x
+    hp = HookPoint(kind, sites_by_block[0][1].layer)
+    return _patch_hook(src.acts[hp], ents, x.shape[0] // N, N, kind)(x, ctx)  # type: ignore[return-value]
+
+
+def _joining_rows(
+    model: Model, base: RunCache, source: RunCache, block: list[Patch], key: tuple[int, int], p: int, N: int, T: int
+) -> Tensor:
+    """Build the rows a block of patches (same join key) contributes to the staggered batch."""
+    R = len(block)
+    L, stage = key
+    kinds = {s.kind for pt in block for s in pt.sites}
+    ctx = RunCtx(p, T)
+    sites = [(i, s) for i, pt in enumerate(block) for s in pt.sites]
+    layer = model.runner.layers[L - 1 if stage == 0 else L]
+    fam = model.family
+    if stage == 1:  # head / attn_out at layer L: rebuild attn_out, join at resid_mid
+        if "head" in kinds:
+            z = base.acts[HookPoint("head", L)][:, p:].repeat(R, 1, 1, 1)
+            z = _patch_all(z, sites, source, "head", N, ctx)
+            attn_out = getattr(getattr(layer, fam.attn), fam.o)(z.reshape(R * N, T - p, -1))
+        else:
+            attn_out = base.acts[HookPoint("attn_out", L)][:, p:].repeat(R, 1, 1)
+        attn_out = _patch_all(attn_out, sites, source, "attn_out", N, ctx)
+        return base.acts[HookPoint("resid_pre", L)][:, p:].repeat(R, 1, 1) + attn_out
+    Lp = L - 1
+    if kinds == {"resid_post"}:
+        h = base.acts[HookPoint("resid_post", Lp)][:, p:].repeat(R, 1, 1)
+        return _patch_all(h, sites, source, "resid_post", N, ctx)
+    if "neuron" in kinds:
+        act = base.acts[HookPoint("neuron", Lp)][:, p:].repeat(R, 1, 1)
+        act = _patch_all(act, sites, source, "neuron", N, ctx)
+        mlp_out = getattr(getattr(layer, fam.mlp), fam.mlp_out)(act)
+    else:
+        mlp_out = base.acts[HookPoint("mlp_out", Lp)][:, p:].repeat(R, 1, 1)
+    mlp_out = _patch_all(mlp_out, sites, source, "mlp_out", N, ctx)
+    if model.dims.parallel_residual:
+        h0 = base.acts[HookPoint("resid_pre", Lp)][:, p:] + base.acts[HookPoint("attn_out", Lp)][:, p:]
+    else:
+        h0 = base.acts[HookPoint("resid_mid", Lp)][:, p:]
+    return h0.repeat(R, 1, 1) + mlp_out
+
+
+def _run_chunk_fast(
     model: Model,
     base_ids: Tensor,
     base: RunCache,
     source: RunCache,
     chunk: list[Patch],
-    layer: int,
     p: int,
     scorer: Scorer,
     use_cols: bool,
     base_hooks: dict[HookPoint, list[HookFn]] | None,
 ) -> Tensor:
+    """Staggered batch: each block of patches joins where it first differs from the base run."""
+    N, T = base_ids.shape
+    keys = [_join_key(pt, model) for pt in chunk]
+    cols = scorer.cols if use_cols else None
+    explicit = any(s.kind == "pattern" for pt in chunk for s in pt.sites)
+    hooks: dict[HookPoint, list[HookFn]] = defaultdict(list)
+    for hp, fns in (base_hooks or {}).items():
+        hooks[hp].extend(fns)
+    # patches whose sites the runner must apply (generic joins)
+    entries: dict[HookPoint, list[tuple[int, int | None, int | None]]] = defaultdict(list)
+    blocks: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (pt, key) in enumerate(zip(chunk, keys)):
+        blocks[key].append(i)
+        if not _is_shortcut(pt, key):
+            for s in pt.sites:
+                entries[s.point].append((i, s.unit, s.pos))
+    for hp, ents in entries.items():
+        if hp not in source.acts:
+            raise EngineError(f"the source run did not record {hp}; cannot patch it")
+        hooks[hp].append(_patch_hook(source.acts[hp], ents, -1, N, hp.kind))
+    past = [(k[:, :, :p], v[:, :, :p]) for k, v in base.kv] if p > 0 else None
+    with torch.no_grad():
+        if keys[0][0] < 0:  # embed patches: rows start from the token ids
+            n_embed = len(blocks[(-1, 0)])
+            res = model.runner.forward(
+                base_ids[:, p:].repeat(n_embed, 1), pos_offset=p, past_kv=past, hooks=hooks, last_only=True,
+                unembed_cols=cols, explicit_attention=explicit,
+                joins=_joins(model, base, source, chunk, blocks, p, N, T, skip=(-1, 0)),
+            )
+        else:
+            joins = _joins(model, base, source, chunk, blocks, p, N, T)
+            start_layer, stage = min(joins, key=lambda k: (k[0], k[1] == "mid"))
+            first = joins.pop((start_layer, stage)) if stage == "pre" else None
+            h0 = first if first is not None else base.acts[HookPoint("resid_pre", start_layer)][:, p:][:0]
+            if start_layer >= model.dims.n_layers:
+                res = _unembed_only(model, h0, cols)
+            else:
+                res = model.runner.forward(
+                    resid=h0, start_layer=start_layer, pos_offset=p, past_kv=past, hooks=hooks, last_only=True,
+                    unembed_cols=cols, explicit_attention=explicit, joins={(st, ly): t for (ly, st), t in joins.items()},
+                )
+    assert res.logits is not None
+    return scorer(res.logits[:, -1], len(chunk), cols is not None)
+
+
+def _unembed_only(model: Model, h: Tensor, cols: Tensor | None) -> RunOutput:
+    return RunOutput(model.runner.unembed(h[:, -1:], cols), h, None)
+
+
+def _joins(
+    model: Model, base: RunCache, source: RunCache, chunk: list[Patch], blocks: dict[tuple[int, int], list[int]],
+    p: int, N: int, T: int, skip: tuple[int, int] | None = None,
+) -> dict:
+    """Rows per join point, keyed ``(layer, "pre"|"mid")`` (embed patches excluded)."""
+    out: dict[tuple[int, str], Tensor] = {}
+    for key, members in sorted(blocks.items()):
+        if key == skip:
+            continue
+        L, stage = key
+        block = [chunk[i] for i in members]
+        if _is_shortcut(block[0], key):
+            rows = _joining_rows(model, base, source, block, key, p, N, T)
+        else:
+            rows = base.acts[HookPoint("resid_pre", L)][:, p:].repeat(len(block), 1, 1)
+        out[(L, "mid" if stage == 1 else "pre")] = rows
+    return out
+
+
+def _run_chunk_plain(
+    model: Model,
+    base_ids: Tensor,
+    source: RunCache,
+    chunk: list[Patch],
+    scorer: Scorer,
+    base_hooks: dict[HookPoint, list[HookFn]] | None,
+) -> Tensor:
+    """Reference path inside the library: one full forward per patch (patches batched)."""
     P = len(chunk)
     N = base_ids.shape[0]
     hooks: dict[HookPoint, list[HookFn]] = defaultdict(list)
@@ -308,29 +490,10 @@ def _run_chunk(
             raise EngineError(f"the source run did not record {hp}; cannot patch it")
         hooks[hp].append(_patch_hook(source.acts[hp], ents, P, N, hp.kind))
     explicit = any(hp.kind == "pattern" for hp in entries)
-    cols = scorer.cols if use_cols else None
     with torch.no_grad():
-        if layer < 0:
-            ids = base_ids[:, p:].repeat(P, 1)
-            past = [(k[:, :, :p], v[:, :, :p]) for k, v in base.kv] if p > 0 else None
-            res = model.runner.forward(
-                ids, pos_offset=p, past_kv=past, hooks=hooks, last_only=True, unembed_cols=cols,
-                explicit_attention=explicit,
-            )
-        else:
-            resid = base.acts[HookPoint("resid_pre", layer)][:, p:].repeat(P, 1, 1)
-            past_l: list[tuple[Tensor, Tensor] | None] | None = None
-            if p > 0:
-                past_l = [None] * model.dims.n_layers
-                for li in range(layer, model.dims.n_layers):
-                    k, v = base.kv[li]
-                    past_l[li] = (k[:, :, :p], v[:, :, :p])
-            res = model.runner.forward(
-                resid=resid, start_layer=layer, pos_offset=p, past_kv=past_l, hooks=hooks, last_only=True,
-                unembed_cols=cols, explicit_attention=explicit,
-            )
+        res = model.runner.forward(base_ids.repeat(P, 1), hooks=hooks, last_only=True, explicit_attention=explicit)
     assert res.logits is not None
-    return scorer(res.logits[:, -1], P, cols is not None)
+    return scorer(res.logits[:, -1], P, False)
 
 
 def _patch_hook(
@@ -346,7 +509,7 @@ def _patch_hook(
 
     def fn(x: Tensor, ctx: RunCtx) -> Tensor:
         xv = x.transpose(1, 2) if pos_ax == 2 else x
-        xv = xv.unflatten(0, (P, N))
+        xv = xv.unflatten(0, (x.shape[0] // N if P < 0 else P, N))
         off, n = ctx.pos_offset, xv.shape[2]
         if single:
             ii = torch.tensor([e[0] for e in single], device=x.device)

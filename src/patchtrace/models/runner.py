@@ -207,6 +207,7 @@ class Runner:
         last_only: bool = False,
         lrp: LRPRules | None = None,
         explicit_attention: bool = False,
+        joins: Mapping[tuple[str, int], Tensor] | None = None,
     ) -> RunOutput:
         """Run layers ``start_layer .. stop_layer-1`` (then unembed if ``stop_layer`` is None).
 
@@ -217,19 +218,26 @@ class Runner:
             stop_layer: run up to (excluding) this layer and return the residual without unembedding.
             pos_offset: absolute position of this call's first position.
             past_kv: per layer, cached (key, value) ``[Bp, K, pos_offset, d]`` of the earlier
-                positions; ``B`` must be a multiple of ``Bp`` (rows ``r`` use prefix row ``r % Bp``).
+                positions; ``B`` must be a multiple of ``Bp``: row ``r`` attends to prefix row
+                ``r % Bp``. The prefix is shared by grouped matmuls, never copied per row.
             hooks: functions per hook point; see the module docstring.
             keep_kv: return each layer's keys/values of this call's positions.
             unembed_cols: compute only these vocabulary columns of the logits.
             last_only: unembed only the last position.
             lrp: LRP rules (RelP); gradients of this forward then carry relevance.
             explicit_attention: compute the attention pattern explicitly even if no hook needs it.
+            joins: extra rows that join the batch part-way (the sweep engine's staggered batches):
+                ``("pre", L)`` rows are residual streams entering layer ``L`` (``L == n_layers``:
+                before the final norm); ``("mid", L)`` rows are ``resid_mid`` of layer ``L`` and go
+                through its MLP only (sequential blocks). Joined rows are appended after the rows
+                already in flight, so row order is join order.
 
         Returns:
             :class:`RunOutput`.
         """
         dims, fam = self.dims, self.family
         hooks = hooks or {}
+        joins = joins or {}
         if resid is None:
             if ids is None:
                 raise ValueError("forward needs ids or resid")
@@ -239,7 +247,7 @@ class Runner:
             h = self._hook(hooks, "embed", None, h, RunCtx(pos_offset, pos_offset + ids.shape[1]))
         else:
             h = resid
-        B, n, _ = h.shape
+        n = h.shape[1]
         seq_len = pos_offset + n
         ctx = RunCtx(pos_offset, seq_len)
         if dims.sliding_window is not None and seq_len > dims.sliding_window:
@@ -255,6 +263,9 @@ class Runner:
         kv_out: list[tuple[Tensor, Tensor] | None] | None = [None] * dims.n_layers if keep_kv else None
         for li in range(start_layer, stop):
             layer = self.layers[li]
+            if ("pre", li) in joins:
+                h = torch.cat((h, joins[("pre", li)]), dim=0)
+            B = h.shape[0]
             h = self._hook(hooks, "resid_pre", li, h, ctx)
             attn_mod = get_path(layer, fam.attn)
             x = self._norm(get_path(layer, fam.ln1), h, lrp)
@@ -267,15 +278,8 @@ class Runner:
             kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, n, d]
             if kv_out is not None:
                 kv_out[li] = (kt, vt)
-            if past_kv is not None and past_kv[li] is not None and pos_offset > 0:
-                pk, pv = past_kv[li]  # type: ignore[misc]
-                if pk.shape[0] != B:
-                    reps = B // pk.shape[0]
-                    pk = pk.unsqueeze(0).expand(reps, *pk.shape).reshape(B, *pk.shape[1:])
-                    pv = pv.unsqueeze(0).expand(reps, *pv.shape).reshape(B, *pv.shape[1:])
-                kt = torch.cat((pk, kt), dim=2)
-                vt = torch.cat((pv, vt), dim=2)
-            z = self._attention(q.transpose(1, 2), kt, vt, li, hooks, ctx, lrp, explicit_attention)
+            prefix = past_kv[li] if past_kv is not None and pos_offset > 0 else None
+            z = self._attention(q.transpose(1, 2), kt, vt, prefix, li, hooks, ctx, lrp, explicit_attention)
             z = self._hook(hooks, "head", li, z.transpose(1, 2), ctx)  # [B, n, H, d]
             attn_out = getattr(attn_mod, fam.o)(z.reshape(B, n, dims.n_heads * dims.d_head))
             attn_out = self._hook(hooks, "attn_out", li, attn_out, ctx)
@@ -284,6 +288,8 @@ class Runner:
                 m_in = self._norm(get_path(layer, fam.ln2), h, lrp)
             else:
                 h = h + attn_out
+                if ("mid", li) in joins:
+                    h = torch.cat((h, joins[("mid", li)]), dim=0)
                 h = self._hook(hooks, "resid_mid", li, h, ctx)
                 m_in = self._norm(get_path(layer, fam.ln2), h, lrp)
             up = getattr(mlp_mod, fam.mlp_in)(m_in)
@@ -302,6 +308,8 @@ class Runner:
             h = self._hook(hooks, "resid_post", li, h, ctx)
         if stop_layer is not None:
             return RunOutput(None, h, kv_out)
+        if ("pre", dims.n_layers) in joins:
+            h = torch.cat((h, joins[("pre", dims.n_layers)]), dim=0)
         hu = h[:, -1:] if last_only else h
         return RunOutput(self.unembed(hu, unembed_cols, lrp), h, kv_out)
 
@@ -310,41 +318,65 @@ class Runner:
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        prefix: tuple[Tensor, Tensor] | None,
         li: int,
         hooks: Hooks,
         ctx: RunCtx,
         lrp: LRPRules | None,
         explicit: bool,
     ) -> Tensor:
-        """Causal attention of ``q`` ``[B, H, n, d]`` over ``k``, ``v`` ``[B, K, P+n, d]``."""
+        """Causal attention of ``q`` ``[B, H, n, d]`` over this call's ``k``, ``v`` ``[B, K, n, d]``
+        and an optional cached prefix ``(pk, pv)`` ``[Bp, K, P, d]`` shared by rows ``r % Bp``."""
         dims = self.dims
-        n, total = q.shape[2], k.shape[2]
-        p = total - n
-        rep = dims.n_heads // dims.n_kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        B, H, n, d = q.shape
+        K = dims.n_kv_heads
+        rep = H // K
         need_pattern = explicit or (lrp is not None and lrp.attention) or HookPoint("pattern", li) in hooks
-        mask = None
-        if p > 0 or dims.sliding_window is not None:
-            qi = torch.arange(p, total, device=q.device)[:, None]
-            kj = torch.arange(total, device=q.device)[None, :]
-            mask = kj <= qi
-            if dims.sliding_window is not None:
-                mask = mask & (kj > qi - dims.sliding_window)
-        if not need_pattern:
-            if mask is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=dims.attn_scale)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=dims.attn_scale)
-        scores = torch.matmul(q, k.transpose(2, 3)) * dims.attn_scale
-        if mask is None:
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril()
+        p = 0 if prefix is None else prefix[0].shape[2]
+        window = dims.sliding_window
+        if p == 0 and not need_pattern:
+            kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+            vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+            if window is None:
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=n > 1, scale=dims.attn_scale)
+            qi = torch.arange(n, device=q.device)[:, None]
+            kj = torch.arange(n, device=q.device)[None, :]
+            return F.scaled_dot_product_attention(
+                q, kr, vr, attn_mask=(kj <= qi) & (kj > qi - window), scale=dims.attn_scale
+            )
+        # scores against this call's own keys: [B, H, n, n], grouped by KV head (no repeat)
+        qg = q.reshape(B, K, rep * n, d)
+        s_new = torch.matmul(qg, k.transpose(2, 3)).view(B, H, n, n) * dims.attn_scale
+        qi = torch.arange(p, p + n, device=q.device)[:, None]
+        kj = torch.arange(p + n, device=q.device)[None, :]
+        mask = kj <= qi
+        if window is not None:
+            mask = mask & (kj > qi - window)
+        if p > 0:
+            assert prefix is not None
+            pk, pv = prefix
+            Bp = pk.shape[0]
+            if B % Bp:
+                raise ValueError(f"batch {B} is not a multiple of the cached prefix batch {Bp}")
+            R = B // Bp
+            # rows r = i * Bp + j share prefix row j: fold i into the query axis of one matmul
+            qp = q.reshape(R, Bp, K, rep, n, d).permute(1, 2, 0, 3, 4, 5).reshape(Bp, K, R * rep * n, d)
+            s_pre = torch.matmul(qp, pk.transpose(2, 3)) * dims.attn_scale  # [Bp, K, R*rep*n, p]
+            s_pre = s_pre.view(Bp, K, R, rep, n, p).permute(2, 0, 1, 3, 4, 5).reshape(B, H, n, p)
+            scores = torch.cat((s_pre, s_new), dim=-1)
+        else:
+            scores = s_new
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if lrp is not None and lrp.attention:
             pattern = pattern.detach()
         pattern = self._hook(hooks, "pattern", li, pattern, ctx)
-        return torch.matmul(pattern, v)
+        out = torch.matmul(pattern[..., p:].reshape(B, K, rep * n, n), v).view(B, H, n, d)
+        if p > 0:
+            pp = pattern[..., :p].reshape(R, Bp, K, rep, n, p).permute(1, 2, 0, 3, 4, 5).reshape(Bp, K, R * rep * n, p)
+            o_pre = torch.matmul(pp, pv).view(Bp, K, R, rep, n, d).permute(2, 0, 1, 3, 4, 5).reshape(B, H, n, d)
+            out = out + o_pre
+        return out
 
     @staticmethod
     def _hook(hooks: Hooks, kind: str, layer: int | None, x: Tensor, ctx: RunCtx | None) -> Tensor:
