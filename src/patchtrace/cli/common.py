@@ -1,0 +1,319 @@
+"""Helpers shared by every CLI command: option parsing, loading, printing, error reporting.
+
+Use these from your own command module (``cli/<yourcmd>.py``) so that all commands accept the same
+spellings and fail the same way:
+
+* :func:`load` — ``--model/--device/--dtype/--trust-remote-code`` → a :class:`~patchtrace.models.load.Model`
+  (a path that does not exist is refused before any hub lookup);
+* :func:`build_task` — ``--task/--n/--seed`` → a :class:`~patchtrace.tasks.base.Task` (built-in name
+  or ``.jsonl``/``.csv`` file);
+* :func:`parse_positions` — ``last``, ``all``, ``none`` or ``0,3,-1``;
+* :func:`parse_sites` — ``head,resid_pre`` → one :class:`~patchtrace.sites.SiteSpec` per kind;
+* :func:`parse_layers` — ``0-3,7`` → ``(0, 1, 2, 3, 7)``;
+* :func:`parse_memory` — ``4GB``, ``512MiB``, ``1e9`` → bytes;
+* :func:`progress` — a rich progress bar whose ``update(done, total)`` fits every method's
+  ``on_progress`` callback;
+* :func:`scores_table`, :func:`print_baselines` — the standard rich renderings of :class:`Scores`;
+* :func:`fail` — print one red line and exit with code 2.
+
+Errors: parsers raise the library's own exceptions (:class:`~patchtrace.sites.SiteError`,
+:class:`CLIError` ...). The app catches everything in :data:`LIBRARY_ERRORS` at the boundary, so a
+command body never needs its own try/except for them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from patchtrace.engine.checkpoint import CheckpointError
+from patchtrace.engine.sweep import EngineError
+from patchtrace.metrics import MetricError
+from patchtrace.models.adapters import UnsupportedModelError
+from patchtrace.models.load import ModelLoadError
+from patchtrace.results import ResultsError, Scores
+from patchtrace.sites import SiteError, SiteSpec
+from patchtrace.tasks.base import TaskError
+
+
+class CLIError(ValueError):
+    """A command-line value that cannot be parsed (the message names the option and the value)."""
+
+
+#: Exceptions that the app reports as one red line with exit code 2 (no traceback).
+LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
+    CLIError,
+    ModelLoadError,
+    UnsupportedModelError,
+    TaskError,
+    SiteError,
+    MetricError,
+    EngineError,
+    ResultsError,
+    CheckpointError,
+    FileNotFoundError,
+)
+
+
+def console() -> Console:
+    """The stdout console (a new one per call: no module-level state; rich adapts to the terminal)."""
+    return Console(highlight=False)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``message`` as one red line on stderr (no markup interpretation) and exit with code 2."""
+    err_console().print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    raise typer.Exit(2)
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+
+def parse_positions(text: str) -> str | list[int] | None:
+    """``--positions``: ``last`` → ``"last"``, ``all`` → ``"all"``, ``none`` → None (whole layer at
+    once, no position axis), ``0,3,-1`` → ``[0, 3, -1]``.
+
+    Raises:
+        CLIError: anything else.
+    """
+    t = text.strip().lower()
+    if t in ("last", "all"):
+        return t
+    if t in ("none", "whole", "layer"):
+        return None
+    try:
+        out = [int(x) for x in t.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise CLIError(f"--positions {text!r}: use 'last', 'all', 'none' or a comma list of integers like '0,5,-1'")
+    return out
+
+
+def parse_sites(text: str, positions: str | list[int] | None = "last", layers: Sequence[int] | None = None) -> list[SiteSpec]:
+    """``--sites``: a comma list of sweep names (see :meth:`SiteSpec.parse`), e.g. ``head,resid_pre``.
+
+    Raises:
+        SiteError: an unknown kind (named in the message), or a repeated one.
+    """
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise SiteError(f"--sites {text!r}: give at least one site kind, e.g. 'head' or 'head,resid_pre'")
+    specs = []
+    for name in names:
+        spec = SiteSpec.parse(name, positions=positions)  # type: ignore[arg-type]
+        if layers is not None:
+            spec = SiteSpec(spec.kind, spec.per_unit, spec.positions, tuple(layers), spec.units)
+        specs.append(spec)
+    kinds = [s.kind for s in specs]
+    dup = {k for k in kinds if kinds.count(k) > 1}
+    if dup:
+        raise SiteError(f"--sites {text!r}: kind(s) {', '.join(sorted(dup))} given twice")
+    return specs
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """``--layers``: ``0-3,7`` → ``(0, 1, 2, 3, 7)``; None or empty → None (all layers).
+
+    Raises:
+        CLIError: a malformed range.
+    """
+    if text is None or not text.strip():
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise CLIError(f"--layers {text!r}: {part!r} is not a layer or a range like '3-7'")
+        a, b = int(m[1]), int(m[2] or m[1])
+        if b < a:
+            raise CLIError(f"--layers {text!r}: range {part!r} runs backwards")
+        out.extend(range(a, b + 1))
+    return tuple(dict.fromkeys(out))
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_memory(text: str | None) -> int | None:
+    """``--max-memory``: ``4GB`` (10^9), ``4GiB`` (2^30), ``512MB``, ``1e9`` → bytes; None → None.
+
+    Raises:
+        CLIError: an unknown unit or a non-positive amount.
+    """
+    if text is None or not text.strip():
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m[2].lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise CLIError(f"--max-memory {text!r}: use a number with a unit, e.g. '4GB', '512MiB'")
+    n = int(float(m[1]) * _UNITS[unit])
+    if n <= 0:
+        raise CLIError(f"--max-memory {text!r} must be positive")
+    return n
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+
+def load(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+    """Load a model for a command (a bundled name, a local directory or a hub id).
+
+    A spec that looks like a path (starts with ``.``, ``/`` or ``~``) but does not exist is refused
+    here, naming it, instead of being sent to the hub.
+
+    Raises:
+        ModelLoadError, UnsupportedModelError: from :func:`patchtrace.load_model`.
+    """
+    from patchtrace.models.load import load_model
+
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"model {model!r}: no such directory")
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def build_task(task: str, n: int, seed: int, model: Any = None) -> Any:
+    """A built-in task by name (``ioi``, ``factual``, ...) or a ``.jsonl``/``.csv`` file.
+
+    Raises:
+        TaskError: unknown name (the message lists the built-ins), unreadable file, or ``n < 1``.
+    """
+    from patchtrace.tasks import make_task
+
+    if n < 1:
+        raise TaskError(f"--n {n}: need at least one example")
+    return make_task(task, n=n, seed=seed, model=model)
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+class _Bar:
+    def __init__(self, progress: Progress, description: str) -> None:
+        self._p = progress
+        self._id = progress.add_task(description, total=None)
+
+    def update(self, done: int, total: int) -> None:
+        """An ``on_progress(done, total)`` callback."""
+        self._p.update(self._id, completed=done, total=total)
+
+
+@contextmanager
+def progress(description: str, *, quiet: bool = False) -> Iterator[_Bar]:
+    """A rich progress bar; ``bar.update`` is an ``on_progress(done, total)`` callback.
+
+    Example:
+        >>> with progress("patching head") as bar:                  # doctest: +SKIP
+        ...     scores = activation_patching(model, task, spec, on_progress=bar.update)
+    """
+    p = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=err_console(), disable=quiet, transient=False,
+    )
+    with p:
+        yield _Bar(p, description)
+
+
+def normalized_or_none(scores: Scores) -> Any:
+    """``scores.normalized()`` when the scores have what it needs, else None (never raises)."""
+    try:
+        return scores.normalized()
+    except (ResultsError, MetricError, KeyError):
+        return None
+
+
+def scores_table(scores: Scores, k: int = 10, title: str | None = None, by: str = "value") -> Table:
+    """The top-``k`` sites with value and normalized recovery, as a rich table.
+
+    Args:
+        scores: the scores.
+        k: rows.
+        title: table title.
+        by: ``value`` (largest first), ``abs`` (largest magnitude) or ``neg`` (most negative).
+    """
+    import torch
+
+    from patchtrace.report.summary import display_token, top_rows
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("site")
+    table.add_column(scores.value_name, justify="right")
+    norm = normalized_or_none(scores)
+    if norm is not None:
+        table.add_column("recovery", justify="right")
+    has_tok = "pos" in scores.labels
+    if has_tok:
+        table.add_column("token")
+    for r in top_rows(scores, k, normalized=norm if isinstance(norm, torch.Tensor) else None, by=by):
+        cells: list[str | Text] = [str(r["rank"]), Text(r["site"]), f"{r['value']:+.4f}"]
+        if norm is not None:
+            cells.append("" if r["recovery"] is None else f"{r['recovery']:+.3f}")
+        if has_tok:
+            cells.append(Text(repr(display_token(r["token"])) if r["token"] is not None else ""))
+        table.add_row(*cells)
+    return table
+
+
+def print_baselines(scores: Scores, con: Console | None = None) -> None:
+    """One line: metric, direction, clean and corrupt baselines and the gap."""
+    con = con or console()
+    b = scores.baselines
+    direction = scores.provenance.get("direction", scores.provenance.get("config", {}).get("direction", "?"))
+    parts = [f"metric {scores.metric}", f"direction {direction}"]
+    if "clean" in b:
+        parts.append(f"clean {b['clean']:+.4f}")
+    if "corrupt" in b:
+        parts.append(f"corrupt {b['corrupt']:+.4f}")
+    if "clean" in b and "corrupt" in b:
+        parts.append(f"gap {b['clean'] - b['corrupt']:+.4f}")
+    con.print(Text("baselines: " + " · ".join(parts)))
+
+
+def find_scores(path: str | Path) -> dict[str, Path]:
+    """The results folders under ``path`` (see :func:`patchtrace.report.find_results`).
+
+    Raises:
+        ResultsError: no results folder there.
+    """
+    from patchtrace.report import find_results
+
+    return find_results(path)
+
+
+__all__ = [
+    "LIBRARY_ERRORS",
+    "CLIError",
+    "build_task",
+    "console",
+    "err_console",
+    "fail",
+    "find_scores",
+    "load",
+    "normalized_or_none",
+    "parse_layers",
+    "parse_memory",
+    "parse_positions",
+    "parse_sites",
+    "print_baselines",
+    "progress",
+    "scores_table",
+]

@@ -1,0 +1,62 @@
+"""``patchtrace models`` and ``patchtrace tasks``: what can be loaded and what can be asked."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from patchtrace.cli import common
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``models`` and ``tasks`` to the app."""
+
+    @app.command("models")
+    def models() -> None:
+        """Supported model types and the bundled model."""
+        from patchtrace.models.adapters import FAMILIES
+        from patchtrace.models.load import BUNDLED, DEFAULT_MODEL, ModelLoadError, bundled_gguf, cache_dir
+
+        con = common.console()
+        t = Table(title="supported architectures (HF model_type)", title_justify="left")
+        t.add_column("family")
+        t.add_column("model types")
+        for fam in FAMILIES:
+            t.add_row(fam.name, ", ".join(fam.model_types))
+        con.print(t)
+        b = Table(title="bundled models (no download needed)", title_justify="left")
+        b.add_column("name")
+        b.add_column("weights")
+        b.add_column("status")
+        for name, (_pkg, fname, hub) in BUNDLED.items():
+            try:
+                bundled_gguf(name)
+                status = "installed" + (" (cached)" if (cache_dir() / name / "model.safetensors").is_file() else "")
+            except ModelLoadError as e:
+                status = str(e)
+            label = name + (" (default)" if name == DEFAULT_MODEL else "")
+            b.add_row(label, Text(f"{hub} · {fname}"), Text(status))
+        con.print(b)
+        con.print("Also: any local transformers directory (safetensors) or Hugging Face id of a supported type.",
+                  markup=False)
+
+    @app.command("tasks")
+    def tasks() -> None:
+        """Built-in tasks, with descriptions."""
+        from patchtrace import tasks as T
+
+        con = common.console()
+        t = Table(title="built-in tasks", title_justify="left")
+        t.add_column("name")
+        t.add_column("description")
+        for name, desc in T.BUILTIN_TASKS.items():
+            t.add_row(name, Text(desc))
+        for name, fn in sorted(T._extra_tasks().items()):
+            if name in T.BUILTIN_TASKS:
+                continue
+            doc = (fn.__doc__ or "").strip().splitlines()
+            t.add_row(name, Text(doc[0] if doc else ""))
+        con.print(t)
+        con.print("Or your own data: --task file.jsonl / file.csv with fields clean, corrupt, answer, wrong.",
+                  markup=False)

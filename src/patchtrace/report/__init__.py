@@ -1,0 +1,69 @@
+"""Reports of :class:`~patchtrace.results.Scores`: PNG heatmaps and one self-contained HTML page.
+
+>>> from patchtrace.report import write_report                 # doctest: +SKIP
+>>> write_report("runs/ioi")                                     # doctest: +SKIP
+[PosixPath('runs/ioi/heatmap.png'), PosixPath('runs/ioi/report.html')]
+
+* :func:`~patchtrace.report.heatmap.heatmap_png` — one matplotlib heatmap (layers × heads, layers ×
+  positions with the prompt's tokens), diverging colours centred at 0;
+* :func:`~patchtrace.report.html.html_report` — an offline HTML page with interactive heatmaps,
+  top-k tables, baselines and provenance; every prompt-derived string is escaped;
+* :func:`write_report` — both, for a results folder written by :meth:`Scores.save` (or a folder of
+  such folders, one per site kind).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from patchtrace.report.heatmap import heatmap_png
+from patchtrace.report.html import html_report
+from patchtrace.results import ResultsError, Scores
+
+
+def find_results(path: str | Path) -> dict[str, Path]:
+    """The results folders at ``path``: ``path`` itself (name ``""``) or its subfolders with ``scores.json``.
+
+    Raises:
+        ResultsError: there are none.
+    """
+    p = Path(path)
+    if (p / "scores.json").is_file():
+        return {"": p}
+    if p.is_dir():
+        subs = {c.name: c for c in sorted(p.iterdir()) if (c / "scores.json").is_file()}
+        if subs:
+            return subs
+    raise ResultsError(f"{p} holds no patchtrace results (no scores.json in it or in its subfolders)")
+
+
+def write_report(path: str | Path, *, title: str | None = None, top: int = 15, note: str | None = None) -> list[Path]:
+    """Write ``heatmap.png`` next to each ``scores.json`` under ``path`` and one ``report.html`` in ``path``.
+
+    Args:
+        path: a results folder, or a folder of results folders (e.g. ``runs/x/head``, ``runs/x/resid_pre``).
+        title: HTML title (default: ``patchtrace report: <folder name>``).
+        top: rows of each top-k table.
+        note: an extra line in the HTML (e.g. wall time).
+
+    Returns:
+        the files written: the PNGs, then the HTML.
+
+    Raises:
+        ResultsError: no results at ``path`` or a malformed results folder.
+    """
+    found = find_results(path)
+    written: list[Path] = []
+    sections: dict[str, Scores] = {}
+    for name, folder in found.items():
+        s = Scores.load(folder)
+        sections[name or s.site_kind] = s
+        written.append(heatmap_png(s, folder / "heatmap.png"))
+    root = Path(path)
+    written.append(
+        html_report(sections, root / "report.html", title=title or f"patchtrace report: {root.name}", top=top, note=note)
+    )
+    return written
+
+
+__all__ = ["find_results", "heatmap_png", "html_report", "write_report"]
