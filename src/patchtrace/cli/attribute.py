@@ -1,0 +1,119 @@
+"""``patchtrace attribute``: ATTNATTRIB sentence attribution for extractive QA (methods.md §6).
+
+Example::
+
+    patchtrace attribute --kind conflict --n 8 --heads 21.4 --html runs/attr.html
+    patchtrace attribute --data my_qa.jsonl --circuit runs/qa-circuit/heads --out runs/attr
+    patchtrace attribute --kind conflict --heads 21.4 --steer 4 --steer-heads 21.4,25.1
+
+Heads come from ``--heads`` (``layer.head`` pairs) or from a saved circuit (``--circuit``, a head
+Scores folder from :mod:`patchtrace.methods.qa_circuit`), in which case the documented selection
+rule (:func:`patchtrace.apply.attnattrib.select_heads`) picks them on generated probe prompts.
+Writes ``attributions.jsonl`` (and the HTML view with ``--html``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from patchtrace.cli import common
+
+
+def parse_heads(text: str) -> tuple[tuple[int, int], ...]:
+    """``"21.4,25.1"`` → ``((21, 4), (25, 1))``.
+
+    Raises:
+        CLIError: a malformed pair.
+    """
+    out = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        a, dot, b = part.partition(".")
+        if not dot or not a.isdigit() or not b.isdigit():
+            raise common.CLIError(f"--heads: {part!r} is not 'layer.head' (e.g. '21.4')")
+        out.append((int(a), int(b)))
+    if not out:
+        raise common.CLIError("--heads: no heads given")
+    return tuple(out)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``attribute`` to the app."""
+
+    @app.command("attribute")
+    def attribute_cmd(
+        model: str = typer.Option("smollm2-135m", help="bundled name, local directory or Hugging Face id"),
+        data: str | None = typer.Option(None, help="QA .jsonl (fields: sentences, question, answer, gold; optional prefix, kind, memory)"),
+        kind: str = typer.Option("conflict", help="generated items when no --data: agree, conflict or nomemory"),
+        n: int = typer.Option(8, help="number of generated items"),
+        seed: int = typer.Option(0, help="generator seed"),
+        heads: str | None = typer.Option(None, help="attribution heads as layer.head pairs, e.g. '21.4,25.1'"),
+        circuit: str | None = typer.Option(None, help="head Scores folder of a QA circuit; heads chosen by the documented rule"),
+        n_heads: int = typer.Option(1, help="heads to keep when choosing from --circuit"),
+        agg: str = typer.Option("max", help="sentence aggregate: max, sum or mean"),
+        max_new_tokens: int = typer.Option(1, help="answer tokens to generate"),
+        fmt: str = typer.Option("chat", help="prompt format: chat or plain"),
+        steer: float = typer.Option(0.0, help="steering strength (attention-logit bias toward the attributed sentence; 0 = off)"),
+        steer_heads: str | None = typer.Option(None, help="steering heads (layer.head pairs; default: the attribution heads)"),
+        out: str = typer.Option("runs/attribute", help="output folder (attributions.jsonl)"),
+        html: str | None = typer.Option(None, help="also write the HTML view here"),
+        device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
+        dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
+    ) -> None:
+        """Attribute generated answers to context sentences from a few heads' attention (one forward)."""
+        from patchtrace.apply.attnattrib import AttnAttribConfig, attribute, select_heads
+        from patchtrace.apply.generation import GenerationError
+        from patchtrace.apply.steering import SteeringConfig
+        from patchtrace.apply.steering import steer as steer_fn
+        from patchtrace.report.qa_html import write_html
+        from patchtrace.results import Scores
+        from patchtrace.tasks.extractive_qa import KINDS, load_qa_jsonl, make_qa_items
+
+        con = common.console()
+        if fmt not in ("chat", "plain"):
+            raise common.CLIError(f"--fmt {fmt!r}: use 'chat' or 'plain'")
+        if agg not in ("max", "sum", "mean"):
+            raise common.CLIError(f"--agg {agg!r}: use 'max', 'sum' or 'mean'")
+        if (heads is None) == (circuit is None):
+            raise common.CLIError("give exactly one of --heads or --circuit")
+        if data is None and kind not in KINDS:
+            raise common.CLIError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+        m = common.load(model, device, dtype, trust_remote_code)
+        items = load_qa_jsonl(data) if data else make_qa_items(kind, n, seed, m.tokenizer)
+        try:
+            if heads is not None:
+                chosen = parse_heads(heads)
+                info: dict[str, object] = {"heads": "given"}
+            else:
+                probe = make_qa_items("conflict", 8, seed + 1000, m.tokenizer)
+                chosen, info = select_heads(m, Scores.load(circuit), probe, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
+            sh = parse_heads(steer_heads) if steer_heads else chosen
+            results = []
+            for it in items:
+                if steer:
+                    r = steer_fn(m, it, SteeringConfig(chosen, sh, steer, agg, max_new_tokens, fmt))  # type: ignore[arg-type]
+                else:
+                    r = attribute(m, it, AttnAttribConfig(chosen, agg, max_new_tokens, max_new_tokens, 2, fmt))  # type: ignore[arg-type]
+                results.append(r)
+        except GenerationError as e:
+            common.fail(f"GenerationError: {e}")
+        od = Path(out)
+        od.mkdir(parents=True, exist_ok=True)
+        with (od / "attributions.jsonl").open("w") as f:
+            for it, r in zip(items, results, strict=True):
+                f.write(json.dumps({
+                    "question": it.question, "answer": r.answer_text, "context_answer": it.answer, "gold": it.gold,
+                    "top_sentence": r.top_sentence, "ranking": r.ranking, "sentence_scores": r.sentence_scores.tolist(),
+                    "heads": [list(h) for h in chosen], "seconds": r.seconds, "kind": it.kind,
+                }) + "\n")
+        hits = sum(r.top_sentence == it.gold for it, r in zip(items, results, strict=True))
+        con.print(f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {hits}/{len(items)}")
+        for it, r in list(zip(items, results, strict=True))[:10]:
+            con.print(f"  {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} (gold {it.gold})")
+        con.print(f"saved {od / 'attributions.jsonl'}")
+        if html:
+            write_html(list(zip(items, results, strict=True)), html, info={"heads": chosen, **info})
+            con.print(f"saved {html}")

@@ -1,0 +1,97 @@
+"""Context-use and memory-use circuits of extractive QA by activation patching (methods.md §6).
+
+The task (:func:`patchtrace.tasks.extractive_qa.qa_patching_task`) pairs a *context run* (a
+counterfactual context; the model copies "Lyon") with a *memory run* (the same prompt, the answer
+sentence swapped for a same-length distractor; the model says "Paris"). With the metric
+``logit_diff = logit(context answer) − logit(memory answer)`` at the last position:
+
+* **context use** of a component = denoising effect: run the memory prompt, restore the
+  component's activation from the context run; how much does the context answer come back?
+* **memory use** = the same question the other way round: run the context prompt, restore the
+  component from the memory run, measured on ``logit(memory) − logit(context)``. That is minus the
+  noising effect of the context task, so one extra sweep gives it.
+
+:func:`run` returns the context-use :class:`~patchtrace.results.Scores` (``value_name="effect"``)
+with the memory-use effects in ``extras['memory_effect']`` (same shape) and both directions'
+per-example baselines; it follows the methods' interface ``run(model, task, sites, config)``.
+:func:`extract` runs the standard pair of grids (heads and MLPs at the last position).
+
+Example:
+    >>> task = qa_patching_task(16, 0, model)                          # doctest: +SKIP
+    >>> heads = run(model, task, SiteSpec("head", per_unit=True))       # doctest: +SKIP
+    >>> heads.top_k(5), heads.extras["memory_effect"].shape            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from patchtrace.methods.activation_patching import PatchingConfig
+from patchtrace.methods.activation_patching import run as patch_run
+from patchtrace.models.load import Model
+from patchtrace.results import Scores
+from patchtrace.sites import SiteSpec
+from patchtrace.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class QACircuitConfig:
+    """Settings of the QA circuit sweep.
+
+    Attributes:
+        metric: patching metric (``logit_diff`` of context vs memory answer by default).
+        fast: use the engine's fast path (exact; see the engine's tests).
+        memory: also compute the memory-use effects (one more sweep).
+    """
+
+    metric: str = "logit_diff"
+    fast: bool = True
+    memory: bool = True
+
+
+def run(model: Model, task: Task, sites: SiteSpec, config: QACircuitConfig | None = None) -> Scores:
+    """Context-use effects of every cell of ``sites`` (memory-use in ``extras['memory_effect']``).
+
+    Args:
+        model: the model.
+        task: a context-variant QA patching task (clean = context run, answer = context answer).
+        sites: the grid (e.g. ``SiteSpec("head", per_unit=True)`` or ``SiteSpec("mlp_out")``).
+        config: :class:`QACircuitConfig`.
+
+    Returns:
+        :class:`Scores` with ``provenance['method'] == 'qa_circuit'``.
+    """
+    cfg = config or QACircuitConfig()
+    ctx = patch_run(model, task, sites, PatchingConfig("denoise", cfg.metric, cfg.fast))
+    ctx.provenance["method"] = "qa_circuit"
+    ctx.provenance["config"] = asdict(cfg)
+    ctx.provenance["meaning"] = "values: context-use (denoise memory run with context activations); extras.memory_effect: memory-use"
+    if cfg.memory:
+        noi = patch_run(model, task, sites, PatchingConfig("noise", cfg.metric, cfg.fast))
+        ctx.extras["memory_effect"] = -noi.values
+        ctx.extras["memory_per_example"] = -noi.per_example if noi.per_example is not None else -noi.values[None]
+    return ctx
+
+
+@dataclass
+class QACircuit:
+    """The heads and MLP scores of the context/memory circuits."""
+
+    heads: Scores
+    mlps: Scores
+
+    def save(self, path: str) -> None:
+        """Save as two Scores folders ``path/heads`` and ``path/mlps``."""
+        self.heads.save(f"{path}/heads")
+        self.mlps.save(f"{path}/mlps")
+
+    @staticmethod
+    def load(path: str) -> QACircuit:
+        return QACircuit(Scores.load(f"{path}/heads"), Scores.load(f"{path}/mlps"))
+
+
+def extract(model: Model, task: Task, config: QACircuitConfig | None = None) -> QACircuit:
+    """Per-head and per-layer-MLP context/memory effects at the last position."""
+    heads = run(model, task, SiteSpec("head", per_unit=True, positions="last"), config)
+    mlps = run(model, task, SiteSpec("mlp_out", positions="last"), config)
+    return QACircuit(heads, mlps)
