@@ -114,8 +114,8 @@ def test_multi_site_patches(tiny_model):
         (Site("embed", None, None, p0), Site(mid_or_pre, 1, None, -2), Site("pattern", last, 2, -1)),
         (Site("q", 1, 0, -1), Site("k", 1, model.dims.n_kv_heads - 1, p0), Site("resid_post", 0, None, p0)),
         # a single-layer MLP patch and a multi-layer one starting one layer later, in the same batch
-        (Site("mlp_out", 0, None, -1),),
-        (Site("mlp_out", 1, None, -1), Site("mlp_out", last, None, -1)),
+        (Site("mlp_out", 0, None, p0),),
+        (Site("mlp_out", 1, None, p0), Site("mlp_out", last, None, p0)),
         (Site("attn_out", 1, None, p0), Site("attn_out", last, None, p0)),
     ]
     patches = [Patch(tuple(resolve(s, model, T) for s in ps)) for ps in patches_sites]
