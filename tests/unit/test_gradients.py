@@ -315,6 +315,7 @@ def test_relp_leaves_model_and_classes_untouched(smol_tokenizer, task, family):
     with torch.no_grad():
         before = model.runner.forward(clean).logits.clone()
         lrp_logits = model.runner.forward(clean, lrp=LRPRules()).logits
+        lrp_exact = model.runner.forward(clean, lrp=LRPRules(attention=False)).logits
     relp.run(model, task, SiteSpec("mlp_out", positions="all"))
     with torch.no_grad():
         after = model.runner.forward(clean).logits
@@ -322,6 +323,7 @@ def test_relp_leaves_model_and_classes_untouched(smol_tokenizer, task, family):
     assert torch.equal(before, after)
     torch.testing.assert_close(hf_after, before, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lrp_logits, before, atol=1e-4, rtol=1e-4)  # rules leave the forward values
+    assert torch.equal(lrp_exact, before)  # bit-identical when attention runs the same kernel
     for k, v in model.hf.named_parameters():
         assert torch.equal(v, params[k]) and not v.requires_grad
     for cls, fwd in forwards.items():

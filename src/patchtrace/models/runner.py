@@ -82,6 +82,15 @@ class RunOutput:
     kv: list[tuple[Tensor, Tensor] | None] | None
 
 
+def _same_forward(value: Tensor, surrogate: Tensor) -> Tensor:
+    """``value`` in the forward pass, ``surrogate``'s gradient in the backward (LRP rules).
+
+    ``surrogate − surrogate.detach()`` is exactly zero, so the forward result is bit-identical to
+    ``value``; only the Jacobian changes.
+    """
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -128,13 +137,15 @@ class Runner:
         eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6)))
         detach = lrp is not None and lrp.norm
         if kind == "layer":
+            ref = F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, eps)
             if not detach:
-                return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, eps)
+                return ref
             xc = x - x.mean(-1, keepdim=True)
             scale = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps).detach()
             y = xc * scale
             y = y * mod.weight if mod.weight is not None else y
-            return y + mod.bias if mod.bias is not None else y
+            y = y + mod.bias if mod.bias is not None else y
+            return _same_forward(ref, y)
         x32 = x.float()
         scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         if detach:
@@ -146,8 +157,12 @@ class Runner:
     def _act(self, x: Tensor, lrp: LRPRules | None) -> Tensor:
         y = self.act(x)
         if lrp is not None and lrp.act:
-            ratio = torch.where(x.abs() > 1e-12, y / torch.where(x == 0, torch.ones_like(x), x), 0.0)
-            return x * ratio.detach()
+            # identity rule: backward multiplies by act(x)/x̂ with the authors' stabilizer
+            # x̂ = x + (sign(x) + [x = 0])·1e-6, the ratio in float32; forward stays exactly act(x)
+            x32 = x.float()
+            xs = x32 + (torch.sign(x32) + (x32 == 0).float()) * 1e-6
+            ratio = (y.float() / xs).to(x.dtype).detach()
+            return _same_forward(y, x * ratio)
         return y
 
     def embed(self, ids: Tensor, pos_offset: int = 0) -> Tensor:
@@ -167,7 +182,7 @@ class Runner:
         b = self.lm_head.bias[cols] if getattr(self.lm_head, "bias", None) is not None else None
         return F.linear(h, w, b)
 
-    def _qkv(self, attn: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, attn: Any, x: Tensor, lrp: LRPRules | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, n, _ = x.shape
         d, H, K = self.dims.d_head, self.dims.n_heads, self.dims.n_kv_heads
         fam = self.family
@@ -181,14 +196,17 @@ class Runner:
         else:  # neox_fused: per head [q | k | v]
             q, k, v = getattr(attn, fam.q)(x).view(B, n, H, 3 * d).chunk(3, dim=-1)
         if fam.qk_norm is not None:
-            q = self._qknorm(getattr(attn, fam.qk_norm[0]), q)
-            k = self._qknorm(getattr(attn, fam.qk_norm[1]), k)
+            q = self._qknorm(getattr(attn, fam.qk_norm[0]), q, lrp)
+            k = self._qknorm(getattr(attn, fam.qk_norm[1]), k, lrp)
         return q, k, v
 
-    def _qknorm(self, mod: Any, x: Tensor) -> Tensor:
+    def _qknorm(self, mod: Any, x: Tensor, lrp: LRPRules | None = None) -> Tensor:
         eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6)))
         x32 = x.float()
-        return mod.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        if lrp is not None and lrp.norm:  # LN rule on the q/k norms too (matters when attention is not frozen)
+            scale = scale.detach()
+        return mod.weight * (x32 * scale).to(x.dtype)
 
     # -- the forward ----------------------------------------------------------------------------
 
@@ -269,7 +287,7 @@ class Runner:
             h = self._hook(hooks, "resid_pre", li, h, ctx)
             attn_mod = get_path(layer, fam.attn)
             x = self._norm(get_path(layer, fam.ln1), h, lrp)
-            q, k, v = self._qkv(attn_mod, x)
+            q, k, v = self._qkv(attn_mod, x, lrp)
             if cos is not None and sin is not None:
                 q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
             q = self._hook(hooks, "q", li, q, ctx)
