@@ -19,6 +19,15 @@ __version__ = "0.1.0"
 
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as activation_patching
+from patchtrace.methods.atp import AtPConfig, AtPStarConfig
+from patchtrace.methods.atp import run as attribution_patching
+from patchtrace.methods.atp import run_star as attribution_patching_star
+from patchtrace.methods.compare import CompareConfig
+from patchtrace.methods.compare import run as compare_methods
+from patchtrace.methods.ig import IGConfig
+from patchtrace.methods.ig import run as integrated_gradients
+from patchtrace.methods.relp import RelPConfig
+from patchtrace.methods.relp import run as relevance_patching
 from patchtrace.metrics import Metric
 from patchtrace.models.adapters import UnsupportedModelError, supported_model_types
 from patchtrace.models.load import DEFAULT_MODEL, Model, ModelLoadError, load_model, wrap_model
@@ -29,11 +38,16 @@ from patchtrace.tasks import BUILTIN_TASKS, Example, Task, TaskError, load_task,
 __all__ = [
     "BUILTIN_TASKS",
     "DEFAULT_MODEL",
+    "AtPConfig",
+    "AtPStarConfig",
+    "CompareConfig",
     "Example",
+    "IGConfig",
     "Metric",
     "Model",
     "ModelLoadError",
     "PatchingConfig",
+    "RelPConfig",
     "Scores",
     "Site",
     "SiteError",
@@ -43,10 +57,15 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "activation_patching",
+    "attribution_patching",
+    "attribution_patching_star",
+    "compare_methods",
+    "integrated_gradients",
     "load_model",
     "load_task",
     "make_task",
     "parse_site",
+    "relevance_patching",
     "supported_model_types",
     "wrap_model",
 ]
