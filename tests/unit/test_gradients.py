@@ -363,3 +363,14 @@ def test_compare_runs_all_methods_and_saves(llama, task, tmp_path):
         assert loaded.axes == scores["exact"][1].axes
     assert (tmp_path / "report.json").is_file()
     assert rep["time_vs_forward_pair"]["atp"] > 0
+
+
+def test_cli_site_items_carry_their_own_positions():
+    from patchtrace.cli.compare import parse_site_items
+
+    specs = parse_site_items("resid_pre@all,head@last,mlp_out", "none", "0-1")
+    assert [(s.kind, s.per_unit, s.positions, s.layers) for s in specs] == [
+        ("resid_pre", False, "all", (0, 1)),
+        ("head", True, "last", (0, 1)),
+        ("mlp_out", False, None, (0, 1)),
+    ]

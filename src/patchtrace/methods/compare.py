@@ -47,7 +47,8 @@ class CompareConfig:
         metric: metric name.
         ig_steps: IG steps.
         top_k: size of the top-k sets compared.
-        atp_star: the AtP* settings' switches (QK fix, GradDrop).
+        qk_fix: AtP*'s QK fix (query/key sites only).
+        grad_drop: AtP*'s GradDrop (its scores are then magnitudes, compared with ``E|effect|``).
     """
 
     direction: str = "denoise"
