@@ -241,3 +241,12 @@ def test_entropy_is_finite(tiny):
     p = render(ITEM, tiny.tokenizer)
     ent = head_entropies(tiny, [p], [(0, 0), (2, 3)])
     assert all(0 <= float(e) <= math.log(len(p.ids)) for e in ent)
+
+
+def test_cli_parse_heads():
+    from patchtrace.cli.attribute import parse_heads
+    from patchtrace.cli.common import CLIError
+
+    assert parse_heads("23.2, 29.1") == ((23, 2), (29, 1))
+    with pytest.raises(CLIError, match="'2x' is not 'layer.head'"):
+        parse_heads("2x")

@@ -81,16 +81,18 @@ def register(app: typer.Typer) -> None:
             raise common.CLIError("give exactly one of --heads or --circuit")
         if data is None and kind not in KINDS:
             raise common.CLIError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+        given = parse_heads(heads) if heads is not None else None
+        sh_given = parse_heads(steer_heads) if steer_heads else None
         m = common.load(model, device, dtype, trust_remote_code)
         items = load_qa_jsonl(data) if data else make_qa_items(kind, n, seed, m.tokenizer)
         try:
-            if heads is not None:
-                chosen = parse_heads(heads)
+            if given is not None:
+                chosen = given
                 info: dict[str, object] = {"heads": "given"}
             else:
                 probe = make_qa_items("conflict", 8, seed + 1000, m.tokenizer)
                 chosen, info = select_heads(m, Scores.load(circuit), probe, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
-            sh = parse_heads(steer_heads) if steer_heads else chosen
+            sh = sh_given or chosen
             results = []
             for it in items:
                 if steer:
