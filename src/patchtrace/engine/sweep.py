@@ -281,7 +281,7 @@ def run_patches(
     for i, pt in enumerate(patches):
         groups[pt.start_pos if fast else 0].append(i)
     for p, idx in sorted(groups.items()):
-        idx.sort(key=lambda i: _join_key(patches[i], model) if fast else (0, 0))
+        idx.sort(key=lambda i: _join_key(patches[i], model) if fast else (0, 0, 0))
         n = T - p
         rows = budget // max(row_bytes(model, n, T, ncols if fast else None), 1)
         per_chunk = max(1, int(rows) // N)
@@ -302,28 +302,32 @@ _ATTN_SIDE = frozenset({"head", "attn_out"})
 _MLP_SIDE = frozenset({"neuron", "mlp_out"})
 
 
-def _join_key(patch: Patch, model: Model) -> tuple[int, int]:
-    """Where a patch's rows join the staggered batch: (layer, 0 = entering it, 1 = at its MLP).
+def _join_key(patch: Patch, model: Model) -> tuple[int, int, int]:
+    """Where a patch's rows join the staggered batch: ``(layer, stage, shortcut)``.
 
-    Layer -1 means the rows start from the embeddings (``embed`` patches).
+    ``stage`` 0 = rows enter layer ``layer`` (the runner's ``("pre", layer)`` join), 1 = rows enter its
+    MLP (``("mid", layer)``). ``shortcut`` 1 = the engine builds the rows itself from cached base
+    activations (attention-side or MLP-side sites of a single layer); 0 = the rows are the base
+    residual stream and the runner's hooks apply the patch. Layer -1: rows start from the embeddings.
+    Sorting patches by this key gives the row order of the staggered batch.
     """
     layers = {s.layer for s in patch.sites}
     kinds = {s.kind for s in patch.sites}
     if None in layers:
-        return (-1, 0)
+        return (-1, 0, 0)
     if len(layers) == 1:
         (L,) = layers
         assert L is not None
         if kinds <= _ATTN_SIDE and not model.dims.parallel_residual:
-            return (L, 1)
+            return (L, 1, 1)
         if kinds <= _MLP_SIDE or kinds == {"resid_post"}:
-            return (L + 1, 0)
-    return (min(s.layer for s in patch.sites if s.layer is not None), 0)
+            return (L + 1, 0, 1)
+    return (min(s.layer for s in patch.sites if s.layer is not None), 0, 0)
 
 
-def _is_shortcut(patch: Patch, key: tuple[int, int]) -> bool:
+def _is_shortcut(patch: Patch, key: tuple[int, int, int]) -> bool:
     """True when the engine builds the patch's joining rows itself (attn-side or MLP-side sites of one layer)."""
-    return key[1] == 1 or key[0] == patch.start_layer + 1
+    return key[2] == 1
 
 
 def _base_points(patch: Patch, model: Model) -> set[HookPoint]:
@@ -351,11 +355,11 @@ def _patch_all(x: Tensor, sites_by_block: list[tuple[int, Site]], src: RunCache,
 
 
 def _joining_rows(
-    model: Model, base: RunCache, source: RunCache, block: list[Patch], key: tuple[int, int], p: int, N: int, T: int
+    model: Model, base: RunCache, source: RunCache, block: list[Patch], key: tuple[int, int, int], p: int, N: int, T: int
 ) -> Tensor:
     """Build the rows a block of patches (same join key) contributes to the staggered batch."""
     R = len(block)
-    L, stage = key
+    L, stage, _ = key
     kinds = {s.kind for pt in block for s in pt.sites}
     ctx = RunCtx(p, T)
     sites = [(i, s) for i, pt in enumerate(block) for s in pt.sites]
@@ -409,8 +413,10 @@ def _run_chunk_fast(
         hooks[hp].extend(fns)
     # patches whose sites the runner must apply (generic joins)
     entries: dict[HookPoint, list[tuple[int, int | None, int | None]]] = defaultdict(list)
-    blocks: dict[tuple[int, int], list[int]] = defaultdict(list)
+    blocks: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for i, (pt, key) in enumerate(zip(chunk, keys)):
+        if i and key < keys[i - 1]:
+            raise EngineError("internal: patches must be sorted by join key")
         blocks[key].append(i)
         if not _is_shortcut(pt, key):
             for s in pt.sites:
@@ -420,26 +426,20 @@ def _run_chunk_fast(
             raise EngineError(f"the source run did not record {hp}; cannot patch it")
         hooks[hp].append(_patch_hook(source.acts[hp], ents, -1, N, hp.kind))
     past = [(k[:, :, :p], v[:, :, :p]) for k, v in base.kv] if p > 0 else None
+    joins = _joins(model, base, source, chunk, blocks, p, N, T)
+    common = dict(pos_offset=p, past_kv=past, hooks=hooks, last_only=True, unembed_cols=cols, explicit_attention=explicit)
     with torch.no_grad():
-        if keys[0][0] < 0:  # embed patches: rows start from the token ids
-            n_embed = len(blocks[(-1, 0)])
-            res = model.runner.forward(
-                base_ids[:, p:].repeat(n_embed, 1), pos_offset=p, past_kv=past, hooks=hooks, last_only=True,
-                unembed_cols=cols, explicit_attention=explicit,
-                joins=_joins(model, base, source, chunk, blocks, p, N, T, skip=(-1, 0)),
-            )
+        if keys[0][0] < 0:  # embed patches: their rows start from the token ids
+            n_embed = len(blocks[(-1, 0, 0)])
+            res = model.runner.forward(base_ids[:, p:].repeat(n_embed, 1), joins=joins, **common)  # type: ignore[arg-type]
         else:
-            joins = _joins(model, base, source, chunk, blocks, p, N, T)
-            start_layer, stage = min(joins, key=lambda k: (k[0], k[1] == "mid"))
-            first = joins.pop((start_layer, stage)) if stage == "pre" else None
+            stage, start_layer = min(joins, key=lambda k: (k[1], k[0] == "mid"))
+            first = joins.pop((stage, start_layer)) if stage == "pre" else None
             h0 = first if first is not None else base.acts[HookPoint("resid_pre", start_layer)][:, p:][:0]
             if start_layer >= model.dims.n_layers:
                 res = _unembed_only(model, h0, cols)
             else:
-                res = model.runner.forward(
-                    resid=h0, start_layer=start_layer, pos_offset=p, past_kv=past, hooks=hooks, last_only=True,
-                    unembed_cols=cols, explicit_attention=explicit, joins={(st, ly): t for (ly, st), t in joins.items()},
-                )
+                res = model.runner.forward(resid=h0, start_layer=start_layer, joins=joins, **common)  # type: ignore[arg-type]
     assert res.logits is not None
     return scorer(res.logits[:, -1], len(chunk), cols is not None)
 
@@ -449,22 +449,22 @@ def _unembed_only(model: Model, h: Tensor, cols: Tensor | None) -> RunOutput:
 
 
 def _joins(
-    model: Model, base: RunCache, source: RunCache, chunk: list[Patch], blocks: dict[tuple[int, int], list[int]],
-    p: int, N: int, T: int, skip: tuple[int, int] | None = None,
-) -> dict:
-    """Rows per join point, keyed ``(layer, "pre"|"mid")`` (embed patches excluded)."""
-    out: dict[tuple[int, str], Tensor] = {}
+    model: Model, base: RunCache, source: RunCache, chunk: list[Patch], blocks: dict[tuple[int, int, int], list[int]],
+    p: int, N: int, T: int,
+) -> dict[tuple[str, int], Tensor]:
+    """Rows per runner join point ``("pre"|"mid", layer)``, in block order (embed patches excluded)."""
+    parts: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
     for key, members in sorted(blocks.items()):
-        if key == skip:
+        L, stage, _ = key
+        if L < 0:
             continue
-        L, stage = key
         block = [chunk[i] for i in members]
         if _is_shortcut(block[0], key):
             rows = _joining_rows(model, base, source, block, key, p, N, T)
         else:
             rows = base.acts[HookPoint("resid_pre", L)][:, p:].repeat(len(block), 1, 1)
-        out[(L, "mid" if stage == 1 else "pre")] = rows
-    return out
+        parts[("mid" if stage == 1 else "pre", L)].append(rows)
+    return {k: torch.cat(v, dim=0) if len(v) > 1 else v[0] for k, v in parts.items()}
 
 
 def _run_chunk_plain(
