@@ -151,7 +151,9 @@ def main() -> None:
         dev_log.append((s, c, a))
         if a >= base_a - 0.02 and c - base_c > best[1]:
             best = (s, c - base_c)
+    # no strength met the agree constraint on dev → fall back to 4.0 and say so in the report
     strength = best[0] or 4.0
+    picked = "chosen on a dev split" if best[0] else "fallback: no dev strength kept the agree drop ≤ 2 points"
     log("steer dev", base_c, base_a, dev_log, "→ strength", strength)
     test_c, test_a = ds.of_kind("conflict"), ds.of_kind("agree")
     before_c, after_c = rates(test_c, 0.0), rates(test_c, strength)
@@ -201,7 +203,7 @@ def main() -> None:
         f"cost ratio {ratio:.1f}× → {'MET' if gap <= 5 and ratio >= 10 else 'NOT MET'}.",
         "",
         f"Steering (attention-logit bias toward the attributed sentence in heads {', '.join(f'L{a}.H{b}' for a, b in steer_heads)} "
-        f"at the answer query, same forward; strength {strength:g} chosen on a dev split: "
+        f"at the answer query, same forward; strength {strength:g} ({picked}): "
         + "; ".join(f"s={s:g}: conflict {100 * c:.0f}%, agree {100 * a:.0f}%" for s, c, a in dev_log)
         + f"; dev base conflict {100 * base_c:.0f}%, agree {100 * base_a:.0f}%):",
         "",
