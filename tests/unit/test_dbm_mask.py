@@ -91,7 +91,7 @@ def test_mixing_endpoints_match_original_and_patched_runs(llama):
     ids_o, ids_a = td.ids("original", range(len(td))), td.ids("alternate", range(len(td)))
     layer = 1
     comps = [Site("head", layer, u, -1) for u in range(llama.dims.n_heads)] + [Site("mlp_out", 2, None, -1)]
-    (g,) = dbm._prepare(llama, [td], comps)
+    (g,) = dbm.prepare(llama, [td], comps)
     m0 = torch.zeros(len(comps))
     m1 = torch.zeros(len(comps))
     m1[: llama.dims.n_heads] = 1.0  # every head of layer 1 = the layer's full head site
@@ -111,7 +111,7 @@ def test_mixing_at_several_positions_matches_full_forward(llama):
     """Masks at earlier positions: the suffix-only run equals a full forward with the same mixing."""
     td = _td(llama, n=4, seed=5)
     comps = [Site("mlp_out", 0, None, -3), Site("head", 1, 2, -2), Site("attn_out", 2, None, -1)]
-    (g,) = dbm._prepare(llama, [td], comps)
+    (g,) = dbm.prepare(llama, [td], comps)
     m = torch.tensor([0.7, 0.4, 0.9])
     ids_o, ids_a = td.ids("original", range(4)), td.ids("alternate", range(4))
     T = ids_o.shape[1]
@@ -150,7 +150,7 @@ def test_mixing_at_several_positions_matches_full_forward(llama):
 def test_gradients_reach_the_mask(llama):
     td = _td(llama)
     comps = dbm.components(llama, dbm.parse_specs("head,mlp_out"))
-    (g,) = dbm._prepare(llama, [td], comps)
+    (g,) = dbm.prepare(llama, [td], comps)
     m = torch.full((len(comps),), 0.3, requires_grad=True)
     loss = torch.nn.functional.cross_entropy(dbm.masked_logits(llama, g, m), g.target)
     loss.backward()
@@ -250,3 +250,21 @@ def test_bad_requests_raise_clear_errors(llama):
         dbm.DBMConfig(parametrization="magic")  # type: ignore[arg-type]
     with pytest.raises(dbm.DBMError, match="not produced by DBM"):
         dbm.mask_from_scores(Scores(torch.zeros(2), ("layer",), "mlp_out"))
+
+
+def test_exact_ranking_matches_activation_patching(llama):
+    """The baseline ranking equals noising activation patching (logit diff target vs contrast)."""
+    from patchtrace.methods.activation_patching import PatchingConfig
+    from patchtrace.methods.activation_patching import run as ap_run
+    from patchtrace.tasks.base import Example, Task
+
+    pairs = _pairs(5, seed=11)
+    d = Desideratum("v", [Triple(o, a, " the", contrast=" cat") for o, a in pairs])
+    (td,) = tokenize_desiderata([d], llama.tokenizer)
+    ranking = dict(dbm.exact_patching_ranking(llama, [td], [SiteSpec("head", per_unit=True)]))
+    task = Task("t", [Example(o, a, " the", " cat") for o, a in pairs])
+    ap = ap_run(llama, task, SiteSpec("head", per_unit=True), PatchingConfig(direction="noise"))
+    for L in range(llama.dims.n_layers):
+        for h in range(llama.dims.n_heads):
+            assert ranking[Site("head", L, h, -1)] == pytest.approx(float(ap.values[L, h]), abs=1e-5)
+    assert max(abs(v) for v in ranking.values()) > 1e-3

@@ -93,7 +93,7 @@ from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import HEADED_KINDS, KV_KINDS, STREAM_KINDS, HookPoint, Site, SiteSpec, parse_site
-from patchtrace.tasks.base import Example, Task, TokenizedTask
+from patchtrace.tasks.base import Task
 
 Parametrization = Literal["clamp", "sigmoid", "hard_concrete"]
 MASKABLE_KINDS = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "q", "k", "v", "neuron"})
@@ -230,7 +230,13 @@ class _Group:
     n_units: dict[HookPoint, int]
 
 
-def _prepare(model: Model, tds: Sequence[TokenizedDesideratum], comps: Sequence[Site]) -> list[_Group]:
+def prepare(
+    model: Model, tds: Sequence[TokenizedDesideratum], comps: Sequence[Site], runs: RunStore | None = None
+) -> list[_Group]:
+    """Cache, once and without gradients, what every training step needs: per equal-length batch of
+    each desideratum, the original run's residual stream entering the lowest masked layer and its
+    keys/values before the first masked position, and the alternate's activations at every masked
+    hook point."""
     points = sorted({c.point for c in comps}, key=lambda h: (h.layer or 0, h.kind))
     start_layer = min(c.layer for c in comps if c.layer is not None)
     groups = []
@@ -238,12 +244,12 @@ def _prepare(model: Model, tds: Sequence[TokenizedDesideratum], comps: Sequence[
     for td in tds:
         for idx in td.groups():
             ids_o = td.ids("original", idx).to(dev)
-            ids_a = td.ids("alternate", idx).to(dev)
             T = ids_o.shape[1]
             res = [resolve(c, model, T) for c in comps]
             p = min(0 if s.pos is None else s.pos for s in res)
-            orig = collect(model, ids_o, ())
-            alt_cache = collect(model, ids_a, points)
+            store = runs if runs is not None else RunStore()
+            orig = store.get(model, td, "original", idx, set())
+            alt_cache = store.get(model, td, "alternate", idx, set(points))
             past: list[tuple[Tensor, Tensor] | None] | None = None
             if p > 0:
                 past = [None] * model.dims.n_layers
@@ -362,6 +368,7 @@ def train_mask(
     config: DBMConfig,
     *,
     on_step: Callable[[int, float, int], None] | None = None,
+    prepared: list[_Group] | None = None,
 ) -> TrainedMask:
     """Learn a relaxed mask over ``comps`` on the training tuples (see the module docstring).
 
@@ -371,13 +378,15 @@ def train_mask(
         comps: components (from :func:`components`).
         config: :class:`DBMConfig`.
         on_step: called as ``on_step(step, loss, n_above_threshold)`` after each step.
+        prepared: the cached runs from :func:`prepare` for these tuples and components (a λ sweep
+            reuses them); computed here when None.
 
     Returns:
         :class:`TrainedMask`.
     """
     if not comps:
         raise DBMError("no components to mask")
-    groups = _prepare(model, train, comps)
+    groups = prepared if prepared is not None else prepare(model, train, comps)
     n_tuples: dict[str, int] = defaultdict(int)
     for g in groups:
         n_tuples[g.name] += g.target.shape[0]
@@ -436,6 +445,7 @@ def site_set_margins(
     site_sets: Sequence[Sequence[Site]],
     *,
     max_memory: int | None = None,
+    runs: RunStore | None = None,
 ) -> Tensor:
     """Exact target margins of patching each site set as one multi-site patch.
 
@@ -453,9 +463,9 @@ def site_set_margins(
     empty = [i for i, ss in enumerate(site_sets) if not ss]
     for idx in td.groups():
         ids_o = td.ids("original", idx).to(model.device)
-        ids_a = td.ids("alternate", idx).to(model.device)
         T = ids_o.shape[1]
-        base, source = collect(model, ids_o, points), collect(model, ids_a, points)
+        store = runs if runs is not None else RunStore()
+        base, source = store.get(model, td, "original", idx, points), store.get(model, td, "alternate", idx, points)
         target = td.target[idx].to(model.device)
         margins = torch.empty(len(site_sets), len(idx))
         if nonempty:
@@ -475,6 +485,7 @@ def evaluate_site_sets(
     site_sets: Sequence[Sequence[Site]],
     *,
     max_memory: int | None = None,
+    runs: RunStore | None = None,
 ) -> Tensor:
     """Exact desiderata accuracy of each site set: ``[S, D]`` (S site sets, D desiderata).
 
@@ -483,40 +494,66 @@ def evaluate_site_sets(
     """
     acc = torch.zeros(len(site_sets), len(tds))
     for di, td in enumerate(tds):
-        acc[:, di] = (site_set_margins(model, td, site_sets, max_memory=max_memory) > 0).float().mean(1)
+        acc[:, di] = (site_set_margins(model, td, site_sets, max_memory=max_memory, runs=runs) > 0).float().mean(1)
     return acc
 
 
 def exact_patching_ranking(
-    model: Model, tds: Sequence[TokenizedDesideratum], specs: Sequence[SiteSpec], *, max_memory: int | None = None
+    model: Model,
+    tds: Sequence[TokenizedDesideratum],
+    specs: Sequence[SiteSpec],
+    *,
+    max_memory: int | None = None,
+    runs: RunStore | None = None,
 ) -> list[tuple[Site, float]]:
     """Rank components by exact single-site activation patching on the given tuples.
 
-    Each desideratum runs as a noising sweep (original = clean = base, alternate = corrupt =
-    source) with ``logit_diff`` of target vs contrast; a tuple without a contrast uses the original
-    run's top token, or the alternate's when that is the target, or the original's runner-up. A
-    component's score is the sum over desiderata of its mean effect. Best first.
+    Each desideratum runs as a noising sweep on the sweep engine (the same computation as
+    :func:`patchtrace.methods.activation_patching.run` with ``direction="noise"``: base = original,
+    source = alternate), one patch per component, with ``logit_diff`` of target vs contrast; a tuple
+    without a contrast uses the original run's top token, or the alternate's when that is the
+    target, or the original's runner-up. A component's score is the sum over desiderata of its mean
+    effect ``M(patched) − M(original)``. Best first.
     """
-    from patchtrace.methods.activation_patching import PatchingConfig
-    from patchtrace.methods.activation_patching import run as ap_run
-
-    total: dict[Site, float] = defaultdict(float)
-    cfg = PatchingConfig(direction="noise", metric="logit_diff", max_memory=max_memory, sanity_check=False)
+    comps = components(model, specs)
+    points = {c.point for c in comps}
+    store = runs if runs is not None else RunStore()
+    total = torch.zeros(len(comps))
     for td in tds:
         contrast = _contrasts(model, td)
-        task = Task(
-            f"dbm-baseline-{td.name}",
-            [Example(f"#{i}", f"#{i}", str(int(td.target[i])), str(int(contrast[i]))) for i in range(len(td))],
-            {"desideratum": td.desideratum.describe()},
-        )
-        ttask = TokenizedTask(
-            task, td.original, td.alternate, td.target[:, None], contrast[:, None], td.tokens, td.tokens,
-        )
-        for spec in specs:
-            sc = ap_run(model, ttask, spec, cfg)
-            for s, v in sc.top_k(sc.values.numel()):
-                total[s] += v
-    return sorted(total.items(), key=lambda kv: -kv[1])
+        eff = torch.zeros(len(comps))
+        for idx in td.groups():
+            ids_o = td.ids("original", idx).to(model.device)
+            T = ids_o.shape[1]
+            base, source = store.get(model, td, "original", idx, points), store.get(model, td, "alternate", idx, points)
+            scorer = Scorer(Metric("logit_diff"), td.target[idx, None].to(model.device), contrast[idx, None].to(model.device))
+            patched = run_patches(
+                model, ids_o, base, source, [Patch((resolve(c, model, T),)) for c in comps], scorer,
+                max_memory=max_memory,
+            ).cpu()
+            base_m = scorer(base.logits, 1, False)[0].cpu()
+            eff += (patched - base_m[None]).sum(1)
+        total += eff / len(td)
+    order = torch.argsort(total, descending=True, stable=True).tolist()
+    return [(comps[i], float(total[i])) for i in order]
+
+
+class RunStore:
+    """Caches :func:`~patchtrace.engine.sweep.collect` runs of desiderata batches, so ranking, training
+    and evaluation on the same tuples share their forward passes."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[int, str, tuple[int, ...]], tuple[frozenset[HookPoint], Any]] = {}
+
+    def get(self, model: Model, td: TokenizedDesideratum, which: Literal["original", "alternate"],
+            idx: Sequence[int], points: set[HookPoint]) -> Any:
+        key = (id(td), which, tuple(idx))
+        hit = self._d.get(key)
+        if hit is not None and set(points) <= hit[0]:
+            return hit[1]
+        run = collect(model, td.ids(which, idx).to(model.device), points)
+        self._d[key] = (frozenset(points), run)
+        return run
 
 
 def _contrasts(model: Model, td: TokenizedDesideratum) -> Tensor:

@@ -1,0 +1,51 @@
+"""DBM on the real SmolLM2: the variable-binding generator keeps only solved items, and a short mask
+run reports accuracies that agree with what the desiderata mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchtrace.desiderata import tokenize_desiderata
+from patchtrace.methods import dbm
+from patchtrace.sites import SiteSpec
+from patchtrace.tasks import make_task
+from patchtrace.tasks.variable_binding import _solved, desiderata_from_variable_binding
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def vb(smollm2):
+    return make_task("variable-binding", n=8, seed=0, model=smollm2)
+
+
+def test_generator_keeps_only_solved_items(smollm2, vb):
+    assert len(vb) == 8 and vb.params["n_solved"] == 8 and vb.params["n_generated"] >= 8
+    value, op = desiderata_from_variable_binding(vb)
+    tv, to = tokenize_desiderata([value, op], smollm2.tokenizer)
+    with torch.no_grad():
+        for td, want in ((tv, "contrast"), (to, "target")):
+            for which, expect in (("original", getattr(td, want)), ("alternate", td.target)):
+                ids = td.ids(which, range(len(td)))  # type: ignore[arg-type]
+                pred = smollm2.runner.forward(ids, last_only=True).logits[:, -1].argmax(-1)
+                assert torch.equal(pred, expect), (td.name, which)
+
+
+def test_prefix_cache_matches_full_prompts(smollm2, vb):
+    prefix = vb.examples[0].clean[: vb.examples[0].clean.rindex("\n\n") + 2]
+    progs = [e.clean[len(prefix):] for e in vb.examples[:4]]
+    answers = [int(e.answer) for e in vb.examples[:4]]
+    wrong = [int(e.wrong) for e in vb.examples[:4]]
+    assert _solved(smollm2, prefix, progs, answers) == _solved(smollm2, "", [prefix + p for p in progs], answers)
+    assert _solved(smollm2, prefix, progs, wrong) == [False] * 4
+
+
+def test_short_mask_run_accuracies_mean_what_they_say(smollm2, vb):
+    cfg = dbm.DBMConfig(lam=0.05, steps=3, baseline=False)
+    s = dbm.run(smollm2, vb, [SiteSpec("head", per_unit=True, layers=tuple(range(20, 30)))], cfg)
+    ev = s.provenance["evaluation"]
+    # unpatched: the original answer is never the value target and always the invariance target
+    assert ev["unpatched_per_desideratum"] == {"value_dependence": 0.0, "operation_invariance": 1.0}
+    assert s.values.shape == (10, smollm2.dims.n_heads)
+    assert ev["n_components"] == 90 and len(s.extras["history.loss"]) == 3
