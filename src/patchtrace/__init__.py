@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from patchtrace.desiderata import Desideratum, Triple, load_desiderata
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as activation_patching
 from patchtrace.methods.atp import AtPConfig, AtPStarConfig
@@ -24,6 +25,8 @@ from patchtrace.methods.atp import run as attribution_patching
 from patchtrace.methods.atp import run_star as attribution_patching_star
 from patchtrace.methods.compare import CompareConfig
 from patchtrace.methods.compare import run as compare_methods
+from patchtrace.methods.dbm import DBMConfig
+from patchtrace.methods.dbm import run as desiderata_masking
 from patchtrace.methods.ig import IGConfig
 from patchtrace.methods.ig import run as integrated_gradients
 from patchtrace.methods.relp import RelPConfig
@@ -41,6 +44,8 @@ __all__ = [
     "AtPConfig",
     "AtPStarConfig",
     "CompareConfig",
+    "DBMConfig",
+    "Desideratum",
     "Example",
     "IGConfig",
     "Metric",
@@ -54,13 +59,16 @@ __all__ = [
     "SiteSpec",
     "Task",
     "TaskError",
+    "Triple",
     "UnsupportedModelError",
     "__version__",
     "activation_patching",
     "attribution_patching",
     "attribution_patching_star",
     "compare_methods",
+    "desiderata_masking",
     "integrated_gradients",
+    "load_desiderata",
     "load_model",
     "load_task",
     "make_task",

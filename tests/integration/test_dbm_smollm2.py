@@ -10,14 +10,19 @@ from patchtrace.desiderata import tokenize_desiderata
 from patchtrace.methods import dbm
 from patchtrace.sites import SiteSpec
 from patchtrace.tasks import make_task
-from patchtrace.tasks.variable_binding import _solved, desiderata_from_variable_binding
+from patchtrace.tasks.variable_binding import _solved, desiderata_from_variable_binding, variable_binding_task
 
 pytestmark = pytest.mark.smollm2
 
 
 @pytest.fixture(scope="module")
 def vb(smollm2):
-    return make_task("variable-binding", n=8, seed=0, model=smollm2)
+    return variable_binding_task(8, 0, smollm2, shots=1)  # 1-shot: shorter prompts, a faster test
+
+
+def test_make_task_discovers_the_generator():
+    t = make_task("variable-binding", n=3, seed=2)
+    assert t.name == "variable_binding" and len(t) == 3 and t.params["desiderata"] == "variable_binding"
 
 
 def test_generator_keeps_only_solved_items(smollm2, vb):
