@@ -36,7 +36,8 @@ iteration (the paper alternates one step per desideratum).
 Parametrizations (:attr:`DBMConfig.parametrization`):
 
 - ``clamp`` (the paper's): the mask is the parameter, clamped to ``[0, 1]``; L0.5 penalty.
-- ``sigmoid``: ``m = sigmoid(θ)``, θ initialised at −3; same L0.5 penalty.
+- ``sigmoid``: ``m = sigmoid(θ)``, θ initialised at −3; same L0.5 penalty. Its gradient through
+  the sigmoid shrinks like ``√m`` near 0, so this needs a larger λ than ``clamp`` for equal sparsity.
 - ``hard_concrete`` (Louizos et al. 2018): stochastic gates ``m = clamp(sigmoid((log u − log(1−u) +
   log α)/β)·(ζ−γ)+γ, 0, 1)`` with β=2/3, γ=−0.1, ζ=1.1 during training, the expected-L0 penalty
   ``λ·Σ sigmoid(log α − β·log(−γ/ζ))``, and the deterministic gate at evaluation.
