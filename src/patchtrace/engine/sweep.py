@@ -330,6 +330,14 @@ def _is_shortcut(patch: Patch, key: tuple[int, int, int]) -> bool:
     return key[2] == 1
 
 
+def base_points(patches: Sequence[Patch], model: Model) -> set[HookPoint]:
+    """Activations the fast path reads from the base run for these patches (record them in :func:`collect`)."""
+    out: set[HookPoint] = set()
+    for pt in patches:
+        out |= _base_points(pt, model)
+    return out
+
+
 def _base_points(patch: Patch, model: Model) -> set[HookPoint]:
     """Base-run activations the fast path reads to build a patch's joining rows."""
     key = _join_key(patch, model)

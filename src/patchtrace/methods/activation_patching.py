@@ -35,6 +35,7 @@ from patchtrace.engine.sweep import (
     Patch,
     RunCache,
     Scorer,
+    base_points,
     collect,
     plan_sweep,
     resolve,
@@ -47,6 +48,9 @@ from patchtrace.sites import KV_KINDS, HookPoint, Site, SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
 
 Direction = Literal["denoise", "noise"]
+
+#: Batch rows (patches × examples) per checkpointed block of a sweep.
+ROWS_PER_BLOCK = 8192
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,9 @@ def run(
     done = 0
     groups = tok.groups()
     total = n_cells * len(groups)
-    block_size = max(1, n_cells // grid.shape[0]) if grid.axes and grid.axes[0] == "layer" else n_cells
+    # checkpoint blocks of ~ROWS_PER_BLOCK batch rows: large enough that the engine's staggered
+    # batches stay efficient, small enough that an interrupted sweep loses little
+    block_size = max(1, ROWS_PER_BLOCK // max(1, N))
 
     def tick(k: int) -> None:
         nonlocal done
@@ -199,7 +205,8 @@ def run(
         ids_c, ids_k = tok.ids("clean", idx).to(model.device), tok.ids("corrupt", idx).to(model.device)
         T = ids_c.shape[1]
         group_patches = [Patch((resolve(s, model, T),)) for s in grid.sites]
-        clean, corrupt = _caches(model, ids_c, ids_k, points)
+        need = points | (base_points(group_patches, model) if cfg.fast else set())
+        clean, corrupt = _caches(model, ids_c, ids_k, need)
         ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
         scorer = Scorer(metric, tok.answer[idx].to(model.device), tok.wrong[idx].to(model.device), ref)
         clean_metric[idx] = scorer(clean.logits, 1, False)[0].cpu()
