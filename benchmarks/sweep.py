@@ -153,6 +153,11 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def threads(data: dict[str, Any]) -> str:
+    ts = sorted({r.get("threads") for rs in data["runs"].values() for runs in rs.values() for r in runs} - {None})
+    return ", ".join(str(t) for t in ts) or "?"
+
+
 def fmt_s(x: float) -> str:
     if x != x:
         return "–"
@@ -190,9 +195,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for config in args.configs:
         runs[config] = {}
         reps = args.repeats if config != "neurons_last" else args.neuron_repeats
+        sub_ours = "pair" if config in args.ours_pair and not args.quick else subset_ours
         runs[config]["patchtrace"] = []
         for _ in range(reps):
-            runs[config]["patchtrace"].append(spawn("patchtrace", config, subset_ours, tmp, log))
+            runs[config]["patchtrace"].append(spawn("patchtrace", config, sub_ours, tmp, log))
             save_raw()
         tools = [t for t in args.tools if t != "patchtrace"]
         for tool in tools:
@@ -233,7 +239,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                 "process_s": statistics.median(r["process_s"] for r in ok),
                 "threads": r0.get("threads"),
             }
-            for k in ("plan", "sanity_max_abs", "patchtrace_atp_s", "patchtrace_atp_error"):
+            for k in ("plan", "sanity_max_abs", "patchtrace_atp_s", "patchtrace_atp_error", "patchtrace_atp_max_abs_diff"):
                 if k in r0:
                     row[k] = r0[k]
             if ref is not None:
@@ -264,10 +270,14 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         fp = fastest_peer(config)
         if fp and "full_s" in rows.get("patchtrace", {}):
             r = fp[1] / rows["patchtrace"]["full_s"]
-            out.append((f"{CONFIGS[config]}: speed-up vs fastest peer ({fp[0]})", f"≥ {goal:.0f}×", f"{r:.1f}×", r >= goal))
+            ex = " (extrap.)" if rows["patchtrace"]["extrapolated"] else ""
+            out.append(
+                (f"{CONFIGS[config]}: speed-up vs fastest peer ({fp[0]})", f"≥ {goal:.0f}×", f"{r:.1f}×{ex}", r >= goal)
+            )
     nr = summary.get("neurons_last", {}).get("patchtrace", {})
     if "full_s" in nr:
-        out.append((f"{CONFIGS['neurons_last']}: full exact sweep", "< 10 min", fmt_s(nr["full_s"]), nr["full_s"] < 600))
+        ex = " (extrap.)" if nr["extrapolated"] else ""
+        out.append((f"{CONFIGS['neurons_last']}: full exact sweep", "< 10 min", fmt_s(nr["full_s"]) + ex, nr["full_s"] < 600))
     hl = summary.get("heads_last", {})
     if "full_s" in hl.get("patchtrace", {}) and "full_s" in hl.get("atp", {}):
         r = hl["patchtrace"]["full_s"] / hl["atp"]["full_s"]
@@ -299,8 +309,9 @@ def markdown(data: dict[str, Any], summary: dict[str, Any], command: str) -> str
         f"Command: `{command}` (`make bench` builds `.venv-bench` with `benchmarks/setup_peers.sh`, then runs this). "
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} / {os.cpu_count()} CPUs; "
         f"load average before {data['load_before'][0]:.1f}, after {data['load_after'][0]:.1f}; whole run "
-        f"{data['total_s'] / 60:.1f} min. Versions: {versions()}.",
+        f"{data['total_s'] / 60:.1f} min; torch threads per process: {threads(data)}. Versions: {versions()}.",
         "",
+        *([f"**{data['note']}**", ""] if data.get("note") else []),
         "SmolLM2-135M-Instruct (float32, every tool on the same weights from `patchtrace.load_model()`), 16 IOI "
         "pairs of 14 tokens (`make_task('ioi', n=16, seed=0)`, identical token ids for every tool), metric = mean "
         "logit(IO) − logit(S) at the last position. `sweep` = wall time of the sweep only (model load and library "
@@ -312,7 +323,9 @@ def markdown(data: dict[str, Any], summary: dict[str, Any], command: str) -> str
         "**Peers on a measured subset, extrapolated:** every peer patch is one full forward of the 16×14 corrupt "
         "batch whatever the cell, so a peer's time is linear in the number of cells; where `cells` is less than "
         "the grid, `full grid` is the measured time scaled by grid/cells (marked *extrap.*). patchtrace "
-        "`fast=True` always runs the whole grid.",
+        "`fast=True` runs the whole grid, except where its row says *extrap.* (`--ours-pair`: every cell of "
+        "layers 0 and 29, scaled ×15; its cost per cell grows with the layers after the patch, and that pair "
+        "has the grid's mean remaining depth).",
         "",
     ]
     tgt = targets(summary)
@@ -343,7 +356,9 @@ def markdown(data: dict[str, Any], summary: dict[str, Any], command: str) -> str
             if tool == "atp":
                 notes.append(f"approximation: Pearson {row.get('pearson', float('nan')):.3f} with the exact effects")
                 if "patchtrace_atp_s" in row:
-                    notes.append(f"patchtrace AtP: {row['patchtrace_atp_s']:.2f} s")
+                    notes.append(f"patchtrace's own `methods.atp.run`: {row['patchtrace_atp_s']:.2f} s")
+                if "patchtrace_atp_max_abs_diff" in row:
+                    notes.append(f"its estimates differ from these by ≤ {row['patchtrace_atp_max_abs_diff']:.1e}")
                 if "patchtrace_atp_error" in row:
                     notes.append(f"patchtrace AtP not timed: {row['patchtrace_atp_error'][:120]}")
             if row.get("setup_s", 0) > 0.01:
@@ -383,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         "--peer-subset", default="peer", choices=["peer", "lite"],
         help="cells the peers and the plain path run: 'peer' (all 270 heads for (i); default) or 'lite' (fewer)",
     )
+    ap.add_argument(
+        "--ours-pair", nargs="*", default=[], choices=list(CONFIGS),
+        help="sweeps where patchtrace runs every cell of layers 0 and 29 only, scaled ×15 (same mean remaining "
+        "depth as the grid; for a busy machine). Default: none, patchtrace runs every grid whole",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="patchtrace runs per sweep, median reported (%(default)s)")
     ap.add_argument("--neuron-repeats", type=int, default=1, help="patchtrace runs of the neuron sweep (%(default)s)")
     ap.add_argument("--peer-repeats", type=int, default=1, help="runs per peer and sweep (%(default)s)")
@@ -401,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render:
         args.json.write_text(json.dumps(data, indent=1, default=str))
     run_argv = data.get("argv", argv if argv is not None else sys.argv[1:])
-    command = ".venv-bench/bin/python " + " ".join(["benchmarks/sweep.py", *run_argv])
+    command = data.get("command") or ".venv-bench/bin/python " + " ".join(["benchmarks/sweep.py", *run_argv])
     section = markdown(data, summary, command)
     if args.out:
         write_section(args.out, section)

@@ -64,19 +64,20 @@ def run(b: Bench, config: str, cs: list[Cell]) -> dict[str, Any]:
     res: dict[str, Any] = {"matrix": scatter(config, b, cs, (est + base).flatten()), "sweep_s": sweep_s, "setup_s": 0.0}
     if importlib.util.find_spec("patchtrace.methods.atp") is not None:
         try:
-            res["patchtrace_atp_s"] = _patchtrace_atp(b)
+            res["patchtrace_atp_s"], pt_est = _patchtrace_atp(b)
+            res["patchtrace_atp_max_abs_diff"] = float((pt_est.reshape(est.shape) - est).abs().max())
         except Exception as e:  # an API we do not know yet: say so, do not fail the benchmark
             res["patchtrace_atp_error"] = f"{type(e).__name__}: {e}"
     return res
 
 
-def _patchtrace_atp(b: Bench) -> float:
+def _patchtrace_atp(b: Bench) -> tuple[float, torch.Tensor]:
     """Time ``patchtrace.methods.atp.run`` on all heads at the last position (same call shape as
-    activation patching: ``run(model, task, SiteSpec, config)``)."""
+    activation patching: ``run(model, task, SiteSpec, config)``); return the time and its estimates."""
     from patchtrace import SiteSpec
     from patchtrace.methods import atp
 
     spec = SiteSpec("head", per_unit=True, positions="last")
     atp.run(b.model, b.task, spec)  # warm-up
-    _, s = timed(lambda: atp.run(b.model, b.task, spec))
-    return float(s)
+    scores, s = timed(lambda: atp.run(b.model, b.task, spec))
+    return float(s), scores.values.float()

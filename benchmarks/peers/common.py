@@ -56,15 +56,25 @@ SUBSETS: dict[str, dict[str, tuple[Sequence[int] | None, Sequence[int] | None, S
     },
     "peer": {
         "heads_last": (None, None, None),
-        "heads_all": ((23,), None, None),
+        "heads_all": ((0,), None, None),
         "resid_all": ((0, 15, 29), None, None),
-        "neurons_last": ((23,), tuple(range(64)), None),
+        "neurons_last": ((0,), tuple(range(64)), None),
     },
     "lite": {
         "heads_last": ((21, 22, 23), None, None),
-        "heads_all": ((23,), (0, 3), None),
+        "heads_all": ((0,), (0, 3), None),
         "resid_all": ((0, 29), None, None),
-        "neurons_last": ((23,), tuple(range(16)), None),
+        "neurons_last": ((0,), tuple(range(16)), None),
+    },
+    # patchtrace itself on a busy machine (--ours-pair): every cell of layers 0 and 29 only. The fast
+    # path resumes at the patched layer, so a cell's cost grows with the layers after it; the pair
+    # (l, 29 − l) has the same mean remaining depth (15.5 layers) as the whole grid, so scaling by
+    # 15 estimates the whole grid.
+    "pair": {
+        "heads_last": ((0, 29), None, None),
+        "heads_all": ((0, 29), None, None),
+        "resid_all": ((0, 29), None, None),
+        "neurons_last": ((0, 29), None, None),
     },
     "quick": {
         "heads_last": ((23,), (0, 3, 7), None),
