@@ -17,6 +17,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from patchtrace.apply.attnattrib import AttnAttribConfig
+from patchtrace.apply.attnattrib import attribute as qa_attribute
+from patchtrace.apply.generation import GenerationError
+from patchtrace.apply.steering import SteeringConfig
+from patchtrace.apply.steering import steer as qa_steer
 from patchtrace.desiderata import Desideratum, Triple, load_desiderata
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as activation_patching
@@ -29,6 +34,8 @@ from patchtrace.methods.dbm import DBMConfig
 from patchtrace.methods.dbm import run as desiderata_masking
 from patchtrace.methods.ig import IGConfig
 from patchtrace.methods.ig import run as integrated_gradients
+from patchtrace.methods.qa_circuit import QACircuitConfig
+from patchtrace.methods.qa_circuit import extract as qa_circuit
 from patchtrace.methods.relp import RelPConfig
 from patchtrace.methods.relp import run as relevance_patching
 from patchtrace.metrics import Metric
@@ -43,20 +50,24 @@ __all__ = [
     "DEFAULT_MODEL",
     "AtPConfig",
     "AtPStarConfig",
+    "AttnAttribConfig",
     "CompareConfig",
     "DBMConfig",
     "Desideratum",
     "Example",
+    "GenerationError",
     "IGConfig",
     "Metric",
     "Model",
     "ModelLoadError",
     "PatchingConfig",
+    "QACircuitConfig",
     "RelPConfig",
     "Scores",
     "Site",
     "SiteError",
     "SiteSpec",
+    "SteeringConfig",
     "Task",
     "TaskError",
     "Triple",
@@ -73,6 +84,9 @@ __all__ = [
     "load_task",
     "make_task",
     "parse_site",
+    "qa_attribute",
+    "qa_circuit",
+    "qa_steer",
     "relevance_patching",
     "supported_model_types",
     "wrap_model",

@@ -1,7 +1,8 @@
 """Baselines for sentence attribution, to compare ATTNATTRIB against (issue 6, item 4).
 
 * :func:`leave_one_out` — exact: the drop in the answer's log-probability when each context
-  sentence is deleted from the prompt; ``S + 1`` forward passes (plus the generation).
+  sentence is deleted from the prompt; ``S`` extra forward passes over the generation (the full
+  context's log-probability is read off the generation's own logits).
 * :func:`grad_x_input` — gradient of the answer log-probability with respect to the input
   embeddings, dotted with the embeddings, summed per sentence; one forward + backward.
 * :func:`mean_attention` — ATTNATTRIB's recipe with *every* head of every layer averaged.
@@ -44,7 +45,8 @@ def leave_one_out(model: Model, item: QAItem, *, max_new_tokens: int = 1, fmt: F
     tok = model.tokenizer
     prompt = render(item, tok, fmt)
     gen = generate(model, prompt.ids, max_new_tokens)
-    full = answer_logprob(model, prompt.ids, gen.tokens)
+    # the generation's own logits are the teacher-forced ones of its tokens: no extra pass for the full context
+    full = float(sum(torch.log_softmax(gen.logits[i], -1)[a] for i, a in enumerate(gen.tokens)))
     scores = []
     for i in range(len(item.sentences)):
         ids = render(item, tok, fmt, sentences=item.without_sentence(i)).ids

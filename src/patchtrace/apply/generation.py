@@ -101,7 +101,8 @@ class Generation:
     attention: Tensor | None
 
 
-def _check_heads(model: Model, heads: Sequence[Head]) -> None:
+def check_heads(model: Model, heads: Sequence[Head]) -> None:
+    """Raise :class:`GenerationError` if a ``(layer, head)`` pair does not exist in ``model``."""
     d = model.dims
     for layer, h in heads:
         if not (0 <= layer < d.n_layers and 0 <= h < d.n_heads):
@@ -144,7 +145,7 @@ def generate(
         raise GenerationError(f"generate: max_new_tokens must be >= 1 (got {max_new_tokens})")
     hooks: dict[HookPoint, list[HookFn]] = {}
     if recorder is not None:
-        _check_heads(model, recorder.heads)
+        check_heads(model, recorder.heads)
         if recorder.prompt_len > T:
             raise GenerationError(f"recorder.prompt_len {recorder.prompt_len} exceeds the prompt length {T}")
         recorder.steps.clear()

@@ -1,41 +1,58 @@
-"""Steering toward the context with ATTNATTRIB's attribution, inside the same forward pass.
+"""Steering toward the context with ATTNATTRIB's attribution, gated so it leaves good answers alone.
 
 When the context contradicts memory, a model often answers from memory even though its attribution
-heads already point at the sentence that holds the context answer. Here that pointer is fed back
-as an extra signal *in the same forward*: as soon as the attribution heads' layer has run, the
-attributed sentence is known; the ``pattern`` hooks of the chosen *steering heads* (at that layer,
-run after the recorder, or later layers) then add ``strength`` to their attention logits on that
-sentence's tokens for the query that predicts the next token. Adding ``b`` to logits is done
-exactly on the probabilities: ``p'_j = p_j · e^{b·[j ∈ S]} / Σ_k p_k · e^{b·[k ∈ S]}``.
+heads already point at the sentence that holds the context answer. :func:`steer` feeds that pointer
+back into the *same* generation step:
 
-A steering head in an *earlier* layer than the attribution heads cannot see this step's
-attribution; it uses the previous step's (and does nothing on the first step). Query rows other
-than the last are left alone, so the cached keys/values of the prompt are those of the plain run.
+1. **Plain pass.** The prompt runs once, exactly as :func:`~patchtrace.apply.attnattrib.attribute`
+   runs it: the attribution heads' attention at the answer query is recorded (ATTNATTRIB), the
+   residual stream entering the first steering layer ``L0`` at the last position is kept, and the
+   keys/values of every position are cached. This pass *is* the unsteered answer.
+2. **Gate** (no gold labels; see :class:`SteeringConfig`): steer only when the unsteered next token
+   is not already copied from the context (``gate="not_in_context"``, the default) or from the
+   attributed sentence (``"not_in_sentence"``), and when the attribution is confident: the top
+   sentence's score beats the runner-up by a relative margin ``(s1 - s2) / s1 >= min_margin``.
+   A model that already answers from the context is never pushed anywhere — that is what keeps
+   agreeing contexts (and correct context answers) intact.
+3. **Steered re-run, from ``L0`` only.** Steering only touches the answer query's attention row, so
+   nothing below ``L0`` and no earlier position changes: the last position alone is re-run through
+   layers ``L0 .. N-1`` against the cached keys/values, with the steering heads' attention logits on
+   the attributed sentence's tokens raised by ``strength``. Adding ``b`` to logits is done exactly on
+   the probabilities: ``p'_j = p_j · e^{b·[j ∈ S]} / Σ_k p_k · e^{b·[k ∈ S]}``. This costs one token
+   through ``N - L0`` layers, a few percent of the plain pass; the tests check it against the
+   single full forward with the same bias.
+
+Later tokens (``max_new_tokens > 1``) keep the first step's decision and target sentence.
 
 This differs from the paper's steering (methods.md §6: put the attributed sentence back into the
-prompt and answer again, i.e. a second generation); it costs no extra pass. ``strength = 0``
-installs no hook at all, so the run is bit-identical to an unsteered one.
+prompt and answer again, a second generation); it costs no extra full pass. ``strength = 0`` or a
+closed gate returns the plain pass, bit-identical to an unsteered :func:`attribute`.
 
 Example:
-    >>> cfg = SteeringConfig(attrib_heads=((21, 4),), steer_heads=((21, 4), (25, 1)), strength=4.0)  # doctest: +SKIP
-    >>> res = steer(model, item, cfg)                                                               # doctest: +SKIP
+    >>> cfg = SteeringConfig(attrib_heads=((23, 2),), steer_heads=((23, 2), (29, 1)), strength=4.0)  # doctest: +SKIP
+    >>> res = steer(model, item, cfg); res.extras["steered"]                                         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from patchtrace.apply.attnattrib import AttnAttribConfig, Attribution, attribute, context_mask, sentence_scores
-from patchtrace.apply.generation import AttentionRecorder, GenerationError, Head, HookFn
+from patchtrace.apply.attnattrib import Agg, Attribution, context_mask, finish, sentence_scores
+from patchtrace.apply.generation import AttentionRecorder, Generation, GenerationError, Head, HookFn, check_heads
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
 from patchtrace.sites import HookPoint
 from patchtrace.tasks.extractive_qa import Fmt, QAItem, QAPrompt, render
+
+Gate = Literal["always", "not_in_context", "not_in_sentence"]
+GATES: tuple[str, ...] = ("always", "not_in_context", "not_in_sentence")
 
 
 @dataclass(frozen=True)
@@ -43,20 +60,27 @@ class SteeringConfig:
     """Settings of attribution-guided steering.
 
     Attributes:
-        attrib_heads: the ATTNATTRIB heads that pick the sentence.
+        attrib_heads: the ATTNATTRIB heads that pick the sentence (their attention is averaged).
         steer_heads: heads whose attention is boosted toward it.
         strength: logit bias added on the attributed sentence's tokens (0 = off).
         agg: sentence aggregate for the attribution.
         max_new_tokens: tokens to generate.
         fmt: prompt format.
+        gate: when to steer: ``always``; ``not_in_context`` (default) — only if the unsteered next
+            token does not occur among the context tokens; ``not_in_sentence`` — only if it does
+            not occur in the attributed sentence.
+        min_margin: steer only if the attribution's relative margin ``(s1 - s2) / s1`` (top vs
+            second sentence score) is at least this (0 = no margin gate).
     """
 
     attrib_heads: tuple[Head, ...]
     steer_heads: tuple[Head, ...]
     strength: float = 4.0
-    agg: str = "max"
+    agg: Agg = "max"
     max_new_tokens: int = 1
     fmt: Fmt = "chat"
+    gate: Gate = "not_in_context"
+    min_margin: float = 0.0
 
 
 def boost(row: Tensor, mask: Tensor, strength: float) -> Tensor:
@@ -66,58 +90,140 @@ def boost(row: Tensor, mask: Tensor, strength: float) -> Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
-def steering_hooks(prompt: QAPrompt, config: SteeringConfig):  # type: ignore[no-untyped-def]
-    """A hook factory for :func:`patchtrace.apply.generation.generate` (needs a recorder of the attribution heads)."""
-    cmask = context_mask(prompt)
-    P = len(prompt.ids)
+def bias_hooks(steer_heads: Sequence[Head], target: Tensor, strength: float) -> dict[HookPoint, list[HookFn]]:
+    """``pattern`` hooks that add ``strength`` to ``steer_heads``' attention logits on ``target``.
 
-    def factory(recorder: AttentionRecorder | None) -> dict[HookPoint, list[HookFn]]:
-        if config.strength == 0:
-            return {}
-        if recorder is None:
-            raise GenerationError("steering needs the attribution heads' recorder")
-        by_layer: dict[int, list[int]] = {}
-        for layer, h in config.steer_heads:
-            by_layer.setdefault(layer, []).append(h)
+    Args:
+        steer_heads: ``(layer, head)`` pairs.
+        target: ``[P]`` boolean mask over the first ``P`` key positions (the prompt); keys beyond
+            ``P`` (generated tokens) are never boosted.
+        strength: the logit bias.
 
-        def target() -> Tensor | None:
-            row = recorder.current_mean()
-            if row is None:
-                if not recorder.steps:
-                    return None
-                row = recorder.steps[-1].mean(0)
-            ss = sentence_scores(torch.where(cmask, row.cpu(), torch.zeros(())), prompt.sentence_spans, config.agg)  # type: ignore[arg-type]
-            return prompt.token_mask(int(ss.argmax()), P)
+    Only the last query row is changed (the query that predicts the next token).
+    """
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in steer_heads:
+        by_layer.setdefault(layer, []).append(h)
+    P = target.shape[0]
 
-        def make(heads: list[int]) -> HookFn:
-            def fn(pattern: Tensor, ctx: RunCtx) -> Tensor | None:
-                m = target()
-                if m is None:
-                    return None
-                full = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
-                full[:P] = m.to(pattern.device)
-                out = pattern.clone()
-                for h in heads:
-                    out[:, h, -1] = boost(pattern[:, h, -1].float(), full, config.strength).to(pattern.dtype)
-                return out
+    def make(heads: list[int]) -> HookFn:
+        def fn(pattern: Tensor, ctx: RunCtx) -> Tensor:
+            full = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
+            full[:P] = target.to(pattern.device)
+            out = pattern.clone()
+            for h in heads:
+                out[:, h, -1] = boost(pattern[:, h, -1].float(), full, strength).to(pattern.dtype)
+            return out
 
-            return fn
+        return fn
 
-        return {HookPoint("pattern", layer): [make(hs)] for layer, hs in by_layer.items()}
+    return {HookPoint("pattern", layer): [make(hs)] for layer, hs in by_layer.items()}
 
-    return factory
+
+def relative_margin(scores: Tensor) -> float:
+    """``(s1 - s2) / s1`` of the two largest sentence scores (1 for a single sentence, 0 if ``s1 <= 0``)."""
+    if scores.numel() < 2:
+        return 1.0
+    top = torch.topk(scores.float(), 2).values
+    s1, s2 = float(top[0]), float(top[1])
+    return 0.0 if s1 <= 0 else (s1 - s2) / s1
+
+
+def gate_open(config: SteeringConfig, token: int, prompt: QAPrompt, top_sentence: int, margin: float) -> bool:
+    """Whether :func:`steer` steers, given the unsteered next ``token`` and the attribution."""
+    if config.strength == 0 or margin < config.min_margin:
+        return False
+    if config.gate == "always":
+        return True
+    if config.gate == "not_in_context":
+        pool = {t for t, s in zip(prompt.ids, prompt.token_sentence, strict=True) if s >= 0}
+    elif config.gate == "not_in_sentence":
+        s, e = prompt.sentence_spans[top_sentence]
+        pool = set(prompt.ids[s:e])
+    else:
+        raise GenerationError(f"unknown steering gate {config.gate!r}; use one of {', '.join(GATES)}")
+    return token not in pool
+
+
+def _cat_kv(past: list[tuple[Tensor, Tensor]], new: Sequence[tuple[Tensor, Tensor] | None]) -> list[tuple[Tensor, Tensor]]:
+    out = []
+    for (pk, pv), kv in zip(past, new, strict=True):
+        assert kv is not None
+        out.append((torch.cat((pk, kv[0]), dim=2), torch.cat((pv, kv[1]), dim=2)))
+    return out
 
 
 def steer(model: Model, item: QAItem, config: SteeringConfig) -> Attribution:
-    """Generate with steering; returns the (steered) answer and the attribution recorded on the way.
+    """Generate with gated steering; returns the answer and the ATTNATTRIB attribution of the plain pass.
+
+    ``extras`` holds ``steered`` (whether the gate opened), ``margin``, ``unsteered_token`` and
+    ``target_sentence``.
 
     Raises:
-        GenerationError: no attribution heads.
+        GenerationError: no attribution or steering heads, a head out of range, an unknown gate,
+            or ``max_new_tokens < 1``.
     """
+    if not config.attrib_heads:
+        raise GenerationError("steering needs at least one attribution head")
+    if not config.steer_heads:
+        raise GenerationError("steering needs at least one steering head")
+    if config.gate not in GATES:
+        raise GenerationError(f"unknown steering gate {config.gate!r}; use one of {', '.join(GATES)}")
+    if config.max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1 (got {config.max_new_tokens})")
+    check_heads(model, config.attrib_heads)
+    check_heads(model, config.steer_heads)
+    t0 = time.perf_counter()
     prompt = render(item, model.tokenizer, config.fmt)
-    acfg = AttnAttribConfig(config.attrib_heads, agg=config.agg, max_new_tokens=config.max_new_tokens, fmt=config.fmt)  # type: ignore[arg-type]
-    res = attribute(model, item, acfg, extra_hooks=steering_hooks(prompt, config))
-    res.method = "steered" if config.strength else "attnattrib"
+    T = len(prompt.ids)
+    L0 = min(layer for layer, _ in config.steer_heads)
+    rec = AttentionRecorder(list(config.attrib_heads), T)
+    kept: dict[str, Tensor] = {}
+
+    def keep_resid(x: Tensor, ctx: RunCtx) -> None:
+        kept["h"] = x[:, -1:].detach().clone()
+
+    hooks: dict[HookPoint, list[HookFn]] = {HookPoint("pattern", layer): [rec.hook(layer)] for layer in rec.layers()}
+    hooks.setdefault(HookPoint("resid_pre", L0), []).append(keep_resid)
+    ids = torch.tensor([prompt.ids], device=model.device)
+    with torch.no_grad():
+        rec.begin_step()
+        out = model.runner.forward(ids, hooks=hooks, keep_kv=True, last_only=True)
+        rec.end_step()
+        assert out.logits is not None and out.kv is not None
+        lg = out.logits[0, -1]
+        plain_tok = int(lg.argmax())
+        row = rec.steps[0].mean(0)
+        cmask = context_mask(prompt)
+        ss = sentence_scores(torch.where(cmask, row.cpu(), torch.zeros(())), prompt.sentence_spans, config.agg)
+        top = int(torch.argsort(ss, descending=True, stable=True)[0])
+        margin = relative_margin(ss)
+        on = gate_open(config, plain_tok, prompt, top, margin)
+        past = [kv for kv in out.kv if kv is not None]
+        steer_h: dict[HookPoint, list[HookFn]] = {}
+        if on:
+            steer_h = bias_hooks(config.steer_heads, prompt.token_mask(top, T), config.strength)
+            prefix = [(k[:, :, : T - 1], v[:, :, : T - 1]) for k, v in past]
+            out2 = model.runner.forward(
+                resid=kept["h"], start_layer=L0, pos_offset=T - 1, past_kv=prefix, hooks=steer_h, keep_kv=True, last_only=True,
+            )
+            assert out2.logits is not None and out2.kv is not None
+            lg = out2.logits[0, -1]
+            new = out2.kv
+            past = [kv if li < L0 else _cat_kv([prefix[li]], [new[li]])[0] for li, kv in enumerate(past)]
+        tokens, logits = [int(lg.argmax())], [lg.float()]
+        pos = T
+        while len(tokens) < config.max_new_tokens:
+            cur = torch.tensor([[tokens[-1]]], device=model.device)
+            o = model.runner.forward(cur, pos_offset=pos, past_kv=past, hooks=steer_h, keep_kv=True, last_only=True)
+            assert o.logits is not None and o.kv is not None
+            past = _cat_kv(past, o.kv)
+            pos += 1
+            tokens.append(int(o.logits[0, -1].argmax()))
+            logits.append(o.logits[0, -1].float())
+    gen = Generation(tokens, torch.stack(logits), rec.steps[0][None])
+    res = finish(prompt, row, config.agg, 2, "steered" if on else "attnattrib", gen, model.tokenizer, t0)
+    res.extras.update({"steered": on, "margin": margin, "unsteered_token": plain_tok, "target_sentence": top})
     return res
 
 

@@ -4,12 +4,14 @@ Example::
 
     patchtrace attribute --kind conflict --n 8 --heads 21.4 --html runs/attr.html
     patchtrace attribute --data my_qa.jsonl --circuit runs/qa-circuit/heads --out runs/attr
-    patchtrace attribute --kind conflict --heads 21.4 --steer 4 --steer-heads 21.4,25.1
+    patchtrace attribute --kind conflict --heads 23.2 --steer 4 --steer-heads 23.2,29.1,23.1 --gate not_in_context
 
 Heads come from ``--heads`` (``layer.head`` pairs) or from a saved circuit (``--circuit``, a head
 Scores folder from :mod:`patchtrace.methods.qa_circuit`), in which case the documented selection
 rule (:func:`patchtrace.apply.attnattrib.select_heads`) picks them on generated probe prompts.
-Writes ``attributions.jsonl`` (and the HTML view with ``--html``).
+With ``--steer``, answers are steered toward the attributed sentence when the gate opens
+(:mod:`patchtrace.apply.steering`: by default only when the plain answer is not copied from the
+context). Writes ``attributions.jsonl`` (and the HTML view with ``--html``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("chat", help="prompt format: chat or plain"),
         steer: float = typer.Option(0.0, help="steering strength (attention-logit bias toward the attributed sentence; 0 = off)"),
         steer_heads: str | None = typer.Option(None, help="steering heads (layer.head pairs; default: the attribution heads)"),
+        gate: str = typer.Option("not_in_context", help="steer when: always, not_in_context (plain answer not copied from the context), not_in_sentence"),
+        min_margin: float = typer.Option(0.0, help="steer only if the attribution's relative margin (s1 - s2) / s1 is at least this"),
         out: str = typer.Option("runs/attribute", help="output folder (attributions.jsonl)"),
         html: str | None = typer.Option(None, help="also write the HTML view here"),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
@@ -65,8 +69,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Attribute generated answers to context sentences from a few heads' attention (one forward)."""
         from patchtrace.apply.attnattrib import AttnAttribConfig, attribute, select_heads
-        from patchtrace.apply.generation import GenerationError
-        from patchtrace.apply.steering import SteeringConfig
+        from patchtrace.apply.steering import GATES, SteeringConfig
         from patchtrace.apply.steering import steer as steer_fn
         from patchtrace.report.qa_html import write_html
         from patchtrace.results import Scores
@@ -77,6 +80,8 @@ def register(app: typer.Typer) -> None:
             raise common.CLIError(f"--fmt {fmt!r}: use 'chat' or 'plain'")
         if agg not in ("max", "sum", "mean"):
             raise common.CLIError(f"--agg {agg!r}: use 'max', 'sum' or 'mean'")
+        if gate not in GATES:
+            raise common.CLIError(f"--gate {gate!r}: use one of {', '.join(GATES)}")
         if (heads is None) == (circuit is None):
             raise common.CLIError("give exactly one of --heads or --circuit")
         if data is None and kind not in KINDS:
@@ -85,23 +90,22 @@ def register(app: typer.Typer) -> None:
         sh_given = parse_heads(steer_heads) if steer_heads else None
         m = common.load(model, device, dtype, trust_remote_code)
         items = load_qa_jsonl(data) if data else make_qa_items(kind, n, seed, m.tokenizer)
-        try:
-            if given is not None:
-                chosen = given
-                info: dict[str, object] = {"heads": "given"}
+        # GenerationError / TaskError are reported by the app (common.LIBRARY_ERRORS)
+        if given is not None:
+            chosen = given
+            info: dict[str, object] = {"heads": "given"}
+        else:
+            probe = make_qa_items("conflict", 8, seed + 1000, m.tokenizer)
+            chosen, info = select_heads(m, Scores.load(circuit), probe, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
+        sh = sh_given or chosen
+        results = []
+        for it in items:
+            if steer:
+                scfg = SteeringConfig(chosen, sh, steer, agg, max_new_tokens, fmt, gate, min_margin)  # type: ignore[arg-type]
+                r = steer_fn(m, it, scfg)
             else:
-                probe = make_qa_items("conflict", 8, seed + 1000, m.tokenizer)
-                chosen, info = select_heads(m, Scores.load(circuit), probe, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
-            sh = sh_given or chosen
-            results = []
-            for it in items:
-                if steer:
-                    r = steer_fn(m, it, SteeringConfig(chosen, sh, steer, agg, max_new_tokens, fmt))  # type: ignore[arg-type]
-                else:
-                    r = attribute(m, it, AttnAttribConfig(chosen, agg, max_new_tokens, max_new_tokens, 2, fmt))  # type: ignore[arg-type]
-                results.append(r)
-        except GenerationError as e:
-            common.fail(f"GenerationError: {e}")
+                r = attribute(m, it, AttnAttribConfig(chosen, agg, max_new_tokens, max_new_tokens, 2, fmt))  # type: ignore[arg-type]
+            results.append(r)
         od = Path(out)
         od.mkdir(parents=True, exist_ok=True)
         with (od / "attributions.jsonl").open("w") as f:
@@ -110,6 +114,7 @@ def register(app: typer.Typer) -> None:
                     "question": it.question, "answer": r.answer_text, "context_answer": it.answer, "gold": it.gold,
                     "top_sentence": r.top_sentence, "ranking": r.ranking, "sentence_scores": r.sentence_scores.tolist(),
                     "heads": [list(h) for h in chosen], "seconds": r.seconds, "kind": it.kind,
+                    "steered": bool(r.extras.get("steered", False)),
                 }) + "\n")
         hits = sum(r.top_sentence == it.gold for it, r in zip(items, results, strict=True))
         con.print(f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {hits}/{len(items)}")

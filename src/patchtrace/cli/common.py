@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from patchtrace.apply.generation import GenerationError
 from patchtrace.engine.checkpoint import CheckpointError
 from patchtrace.engine.sweep import EngineError
 from patchtrace.metrics import MetricError
@@ -60,6 +61,7 @@ LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
     EngineError,
     ResultsError,
     CheckpointError,
+    GenerationError,
     FileNotFoundError,
 )
 

@@ -365,19 +365,23 @@ class QADataset:
         return [it for it in self.items if it.kind == kind]
 
 
-def qa_dataset(n_per_kind: int = 20, seed: int = 0, model: Any = None, fmt: Fmt = "chat", kinds: Sequence[str] = KINDS) -> QADataset:
+def qa_dataset(
+    n_per_kind: int = 20, seed: int = 0, model: Any = None, fmt: Fmt = "chat", kinds: Sequence[str] = KINDS,
+    n_sentences: tuple[int, int] = (3, 5),
+) -> QADataset:
     """The three kinds, filtered so that the memory side is what the kind claims.
 
     With a model, the closed-book answer (same prompt, no context) is checked: ``agree`` and
     ``conflict`` keep subjects the model knows (closed-book top-1 = the true capital), so in a
     conflict the memory answer differs from the context answer; ``nomemory`` keeps items whose
     closed-book top-1 is *not* the context answer. Counts kept per kind go into ``counts``.
+    ``n_sentences`` is the inclusive range of context sentences (see :func:`make_qa_items`).
     """
     tok: Any = getattr(model, "tokenizer", None)
     items: list[QAItem] = []
     counts: dict[str, dict[str, Any]] = {}
     for kind in kinds:
-        cand = make_qa_items(kind, n_per_kind * 2 if model is not None else n_per_kind, seed, tok)
+        cand = make_qa_items(kind, n_per_kind * 2 if model is not None else n_per_kind, seed, tok, n_sentences)
         kept = cand
         if model is not None:
             subjects = sorted({it.subject for it in cand})
@@ -454,7 +458,10 @@ def same_length_distractor(item: QAItem, tokenizer: Any, fmt: Fmt = "chat") -> Q
     return None
 
 
-def qa_patching_task(n: int = 16, seed: int = 0, model: Any = None, fmt: Fmt = "chat", variant: str = "context") -> Task:
+def qa_patching_task(
+    n: int = 16, seed: int = 0, model: Any = None, fmt: Fmt = "chat", variant: str = "context",
+    n_sentences: tuple[int, int] = (3, 5), equal_length: bool = True,
+) -> Task:
     """Conflict items as a patching task: context-answering run vs memory-answering run.
 
     ``variant="context"``: clean = counterfactual context (answer " Lyon"), corrupt = answer
@@ -466,6 +473,10 @@ def qa_patching_task(n: int = 16, seed: int = 0, model: Any = None, fmt: Fmt = "
     With a model, examples are kept when the clean run prefers its answer over the wrong one and
     the corrupt run the reverse (logit difference > 0 and < 0); ``params`` records the counts.
 
+    ``equal_length=True`` takes the ``n`` examples from the most populated prompt lengths first:
+    the patching engine batches equal-length examples (``TokenizedTask.groups()``), so a task of
+    one or two lengths sweeps in one or two batches instead of one per example.
+
     Raises:
         TaskError: no model/tokenizer (token lengths must be aligned), or an unknown variant.
     """
@@ -474,7 +485,7 @@ def qa_patching_task(n: int = 16, seed: int = 0, model: Any = None, fmt: Fmt = "
         raise TaskError("qa_patching_task needs a model with a tokenizer to align token lengths")
     if variant not in ("context", "memory"):
         raise TaskError(f"unknown variant {variant!r}; use 'context' or 'memory'")
-    items = qa_dataset(n * 3, seed, model, fmt, kinds=("conflict",)).items
+    items = qa_dataset(n * 3, seed, model, fmt, kinds=("conflict",), n_sentences=n_sentences).items
     exs: list[Example] = []
     for it in items:
         alt = same_length_distractor(it, tok, fmt)
@@ -499,7 +510,13 @@ def qa_patching_task(n: int = 16, seed: int = 0, model: Any = None, fmt: Fmt = "
             if ld[0] > 0 and ld[1] < 0:
                 kept.append(ex)
         exs = kept
+    if equal_length:
+        by_len: dict[int, list[Example]] = {}
+        for ex in exs:
+            by_len.setdefault(len(tok(ex.clean).input_ids), []).append(ex)
+        exs = [ex for _, grp in sorted(by_len.items(), key=lambda kv: (-len(kv[1]), kv[0])) for ex in grp]
     exs = exs[:n]
-    params = {"n": n, "seed": seed, "fmt": fmt, "variant": variant, "candidates": cand, "kept": len(exs)}
+    params = {"n": n, "seed": seed, "fmt": fmt, "variant": variant, "candidates": cand, "kept": len(exs),
+              "n_sentences": list(n_sentences), "equal_length": equal_length}
     return Task(f"extractive_qa_{variant}", exs, params,
                 "extractive QA conflict: counterfactual context vs the same prompt with the answer sentence swapped out")
