@@ -182,59 +182,81 @@ class SweepPlan:
 
 
 def row_bytes(model: Model, n: int, T: int, ncols: int | None) -> int:
-    """Estimated working memory (bytes) of one batch row computing ``n`` positions of a ``T``-token prompt."""
+    """Estimated peak working memory (bytes) of one batch row computing ``n`` positions of a
+    ``T``-token prompt: one layer's activations and attention scores (the cached prefix is shared by
+    all rows, not copied), plus the row's logits."""
     d = model.dims
     el = torch.finfo(model.dtype).bits // 8
-    per_pos = 8 * d.d_model + 3 * d.d_mlp + 4 * d.n_heads * d.d_head + 2 * d.n_heads * T
-    kv = 2 * 2 * d.n_heads * d.d_head * T  # prefix + new, GQA-expanded, one layer at a time
+    per_pos = 6 * d.d_model + 4 * d.d_mlp + 4 * d.n_heads * d.d_head + 3 * d.n_heads * T
     logits = ncols if ncols is not None else d.vocab
-    return el * (n * per_pos + kv) + 4 * logits * 2
+    return el * n * per_pos + 4 * logits * 2
+
+
+#: Default ceiling of the working-memory budget. Beyond a few thousand rows per batch a CPU gains
+#: nothing from bigger batches, so the default stays small (peak memory no worse than a plain forward loop).
+DEFAULT_BUDGET_CAP = 512 << 20
 
 
 def default_budget(model: Model) -> int:
-    """Working-memory budget in bytes: a quarter of available RAM (or free VRAM), at least 256 MiB."""
+    """Working-memory budget in bytes: on CPU a quarter of available RAM capped at
+    :data:`DEFAULT_BUDGET_CAP`; on CUDA half of the free VRAM. At least 64 MiB."""
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
-        return max(256 << 20, int(free * 0.5))
+        return max(64 << 20, int(free * 0.5))
     try:
         with open("/proc/meminfo") as f:
             info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
         avail = info.get("MemAvailable", 8 << 30)
     except OSError:
         avail = 8 << 30
-    return max(256 << 20, avail // 4)
-
-
-def _groups(patches: Sequence[Patch], fast: bool) -> dict[tuple[int, int], list[int]]:
-    g: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, p in enumerate(patches):
-        key = (max(p.start_layer, -1), p.start_pos) if fast else (-1, 0)
-        g[key].append(i)
-    return dict(sorted(g.items()))
+    return max(64 << 20, min(DEFAULT_BUDGET_CAP, avail // 4))
 
 
 def plan_sweep(
     model: Model, patches: Sequence[Patch], n_examples: int, T: int, *, fast: bool = True,
     max_memory: int | None = None, ncols: int | None = None,
 ) -> SweepPlan:
-    """Estimate chunks, forward-pass equivalents and peak memory of a sweep."""
+    """Estimate chunks, full-forward equivalents and peak memory of a sweep, without running it.
+
+    Forward equivalents count position-layers computed, relative to one full forward of the
+    ``n_examples`` prompts (the no-op skip of :func:`run_patches` is not predicted here).
+    Peak memory = the cached base/source runs + the largest chunk's working memory.
+
+    Raises:
+        EngineError: the budget cannot hold even one patch's rows.
+    """
     budget = max_memory or default_budget(model)
-    L = model.dims.n_layers
+    d = model.dims
+    L = d.n_layers
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, pt in enumerate(patches):
+        groups[pt.start_pos if fast else 0].append(i)
     fe = 0.0
     chunks = 0
-    max_rows = 1
-    for (layer, p), idx in _groups(patches, fast).items():
-        n = T - p if fast else T
+    max_rows = 0
+    for p, idx in groups.items():
+        n = T - p
         rb = row_bytes(model, n, T, ncols if fast else None)
-        rows = max(n_examples, budget // max(rb, 1) // n_examples * n_examples)
-        max_rows = max(max_rows, rows)
-        per_chunk = max(1, rows // n_examples)
+        if rb * n_examples > budget:
+            raise EngineError(
+                f"memory budget {budget / 2**20:.0f} MiB cannot hold one patch of {n_examples} examples × {n} positions "
+                f"(needs ~{rb * n_examples / 2**20:.0f} MiB); raise --max-memory or use fewer examples"
+            )
+        per_chunk = max(1, budget // (rb * n_examples))
         chunks += math.ceil(len(idx) / per_chunk)
-        frac_layers = (L - max(layer, 0)) / L if fast else 1.0
-        fe += len(idx) * frac_layers * n / T
-    fixed = 2 * n_examples * T * (L * model.dims.d_model * 6) * 4
-    peak = min(budget, max_rows * row_bytes(model, T, T, None)) + fixed
-    return SweepPlan("fast" if fast else "plain", len(patches), n_examples, max_rows, chunks, fe, peak)
+        max_rows = max(max_rows, min(len(idx), per_chunk) * n_examples)
+        for i in idx:
+            if fast:
+                key = _join_key(patches[i], model)
+                layers = L - max(key[0], 0) - (0.5 if key[1] == 1 else 0.0)
+                fe += max(layers, 0.0) / L * n / T
+            else:
+                fe += 1.0
+    el = torch.finfo(model.dtype).bits // 8
+    caches = 2 * n_examples * T * L * (4 * d.d_model + d.d_mlp + 2 * d.n_kv_heads * d.d_head) * el
+    n_max = T - min(groups) if groups else T
+    peak = caches + max_rows * row_bytes(model, n_max, T, ncols if fast else None)
+    return SweepPlan("fast" if fast else "plain", len(patches), n_examples, max_rows, chunks, fe, int(peak))
 
 
 def run_patches(
@@ -278,13 +300,25 @@ def run_patches(
             extra = collect(model, base_ids, missing, hooks=base_hooks)
             base = RunCache({**base.acts, **extra.acts}, base.kv, base.logits)
     groups: dict[int, list[int]] = defaultdict(list)
+    base_metric: Tensor | None = None
     for i, pt in enumerate(patches):
+        if fast and _is_noop(pt, base, source):
+            # the source equals the base at every patched site: the patched run IS the base run
+            if base_metric is None:
+                base_metric = scorer(base.logits, 1, False)[0].cpu()
+            out[i] = base_metric
+            continue
         groups[pt.start_pos if fast else 0].append(i)
     for p, idx in sorted(groups.items()):
         idx.sort(key=lambda i: _join_key(patches[i], model) if fast else (0, 0, 0))
         n = T - p
-        rows = budget // max(row_bytes(model, n, T, ncols if fast else None), 1)
-        per_chunk = max(1, int(rows) // N)
+        rb = row_bytes(model, n, T, ncols if fast else None)
+        if rb * N > budget:
+            raise EngineError(
+                f"memory budget {budget / 2**20:.0f} MiB cannot hold one patch of {N} examples × {n} positions "
+                f"(needs ~{rb * N / 2**20:.0f} MiB); raise max_memory or use fewer examples"
+            )
+        per_chunk = max(1, budget // (rb * N))
         for c0 in range(0, len(idx), per_chunk):
             sel = idx[c0 : c0 + per_chunk]
             chunk = [patches[i] for i in sel]
@@ -296,6 +330,29 @@ def run_patches(
             if on_chunk is not None:
                 on_chunk(len(chunk))
     return out
+
+
+def _site_values(cache: RunCache, site: Site) -> Tensor | None:
+    t = cache.acts.get(site.point)
+    if t is None:
+        return None
+    pos_ax, unit_ax = _layout(site.kind)
+    if site.pos is not None:
+        t = t.select(pos_ax, site.pos)
+    if site.unit is not None and unit_ax is not None:
+        t = t.select(unit_ax if site.pos is None or unit_ax < pos_ax else unit_ax - 1, site.unit)
+    return t
+
+
+def _is_noop(patch: Patch, base: RunCache, source: RunCache) -> bool:
+    """True if, for every example, the source's values at all of the patch's sites are bitwise equal
+    to the base run's. Patching then changes nothing, exactly: typically every position before the
+    first token where the clean and corrupt prompts differ."""
+    for site in patch.sites:
+        a, b = _site_values(base, site), _site_values(source, site)
+        if a is None or b is None or not torch.equal(a, b):
+            return False
+    return True
 
 
 _ATTN_SIDE = frozenset({"head", "attn_out"})

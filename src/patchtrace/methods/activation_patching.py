@@ -50,7 +50,7 @@ from patchtrace.tasks.base import Task, TokenizedTask
 Direction = Literal["denoise", "noise"]
 
 #: Batch rows (patches × examples) per checkpointed block of a sweep.
-ROWS_PER_BLOCK = 8192
+ROWS_PER_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class PatchingConfig:
         fast: use the engine's fast path; False runs one full forward per patch (same numbers).
         max_memory: working-memory budget in bytes (None: a quarter of available memory).
         sanity_check: patch clean into clean at a few sites and record the largest change.
+        block_rows: batch rows (patches × examples) per checkpointed block.
     """
 
     direction: Direction = "denoise"
@@ -70,6 +71,7 @@ class PatchingConfig:
     fast: bool = True
     max_memory: int | None = None
     sanity_check: bool = True
+    block_rows: int = ROWS_PER_BLOCK
 
 
 @dataclass
@@ -191,9 +193,17 @@ def run(
     done = 0
     groups = tok.groups()
     total = n_cells * len(groups)
+    cols = metric.columns(tok.answer, tok.wrong)
+    plans = [
+        plan_sweep(
+            model, [Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in grid.sites], len(g), tok.lengths[g[0]],
+            fast=cfg.fast, max_memory=cfg.max_memory, ncols=None if cols is None else len(cols),
+        )
+        for g in groups
+    ]  # raises before any compute if the memory budget cannot hold a patch
     # checkpoint blocks of ~ROWS_PER_BLOCK batch rows: large enough that the engine's staggered
     # batches stay efficient, small enough that an interrupted sweep loses little
-    block_size = max(1, ROWS_PER_BLOCK // max(1, N))
+    block_size = max(1, cfg.block_rows // max(1, N))
 
     def tick(k: int) -> None:
         nonlocal done
@@ -238,9 +248,7 @@ def run(
     prov["sites"] = str(sites)
     prov["sanity_max_abs"] = sanity
     prov["direction"] = cfg.direction
-    prov["plan"] = plan_sweep(
-        model, [Patch((resolve(s, model, tok.lengths[0]),)) for s in grid.sites], N, tok.lengths[0], fast=cfg.fast
-    ).describe()
+    prov["plan"] = [pl.describe() for pl in plans]
     scores = Scores(
         values=values,
         axes=grid.axes,
