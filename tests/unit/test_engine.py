@@ -54,7 +54,7 @@ def test_plan_counts_forward_equivalents(llama, ioi_tok):
     patches = [Patch((resolve(s, llama, T),)) for s in grid.sites]
     plan = plan_sweep(llama, patches, len(ioi_tok), T)
     # independent count: resid_pre[l]@p recomputes layers l..L-1 at positions p..T-1
-    expect = sum((L - l) / L * (T - p) / T for l in range(L) for p in range(T))
+    expect = sum((L - layer) / L * (T - p) / T for layer in range(L) for p in range(T))
     assert plan.forward_equivalents == pytest.approx(expect)
     plain = plan_sweep(llama, patches, len(ioi_tok), T, fast=False)
     assert plain.forward_equivalents == len(patches) > plan.forward_equivalents
