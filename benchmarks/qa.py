@@ -13,8 +13,9 @@ Steps (CPU, float32; everything in one process so time ratios are comparable):
    so the engine batches them) → head and MLP context/memory effects at the last position
    (``methods.qa_circuit.extract``), timed, saved under ``runs/qa/circuit``.
 3. Heads: ``select_heads`` ranks the top-``k`` context-effect heads by context-attention entropy
-   on probe items (no gold labels); how many of them to average (1, 2, 3, 4, 6, 8) is picked on the
-   dev split (best top-1 sentence accuracy; ties → fewer heads).
+   on probe items (no gold labels); ``k`` (4, 8, 12, 16) and how many of them to average (1, 2, 3,
+   4, 6, 8) are picked on the dev split, short and long contexts pooled (best top-1 sentence
+   accuracy; ties → fewer heads, then smaller k).
 4. Attribution on the test split: top-1 / top-3 sentence accuracy per kind and context length for
    ATTNATTRIB, leave-one-out (exact, S extra passes), gradient × input (short contexts only), mean
    attention over all heads, random heads (same count, drawn from the all-heads recording). Accuracy
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--n-dev", type=int, default=16, help="dev items per kind (heads and steering choice)")
     ap.add_argument("--n-steer", type=int, default=40, help="held-out conflict items for steering (agree: n-test)")
     ap.add_argument("--n-circuit", type=int, default=8, help="examples for circuit patching")
-    ap.add_argument("--k-candidates", type=int, default=8, help="top context-effect heads the rule considers")
+    ap.add_argument("--n-dev-long", type=int, default=10, help="long-context dev items per kind (head choice)")
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     ap.add_argument("--out", default="runs/qa")
     ap.add_argument("--circuit", default=None, help="reuse a saved QA circuit folder (heads/, mlps/) instead of recomputing")
@@ -98,12 +99,12 @@ def main() -> None:
         test = [it for it in ds.items if it.subject not in dev_s][:n_test]
         return dev, test, ds.counts[kind]
 
-    data: dict[str, dict[str, list]] = {"dev": {}, "test": {}, "long": {}}
+    data: dict[str, dict[str, list]] = {"dev": {}, "test": {}, "long": {}, "dev_long": {}}
     counts: dict[str, dict] = {}
     for kind in KINDS:
         n_test = max(args.n_test, args.n_steer) if kind == "conflict" else args.n_test
         data["dev"][kind], data["test"][kind], counts[kind] = split(kind, SHORT, 5, args.n_dev, n_test)
-        _, data["long"][kind], _ = split(kind, LONG, 11, 0, args.n_long)
+        data["dev_long"][kind], data["long"][kind], _ = split(kind, LONG, 11, args.n_dev_long, args.n_long)
     log("data", {s: {k: len(v) for k, v in dd.items()} for s, dd in data.items()}, counts)
 
     # 2. circuit
@@ -129,9 +130,9 @@ def main() -> None:
     mlp_mem = circ.mlps.extras["memory_effect"].flatten()
     log("circuit", task_params, f"task {t_task:.1f}s sweep {t_circ:.1f}s groups {n_groups}", [(str(s), round(v, 2)) for s, v in ctx_top])
 
-    # 3. heads: the rule ranks candidates; the count is chosen on dev
+    # 3. heads: the rule ranks the top-k candidates; k and the count n are chosen on dev (short + long)
     probe = make_qa_items("conflict", 8, 1000, tok)
-    ranked, info = select_heads(m, circ.heads, probe, k_candidates=args.k_candidates, n_heads=args.k_candidates)
+    ranked_by_k = {k: select_heads(m, circ.heads, probe, k_candidates=k, n_heads=k) for k in (4, 8, 12, 16)}
     all_heads = [(layer, h) for layer in range(d.n_layers) for h in range(d.n_heads)]
     hidx = {h: i for i, h in enumerate(all_heads)}
 
@@ -148,21 +149,18 @@ def main() -> None:
         sel = rows[[hidx[h] for h in heads]].mean(0)
         return finish(p, sel, "max", 2, "rows", g, tok, t0 if t0 is not None else time.perf_counter())
 
-    dev_rec = {kind: [record_all(it) for it in data["dev"][kind]] for kind in KINDS}
-    counts_grid = [c for c in (1, 2, 3, 4, 6, 8) if c <= len(ranked)]
-    dev_acc = {}
-    for c in counts_grid:
-        hits = tot = 0
-        for kind in KINDS:
-            for it, (p, g, rows, _) in zip(data["dev"][kind], dev_rec[kind], strict=True):
-                if g.tokens[0] != ans(it):
-                    continue
-                tot += 1
-                hits += attrib_from(p, g, rows, ranked[:c]).hit(it.gold)
-        dev_acc[c] = hits / max(1, tot)
-    n_best = max(counts_grid, key=lambda c: (round(dev_acc[c], 6), -c))
+    dev_items = [it for src in ("dev", "dev_long") for kind in KINDS for it in data[src][kind]]
+    dev_rec = [(it, *record_all(it)[:3]) for it in dev_items]
+    dev_rec = [r for r in dev_rec if r[2].tokens[0] == ans(r[0])]  # context-answered only
+    dev_acc: dict[tuple[int, int], float] = {}
+    for k, (rk, _) in ranked_by_k.items():
+        for c in (1, 2, 3, 4, 6, 8):
+            if c <= k:
+                dev_acc[(k, c)] = sum(attrib_from(p, g, rows, rk[:c]).hit(it.gold) for it, p, g, rows in dev_rec) / max(1, len(dev_rec))
+    k_best, n_best = max(dev_acc, key=lambda kc: (round(dev_acc[kc], 6), -kc[1], -kc[0]))
+    ranked, info = ranked_by_k[k_best]
     heads = tuple(ranked[:n_best])
-    log("heads ranked", ranked, "dev top-1 by count", dev_acc, "→", heads)
+    log("dev top-1 by (k, n)", dev_acc, "→", heads)
 
     # 4. attribution + cost on the test split
     rng = random.Random(0)
@@ -326,9 +324,11 @@ def main() -> None:
         + f"; strongest MLPs: context L{int(mlp_ctx.argmax())} ({float(mlp_ctx.max()):+.2f}), memory L{int(mlp_mem.argmax())} "
         f"({float(mlp_mem.max()):+.2f}).",
         "",
-        f"ATTNATTRIB heads: rule '{info['rule'].replace(f'keep {args.k_candidates}', 'rank by')}', average the first n; n "
-        f"chosen on dev (top-1 by n: " + ", ".join(f"{c}: {pct(v)}" for c, v in dev_acc.items())
-        + f") → n={n_best}: {', '.join(f'L{a}.H{b}' for a, b in heads)}.",
+        "ATTNATTRIB heads: rule 'take the top-k context-effect heads of the circuit, rank them by the entropy of their "
+        "last-position attention over the context on 8 probe prompts (lowest first; no labels), average the first n'; k and n "
+        f"chosen on the dev split, short and long contexts pooled ({len(dev_rec)} context-answered dev items; top-1 by k, n: "
+        + "; ".join(f"k={k}: " + ", ".join(f"n={c} {pct(v)}" for (kk, c), v in dev_acc.items() if kk == k) for k in ranked_by_k)
+        + f"; ties → fewer heads) → k={k_best}, n={n_best}: {', '.join(f'L{a}.H{b}' for a, b in heads)}.",
         "",
     ]
     for length in ("short", "long"):
@@ -343,11 +343,20 @@ def main() -> None:
         for x in ms:
             r = acc[length][x]
             lines.append(
-                f"| {x} | " + " | ".join(f"{pct(r[k]['top1'])} | {pct(r[k]['top3'])}" for k in KINDS)
+                f"| {x} | " + " | ".join(f"{pct(r[k]['top1'])} | {pct(r[k]['top3'])}" if used[length][k] else "– | –" for k in KINDS)
                 + f" | {pct(overall(length, x))} | {med[length][x]:.3f} | {med_extra[length][x]:+.3f} | "
                 f"{med[length][x] / med[length]['ATTNATTRIB']:.1f}× | {med_extra[length][x] / pg:+.2f} |"
             )
         lines.append("")
+    lines += [
+        "Notes: 'extra' = method total − plain generation of the same example, median over examples (ATTNATTRIB's extra is "
+        "recording a few attention rows; leave-one-out's is S forward passes, one per deleted sentence, the full-context "
+        "log-probability being read off the generation). Random heads (as many as ATTNATTRIB's) are read from the all-heads "
+        "recording and charged ATTNATTRIB's time. '–' = no example of that kind was answered from the context. "
+        "Leave-one-out is a weak reference on agreeing contexts: deleting the gold sentence barely moves the answer's "
+        "probability when memory supplies the same answer.",
+        "",
+    ]
     for length in ("short", "long"):
         gap = 100 * (overall(length, "leave-one-out") - overall(length, "ATTNATTRIB"))
         ratio = med[length]["leave-one-out"] / med[length]["ATTNATTRIB"]
@@ -382,6 +391,13 @@ def main() -> None:
         srow("long/nomemory", "long nomemory: accuracy"),
         "",
     ]
+    lines.append(
+        "The gate is what protects the agreeing set: an answer copied from the context is never steered, so agree and "
+        "nomemory items are untouched by construction; the ungated dev rows above show the bias alone costs agree accuracy. "
+        "Items the model already answers from the context cannot be helped, and items answered from memory are steered only "
+        "toward the attributed sentence, which is wrong when the attribution is wrong."
+    )
+    lines.append("")
     sc, sa = steer_res["short/conflict"], steer_res["short/agree"]
     lines.append(
         f"Target 'steering raises the context-faithful rate on conflicts by ≥ 10 points, agree drop ≤ 2' (short, held out): "
@@ -392,7 +408,7 @@ def main() -> None:
     log(text)
     (out / "summary.json").write_text(json.dumps({
         "acc": acc, "seconds": med, "extra_seconds": med_extra, "used": used, "counts": counts, "heads": heads,
-        "ranked": ranked, "dev_acc": dev_acc, "steer_heads": steer_heads, "steer_best": best, "steer_grid": grid,
+        "ranked": ranked, "head_info": info, "dev_acc": {f"k{k}_n{c}": v for (k, c), v in dev_acc.items()}, "steer_heads": steer_heads, "steer_best": best, "steer_grid": grid,
         "steer": steer_res, "circuit_seconds": t_circ, "total_seconds": total,
     }, indent=1, default=str))
     if args.write:

@@ -16,6 +16,12 @@ with the memory-use effects in ``extras['memory_effect']`` (same shape) and both
 per-example baselines; it follows the methods' interface ``run(model, task, sites, config)``.
 :func:`extract` runs the standard pair of grids (heads and MLPs at the last position).
 
+Cost: the engine batches equal-length examples and resumes each last-position patch at its layer,
+so build the task with ``qa_patching_task(..., n_sentences=(4, 4), equal_length=True)`` to get one
+or two length groups; on SmolLM2 (CPU, shared box) 7 examples × (270 heads + 30 MLPs) × both
+directions took ~20 s (``benchmarks/qa.py``); 8 examples of 8 different lengths took 546 s the
+same day (one batch per example, under heavier load, so the ratio is only indicative).
+
 Example:
     >>> task = qa_patching_task(16, 0, model)                          # doctest: +SKIP
     >>> heads = run(model, task, SiteSpec("head", per_unit=True))       # doctest: +SKIP
