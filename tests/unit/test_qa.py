@@ -338,3 +338,31 @@ def test_cli_rejects_unknown_gate_before_loading():
                                            "--model", "/nonexistent/model"])
     assert res.exit_code != 0
     assert "--gate 'sometimes'" in res.output and "not_in_context" in res.output
+
+
+def test_cli_attribute_with_circuit_and_steering(tmp_path, tiny, smol_tokenizer):
+    """End to end on a saved tiny model: heads chosen from a saved circuit, gated steering, JSONL out."""
+    from typer.testing import CliRunner
+
+    from patchtrace.apply.steering import SteeringConfig as SC
+    from patchtrace.cli import build_app
+
+    mdir = tmp_path / "tiny"
+    tiny.hf.save_pretrained(mdir, safe_serialization=True)
+    smol_tokenizer.save_pretrained(mdir)
+    L, H = tiny.dims.n_layers, tiny.dims.n_heads
+    vals = torch.zeros(L, H)
+    vals[L - 1, 1], vals[1, 0] = 2.0, 1.0
+    Scores(vals, ("layer", "head"), "head").save(tmp_path / "circ")
+    out = tmp_path / "attr"
+    res = CliRunner().invoke(build_app(), [
+        "attribute", "--model", str(mdir), "--circuit", str(tmp_path / "circ"), "--k-candidates", "2", "--n-heads", "2",
+        "--kind", "conflict", "--n", "2", "--steer", "3", "--gate", "always", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "attributions.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["steered"] for r in recs)
+    assert sorted(map(tuple, recs[0]["heads"])) == [(1, 0), (L - 1, 1)]
+    # the CLI's answer is the library's steered answer
+    it = make_qa_items("conflict", 2, 0, smol_tokenizer)[0]
+    lib = steer(tiny, it, SC(((L - 1, 1), (1, 0)), ((L - 1, 1), (1, 0)), 3.0, gate="always"))
+    assert recs[0]["answer"] == lib.answer_text

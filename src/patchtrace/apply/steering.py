@@ -71,6 +71,10 @@ class SteeringConfig:
             not occur in the attributed sentence.
         min_margin: steer only if the attribution's relative margin ``(s1 - s2) / s1`` (top vs
             second sentence score) is at least this (0 = no margin gate).
+
+    The default gate is the cautious one. With a good attribution the margin gate alone can be
+    enough: on SmolLM2, ``benchmarks/qa.py`` picks ``gate="always", min_margin=0.5, strength=4``
+    on its dev split (attribution heads L18.H6 + L23.H2); see BENCHMARKS.md.
     """
 
     attrib_heads: tuple[Head, ...]

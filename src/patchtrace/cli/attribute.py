@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="generator seed"),
         heads: str | None = typer.Option(None, help="attribution heads as layer.head pairs, e.g. '21.4,25.1'"),
         circuit: str | None = typer.Option(None, help="head Scores folder of a QA circuit; heads chosen by the documented rule"),
-        n_heads: int = typer.Option(1, help="heads to keep when choosing from --circuit"),
+        n_heads: int = typer.Option(2, help="heads to keep (averaged) when choosing from --circuit"),
+        k_candidates: int = typer.Option(12, help="top context-effect heads the --circuit rule ranks by attention entropy"),
         agg: str = typer.Option("max", help="sentence aggregate: max, sum or mean"),
         max_new_tokens: int = typer.Option(1, help="answer tokens to generate"),
         fmt: str = typer.Option("chat", help="prompt format: chat or plain"),
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
             info: dict[str, object] = {"heads": "given"}
         else:
             probe = make_qa_items("conflict", 8, seed + 1000, m.tokenizer)
-            chosen, info = select_heads(m, Scores.load(circuit), probe, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
+            chosen, info = select_heads(m, Scores.load(circuit), probe, k_candidates=k_candidates, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
         sh = sh_given or chosen
         results = []
         for it in items:
