@@ -194,7 +194,7 @@ def row_bytes(model: Model, n: int, T: int, ncols: int | None) -> int:
 
 #: Default ceiling of the working-memory budget. Beyond a few thousand rows per batch a CPU gains
 #: nothing from bigger batches, so the default stays small (peak memory no worse than a plain forward loop).
-DEFAULT_BUDGET_CAP = 512 << 20
+DEFAULT_BUDGET_CAP = 64 << 20
 
 
 def default_budget(model: Model) -> int:

@@ -50,7 +50,7 @@ from patchtrace.tasks.base import Task, TokenizedTask
 Direction = Literal["denoise", "noise"]
 
 #: Batch rows (patches × examples) per checkpointed block of a sweep.
-ROWS_PER_BLOCK = 4096
+ROWS_PER_BLOCK = 2048
 
 
 @dataclass(frozen=True)

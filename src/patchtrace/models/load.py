@@ -79,7 +79,8 @@ class Model:
                 t = p.detach().to("cpu").contiguous()
                 h.update(name.encode())
                 h.update(str(tuple(t.shape)).encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                if t.numel():
+                    h.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the weights
             self._hash = h.hexdigest()[:16]
         return self._hash
 
