@@ -48,6 +48,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from patchtrace.tasks.io import iter_jsonl
+
 DesideratumKind = Literal["value", "invariance", "other"]
 KINDS: tuple[str, ...] = ("value", "invariance", "other")
 
@@ -280,26 +282,18 @@ def load_desiderata(path: str | Path) -> list[Desideratum]:
     if not p.is_file():
         raise DesiderataError(f"desiderata file {p} does not exist")
     by: dict[str, Desideratum] = {}
-    for i, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DesiderataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DesiderataError(f"{p}:{i}: each line must be a JSON object")
+    for where, rec in iter_jsonl(p, DesiderataError):
         missing = [k for k in ("desideratum", "original", "alternate", "target") if not isinstance(rec.get(k), str)]
         if missing:
-            raise DesiderataError(f"{p}:{i}: missing or non-string field(s) {', '.join(missing)}")
+            raise DesiderataError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
         name, kind, weight = rec["desideratum"], rec.get("kind", "value"), float(rec.get("weight", 1.0))
         d = by.get(name)
         if d is None:
             if kind not in KINDS:
-                raise DesiderataError(f"{p}:{i}: unknown kind {kind!r}; use one of {KINDS}")
+                raise DesiderataError(f"{where}: unknown kind {kind!r}; use one of {KINDS}")
             d = by[name] = Desideratum(name, [], kind=kind, weight=weight)
         elif d.kind != kind or d.weight != weight:
-            raise DesiderataError(f"{p}:{i}: desideratum {name!r} given kind/weight {kind}/{weight}, earlier {d.kind}/{d.weight}")
+            raise DesiderataError(f"{where}: desideratum {name!r} given kind/weight {kind}/{weight}, earlier {d.kind}/{d.weight}")
         contrast = rec.get("contrast")
         d.triples.append(
             Triple(rec["original"], rec["alternate"], rec["target"], None if contrast is None else str(contrast),

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 SiteKind = Literal[
     "embed",
@@ -57,20 +57,7 @@ SiteKind = Literal[
     "neuron",
 ]
 
-SITE_KINDS: tuple[str, ...] = (
-    "embed",
-    "resid_pre",
-    "resid_mid",
-    "resid_post",
-    "attn_out",
-    "mlp_out",
-    "head",
-    "q",
-    "k",
-    "v",
-    "pattern",
-    "neuron",
-)
+SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
 
 #: Kinds whose activation has a per-head axis (index 2 of ``[B, T, H, d]``; ``pattern`` has it at 1).
 HEADED_KINDS = frozenset({"head", "q", "k", "v", "pattern"})

@@ -51,6 +51,7 @@ import torch
 
 from patchtrace.tasks.base import Example, Task, TaskError
 from patchtrace.tasks.factual import CAPITALS
+from patchtrace.tasks.io import iter_jsonl
 
 Kind = Literal["agree", "conflict", "nomemory"]
 KINDS: tuple[str, ...] = ("agree", "conflict", "nomemory")
@@ -416,16 +417,8 @@ def load_qa_jsonl(path: str | Path) -> list[QAItem]:
     if not p.is_file():
         raise TaskError(f"QA file {p} does not exist")
     out = []
-    for i, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise TaskError(f"{p}:{i}: each line must be a JSON object")
-        out.append(QAItem.from_json(rec, f"{p}:{i}"))
+    for where, rec in iter_jsonl(p):
+        out.append(QAItem.from_json(rec, where))
     if not out:
         raise TaskError(f"QA file {p} has no records")
     return out
