@@ -212,6 +212,21 @@ def default_budget(model: Model) -> int:
     return max(64 << 20, min(DEFAULT_BUDGET_CAP, avail // 4))
 
 
+def patches_per_chunk(model: Model, n: int, T: int, ncols: int | None, n_examples: int, budget: int) -> int:
+    """How many patches (each ``n_examples`` rows of ``n`` positions) fit in ``budget`` bytes.
+
+    Raises:
+        EngineError: the budget cannot hold even one patch.
+    """
+    need = row_bytes(model, n, T, ncols) * n_examples
+    if need > budget:
+        raise EngineError(
+            f"memory budget {budget / 2**20:.0f} MiB cannot hold one patch of {n_examples} examples × {n} positions "
+            f"(needs ~{need / 2**20:.0f} MiB); raise max_memory (--max-memory) or use fewer examples"
+        )
+    return max(1, budget // need)
+
+
 def plan_sweep(
     model: Model, patches: Sequence[Patch], n_examples: int, T: int, *, fast: bool = True,
     max_memory: int | None = None, ncols: int | None = None,
@@ -236,13 +251,7 @@ def plan_sweep(
     max_rows = 0
     for p, idx in groups.items():
         n = T - p
-        rb = row_bytes(model, n, T, ncols if fast else None)
-        if rb * n_examples > budget:
-            raise EngineError(
-                f"memory budget {budget / 2**20:.0f} MiB cannot hold one patch of {n_examples} examples × {n} positions "
-                f"(needs ~{rb * n_examples / 2**20:.0f} MiB); raise --max-memory or use fewer examples"
-            )
-        per_chunk = max(1, budget // (rb * n_examples))
+        per_chunk = patches_per_chunk(model, n, T, ncols if fast else None, n_examples, budget)
         chunks += math.ceil(len(idx) / per_chunk)
         max_rows = max(max_rows, min(len(idx), per_chunk) * n_examples)
         for i in idx:
@@ -312,13 +321,7 @@ def run_patches(
     for p, idx in sorted(groups.items()):
         idx.sort(key=lambda i: _join_key(patches[i], model) if fast else (0, 0, 0))
         n = T - p
-        rb = row_bytes(model, n, T, ncols if fast else None)
-        if rb * N > budget:
-            raise EngineError(
-                f"memory budget {budget / 2**20:.0f} MiB cannot hold one patch of {N} examples × {n} positions "
-                f"(needs ~{rb * N / 2**20:.0f} MiB); raise max_memory or use fewer examples"
-            )
-        per_chunk = max(1, budget // (rb * N))
+        per_chunk = patches_per_chunk(model, n, T, ncols if fast else None, N, budget)
         for c0 in range(0, len(idx), per_chunk):
             sel = idx[c0 : c0 + per_chunk]
             chunk = [patches[i] for i in sel]
