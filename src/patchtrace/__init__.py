@@ -23,6 +23,7 @@ from patchtrace.apply.generation import GenerationError
 from patchtrace.apply.steering import SteeringConfig
 from patchtrace.apply.steering import steer as qa_steer
 from patchtrace.desiderata import Desideratum, Triple, load_desiderata
+from patchtrace.errors import PatchtraceError
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as activation_patching
 from patchtrace.methods.atp import AtPConfig, AtPStarConfig
@@ -61,6 +62,7 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "PatchingConfig",
+    "PatchtraceError",
     "QACircuitConfig",
     "RelPConfig",
     "Scores",

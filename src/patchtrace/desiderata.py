@@ -48,13 +48,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
 from patchtrace.tasks.io import iter_jsonl
 
 DesideratumKind = Literal["value", "invariance", "other"]
 KINDS: tuple[str, ...] = ("value", "invariance", "other")
 
 
-class DesiderataError(ValueError):
+class DesiderataError(PatchtraceError, ValueError):
     """Invalid desiderata; the message names the desideratum, the tuple index and the tokens at fault."""
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
+
 METRICS = ("logit_diff", "prob", "logprob", "kl")
 
 
-class MetricError(ValueError):
+class MetricError(PatchtraceError, ValueError):
     """Unknown metric name or missing reference."""
 
 

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
 from patchtrace.sites import Site
 
 AXES = ("layer", "head", "kv_head", "neuron", "pos")
 FORMAT_VERSION = 1
 
 
-class ResultsError(ValueError):
+class ResultsError(PatchtraceError, ValueError):
     """A results folder that is missing, malformed or from an incompatible version."""
 
 

@@ -42,6 +42,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
+from patchtrace.errors import PatchtraceError
+
 SiteKind = Literal[
     "embed",
     "resid_pre",
@@ -67,7 +69,7 @@ KV_KINDS = frozenset({"k", "v"})
 STREAM_KINDS = frozenset({"embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"})
 
 
-class SiteError(ValueError):
+class SiteError(PatchtraceError, ValueError):
     """A site string or value that is not in the vocabulary, or does not fit the model."""
 
 

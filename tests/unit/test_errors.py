@@ -223,3 +223,21 @@ def test_results_bad_version_and_axes(tmp_path):
         Scores(torch.zeros(2), ("row",), "resid_pre")
     with pytest.raises(ResultsError, match="dims"):
         Scores(torch.zeros(2, 2), ("layer",), "resid_pre")
+
+
+def test_every_library_error_derives_from_patchtrace_error():
+    """One ``except patchtrace.PatchtraceError`` catches every error class the library defines."""
+    import importlib
+    import pkgutil
+
+    import patchtrace
+    from patchtrace import PatchtraceError
+
+    found = []
+    for mod in pkgutil.walk_packages(patchtrace.__path__, "patchtrace."):
+        m = importlib.import_module(mod.name)
+        for name, obj in vars(m).items():
+            if isinstance(obj, type) and issubclass(obj, Exception) and name.endswith("Error") and obj.__module__ == m.__name__:
+                found.append(obj)
+    assert len(found) >= 12  # non-vacuous: the walk found the library's error classes
+    assert all(issubclass(e, PatchtraceError) for e in found), [e.__name__ for e in found if not issubclass(e, PatchtraceError)]

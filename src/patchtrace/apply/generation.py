@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx
 from patchtrace.sites import HookPoint
 
 
-class GenerationError(ValueError):
+class GenerationError(PatchtraceError, ValueError):
     """Bad generation input (empty prompt, a head that does not exist, ...)."""
 
 

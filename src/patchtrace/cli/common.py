@@ -38,6 +38,7 @@ from rich.text import Text
 from patchtrace.apply.generation import GenerationError
 from patchtrace.engine.checkpoint import CheckpointError
 from patchtrace.engine.sweep import EngineError
+from patchtrace.errors import PatchtraceError
 from patchtrace.metrics import MetricError
 from patchtrace.models.adapters import UnsupportedModelError
 from patchtrace.models.load import ModelLoadError
@@ -46,12 +47,13 @@ from patchtrace.sites import SiteError, SiteSpec
 from patchtrace.tasks.base import TaskError
 
 
-class CLIError(ValueError):
+class CLIError(PatchtraceError, ValueError):
     """A command-line value that cannot be parsed (the message names the option and the value)."""
 
 
 #: Exceptions that the app reports as one red line with exit code 2 (no traceback).
 LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
+    PatchtraceError,  # every library error (the ones below are listed for readers)
     CLIError,
     ModelLoadError,
     UnsupportedModelError,

@@ -18,8 +18,10 @@ from typing import Any
 
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(PatchtraceError, RuntimeError):
     """The folder holds partial results of a different run."""
 
 

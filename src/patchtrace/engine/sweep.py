@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx, RunOutput
 from patchtrace.sites import HookPoint, Site, SiteError
 
 
-class EngineError(ValueError):
+class EngineError(PatchtraceError, ValueError):
     """A patch that does not fit the model or the prompts (names the site)."""
 
 

@@ -89,6 +89,7 @@ from patchtrace.desiderata import (
     tokenize_desiderata,
 )
 from patchtrace.engine.sweep import Patch, Scorer, collect, resolve, run_patches
+from patchtrace.errors import PatchtraceError
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx
@@ -101,7 +102,7 @@ MASKABLE_KINDS = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", 
 _HC_BETA, _HC_GAMMA, _HC_ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
-class DBMError(ValueError):
+class DBMError(PatchtraceError, ValueError):
     """A mask request that cannot be honoured (names the site, desideratum or setting)."""
 
 

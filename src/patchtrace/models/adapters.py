@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from patchtrace.errors import PatchtraceError
+
 QKVLayout = Literal["separate", "gpt2_fused", "neox_fused"]
 NormKind = Literal["rms", "rms_gemma", "layer"]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(PatchtraceError, ValueError):
     """The architecture (or a config option of it) is not one patchtrace implements."""
 
 

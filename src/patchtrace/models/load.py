@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from patchtrace.errors import PatchtraceError
 from patchtrace.models.adapters import Dims, Family, dims_for, family_for
 from patchtrace.models.runner import Runner
 
@@ -38,7 +39,7 @@ _DTYPES = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PatchtraceError, RuntimeError):
     """A model could not be found or loaded; the message says which and why."""
 
 

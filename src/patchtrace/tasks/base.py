@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchtrace.errors import PatchtraceError
 
-class TaskError(ValueError):
+
+class TaskError(PatchtraceError, ValueError):
     """Invalid task data; the message names the example and the tokens at fault."""
 
 
