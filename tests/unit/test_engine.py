@@ -76,6 +76,26 @@ def test_noop_skip_positions_before_first_difference(llama, ioi_tok):
     torch.testing.assert_close(fast.per_example, plain.per_example, atol=1e-5, rtol=0)
 
 
+def test_sanity_check_really_computes(llama, ioi_tok, monkeypatch):
+    """Clean-into-clean patches are all no-ops, which the engine would skip: the built-in sanity
+    check must force them through the forward, or it could never fail."""
+    calls = []
+    orig = llama.runner.forward
+
+    def counting(*a, **k):
+        calls.append(k.get("start_layer", 0))
+        return orig(*a, **k)
+
+    spec = SiteSpec("head", per_unit=True, positions="last", layers=(1,))
+    monkeypatch.setattr(llama.runner, "forward", counting)
+    activation_patching(llama, ioi_tok, spec, PatchingConfig(sanity_check=False))
+    without = len(calls)
+    calls.clear()
+    sc = activation_patching(llama, ioi_tok, spec, PatchingConfig(sanity_check=True))
+    assert len(calls) > without  # the sanity patches ran through the model
+    assert sc.provenance["sanity_max_abs"] < 1e-5
+
+
 def test_checkpoint_refuses_a_different_run(tmp_path):
     Checkpoint(tmp_path, "a")
     with pytest.raises(CheckpointError, match="different run"):

@@ -36,7 +36,7 @@ from patchtrace.errors import PatchtraceError
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx, RunOutput
-from patchtrace.sites import HookPoint, Site, SiteError
+from patchtrace.sites import HookPoint, Site
 
 
 class EngineError(PatchtraceError, ValueError):
@@ -171,14 +171,12 @@ class SweepPlan:
     n_chunks: int
     forward_equivalents: float
     peak_bytes: int
-    reason: str = ""
 
     def describe(self) -> str:
         return (
             f"mode={self.mode} patches={self.n_patches} examples={self.n_examples} "
             f"chunks={self.n_chunks} (≤{self.rows_per_chunk} rows) "
             f"≈{self.forward_equivalents:.1f} full-forward equivalents, est. peak {self.peak_bytes / 2**20:.0f} MiB"
-            + (f" [{self.reason}]" if self.reason else "")
         )
 
 
@@ -281,6 +279,7 @@ def run_patches(
     base_hooks: dict[HookPoint, list[HookFn]] | None = None,
     max_memory: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    skip_noops: bool = True,
 ) -> Tensor:
     """Run every patch; return the metric ``[P, N]``.
 
@@ -297,6 +296,8 @@ def run_patches(
             position-aware through ``ctx.pos_offset``.
         max_memory: working-memory budget in bytes (default: :func:`default_budget`).
         on_chunk: called with the number of patches finished after each chunk (progress bars).
+        skip_noops: return the base metric, uncomputed, for patches whose source values equal
+            the base's bit for bit (exact). Turn off to force computation (sanity checks).
     """
     N, T = base_ids.shape
     out = torch.empty(len(patches), N)
@@ -312,7 +313,7 @@ def run_patches(
     groups: dict[int, list[int]] = defaultdict(list)
     base_metric: Tensor | None = None
     for i, pt in enumerate(patches):
-        if fast and _is_noop(pt, base, source):
+        if fast and skip_noops and _is_noop(pt, base, source):
             # the source equals the base at every patched site: the patched run IS the base run
             if base_metric is None:
                 base_metric = scorer(base.logits, 1, False)[0].cpu()
@@ -601,12 +602,3 @@ def _patch_hook(
         return x
 
     return fn
-
-
-def check_sites(sites: Iterable[Site]) -> None:
-    """Raise :class:`~patchtrace.sites.SiteError` for a site list with duplicates."""
-    seen = set()
-    for s in sites:
-        if s in seen:
-            raise SiteError(f"site {s} appears twice in one patch")
-        seen.add(s)

@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor
 
 from patchtrace.engine.checkpoint import Checkpoint, run_key
 from patchtrace.engine.sweep import (
     EngineError,
     Patch,
-    RunCache,
     Scorer,
     base_points,
     collect,
@@ -44,7 +42,7 @@ from patchtrace.engine.sweep import (
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.results import Scores, make_provenance
-from patchtrace.sites import KV_KINDS, HookPoint, Site, SiteSpec
+from patchtrace.sites import KV_KINDS, Site, SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
 
 Direction = Literal["denoise", "noise"]
@@ -148,10 +146,6 @@ def build_grid(model: Model, spec: SiteSpec, tok: TokenizedTask) -> Grid:
     return Grid(tuple(axes), tuple(len(x) for x in dims), cells, sites, labels)
 
 
-def _caches(model: Model, ids_c: Tensor, ids_k: Tensor, points: set[HookPoint]) -> tuple[RunCache, RunCache]:
-    return collect(model, ids_c, points), collect(model, ids_k, points)
-
-
 def run(
     model: Model,
     task: Task | TokenizedTask,
@@ -181,7 +175,6 @@ def run(
     N = len(tok)
     n_cells = len(grid.cells)
     patched = torch.zeros(N, n_cells)
-    base_metric = torch.zeros(N)
     clean_metric = torch.zeros(N)
     corrupt_metric = torch.zeros(N)
     points = {s.point for s in grid.sites}
@@ -216,7 +209,7 @@ def run(
         T = ids_c.shape[1]
         group_patches = [Patch((resolve(s, model, T),)) for s in grid.sites]
         need = points | (base_points(group_patches, model) if cfg.fast else set())
-        clean, corrupt = _caches(model, ids_c, ids_k, need)
+        clean, corrupt = collect(model, ids_c, need), collect(model, ids_k, need)
         ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
         scorer = Scorer(metric, tok.answer[idx].to(model.device), tok.wrong[idx].to(model.device), ref)
         clean_metric[idx] = scorer(clean.logits, 1, False)[0].cpu()
@@ -224,7 +217,10 @@ def run(
         base, source, base_ids = (corrupt, clean, ids_k) if cfg.direction == "denoise" else (clean, corrupt, ids_c)
         if cfg.sanity_check:
             some = group_patches[:: max(1, len(group_patches) // 3)][:3]
-            same = run_patches(model, ids_c, clean, clean, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory)
+            # clean into clean: every patch is a no-op, so force the engine to compute them
+            same = run_patches(
+                model, ids_c, clean, clean, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory, skip_noops=False
+            )
             sanity = max(sanity, float((same - clean_metric[idx][None]).abs().max()))
         for b0 in range(0, n_cells, block_size):
             bkey = gi * 100000 + b0 // block_size

@@ -409,8 +409,3 @@ class Runner:
             if y is not None:
                 x = y
         return x
-
-
-def count_params(model: Any) -> int:
-    """Number of parameters of a module."""
-    return sum(p.numel() for p in model.parameters())
