@@ -1,0 +1,67 @@
+"""Where the exact head sweep's peak memory goes, stage by stage (issue 3, peak-RSS target).
+
+Prints the process's resident set (VmRSS) and high-water mark (VmHWM) from /proc after each stage:
+import, model load, touching every weight (the weights hash), one plain HF forward of the 16 IOI
+prompts, one recorded run (the engine's cache), and the full 270-head sweep at the last position.
+Run it under different allocator settings to separate working set from allocator high-water::
+
+    .venv/bin/python benchmarks/memory.py                         # default budget
+    .venv/bin/python benchmarks/memory.py --budget-mib 16
+    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/memory.py
+
+Linux only (reads /proc/self/status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def mem() -> tuple[int, int]:
+    """(VmRSS, VmHWM) in MiB."""
+    d = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                d[line.split(":")[0]] = int(line.split()[1]) // 1024
+    return d["VmRSS"], d["VmHWM"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-mib", type=int, default=None, help="engine working-memory budget (default: library default)")
+    args = ap.parse_args()
+    import torch
+
+    from patchtrace import PatchingConfig, SiteSpec, activation_patching, load_model, make_task
+    from patchtrace.engine.sweep import collect
+    from patchtrace.sites import HookPoint
+
+    rows = [("import", *mem())]
+    model = load_model()
+    rows.append(("load (safetensors, memory-mapped)", *mem()))
+    model.weights_hash()
+    rows.append(("touch every weight (hash)", *mem()))
+    tok = make_task("ioi", n=16, seed=0).tokenize(model.tokenizer)
+    ids = tok.ids("clean", range(len(tok)))
+    with torch.no_grad():
+        model.hf(ids)
+    rows.append(("one HF forward, 16×14", *mem()))
+    L = model.dims.n_layers
+    collect(model, ids, {HookPoint(k, layer) for k in ("head", "attn_out") for layer in range(L)})
+    rows.append(("one recorded run (engine cache)", *mem()))
+    budget = None if args.budget_mib is None else args.budget_mib << 20
+    t = time.perf_counter()
+    activation_patching(
+        model, tok, SiteSpec("head", per_unit=True, positions="last"), PatchingConfig(sanity_check=False, max_memory=budget)
+    )
+    dt = time.perf_counter() - t
+    rows.append((f"270-head sweep ({dt:.2f} s)", *mem()))
+    print("| stage | VmRSS MiB | VmHWM MiB |\n|---|---|---|")
+    for name, rss, hwm in rows:
+        print(f"| {name} | {rss} | {hwm} |")
+
+
+if __name__ == "__main__":
+    main()
