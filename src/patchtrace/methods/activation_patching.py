@@ -187,12 +187,14 @@ def run(
     groups = tok.groups()
     total = n_cells * len(groups)
     cols = metric.columns(tok.answer, tok.wrong)
+    # one patch per cell and example group (positions resolved against that group's length)
+    group_patches_all = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in grid.sites] for g in groups]
     plans = [
         plan_sweep(
-            model, [Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in grid.sites], len(g), tok.lengths[g[0]],
-            fast=cfg.fast, max_memory=cfg.max_memory, ncols=None if cols is None else len(cols),
+            model, gp, len(g), tok.lengths[g[0]], fast=cfg.fast, max_memory=cfg.max_memory,
+            ncols=None if cols is None else len(cols),
         )
-        for g in groups
+        for g, gp in zip(groups, group_patches_all, strict=True)
     ]  # raises before any compute if the memory budget cannot hold a patch
     # checkpoint blocks of ~ROWS_PER_BLOCK batch rows: large enough that the engine's staggered
     # batches stay efficient, small enough that an interrupted sweep loses little
@@ -206,8 +208,7 @@ def run(
 
     for gi, idx in enumerate(groups):
         ids_c, ids_k = tok.ids("clean", idx).to(model.device), tok.ids("corrupt", idx).to(model.device)
-        T = ids_c.shape[1]
-        group_patches = [Patch((resolve(s, model, T),)) for s in grid.sites]
+        group_patches = group_patches_all[gi]
         need = points | (base_points(group_patches, model) if cfg.fast else set())
         clean, corrupt = collect(model, ids_c, need), collect(model, ids_k, need)
         ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
