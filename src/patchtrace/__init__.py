@@ -23,7 +23,7 @@ from patchtrace.apply.generation import GenerationError
 from patchtrace.apply.steering import SteeringConfig
 from patchtrace.apply.steering import steer as qa_steer
 from patchtrace.desiderata import Desideratum, Triple, load_desiderata
-from patchtrace.errors import PatchtraceError
+from patchtrace.errors import PatchtraceError, PatchtraceWarning
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as activation_patching
 from patchtrace.methods.atp import AtPConfig, AtPStarConfig
@@ -63,6 +63,7 @@ __all__ = [
     "ModelLoadError",
     "PatchingConfig",
     "PatchtraceError",
+    "PatchtraceWarning",
     "QACircuitConfig",
     "RelPConfig",
     "Scores",

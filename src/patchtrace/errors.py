@@ -16,3 +16,11 @@ from __future__ import annotations
 
 class PatchtraceError(Exception):
     """Base class of every error patchtrace raises about its inputs or state."""
+
+
+class PatchtraceWarning(UserWarning):
+    """Base class of patchtrace's warnings: something was recomputed, or a result may mean less than it seems.
+
+    The command line prints each as one yellow ``warning:`` line; in Python they are ordinary
+    :mod:`warnings` (turn them into errors with ``warnings.simplefilter("error", PatchtraceWarning)``).
+    """

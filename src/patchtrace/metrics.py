@@ -19,12 +19,13 @@ Normalized recovery: ``(M − M_corrupt) / (M_clean − M_corrupt)``: 0 = corrup
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from patchtrace.errors import PatchtraceError
+from patchtrace.errors import PatchtraceError, PatchtraceWarning
 
 METRICS = ("logit_diff", "prob", "logprob", "kl")
 
@@ -107,3 +108,25 @@ def normalize(value: Tensor | float, clean: float, corrupt: float) -> Tensor | f
             f"clean and corrupt baselines are equal ({clean:.4g}); the task shows no behaviour to recover"
         )
     return (value - corrupt) / gap
+
+
+class BaselineWarning(PatchtraceWarning):
+    """Examples whose clean and corrupt baselines coincide: their effects are zero by construction."""
+
+
+def warn_zero_gap(clean: Tensor, corrupt: Tensor, what: str = "task", tol: float = 1e-6) -> list[int]:
+    """Warn (naming them) about examples whose clean and corrupt metric are equal; return their indices.
+
+    Such examples contribute effects that are zero by construction, and their normalized recovery
+    divides by zero, so a result that averages over them understates every site.
+    """
+    bad = ((clean.float() - corrupt.float()).abs() <= tol).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:8]) + ("" if len(bad) <= 8 else f", ... ({len(bad)} in all)")
+        warnings.warn(
+            f"{what}: example(s) {shown} have a zero baseline gap (clean = corrupt metric "
+            f"{float(clean[bad[0]]):+.4g}): their effects are zero by construction and their recovery is undefined",
+            BaselineWarning,
+            stacklevel=2,
+        )
+    return bad

@@ -12,6 +12,7 @@ Saved as a directory with two files: ``scores.safetensors`` (all tensors) and ``
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,22 +78,37 @@ class Scores:
         for a in self.axes:
             if a not in AXES:
                 raise ResultsError(f"unknown axis {a!r}; axes are {AXES}")
+        for a, n in zip(self.axes, self.values.shape, strict=True):
+            lab = self.labels.get(f"{a}_index")
+            if lab is not None and len(lab) != n:
+                raise ResultsError(f"labels['{a}_index'] has {len(lab)} entries but axis {a!r} has size {n}")
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
 
+    def axis_value(self, axis: str, i: int) -> int:
+        """The model index (layer, head, neuron, position) of entry ``i`` along ``axis``.
+
+        A sweep over a subset (``layers=(10, 20)``) stores its real indices in ``labels['<axis>_index']``;
+        the grid position ``i`` is only an offset into that list.
+        """
+        lab = self.labels.get(f"{axis}_index")
+        if lab is None:
+            return int(i)
+        return int(lab[i])
+
     def site_at(self, index: tuple[int, ...]) -> Site:
-        """The site addressed by a multi-index into ``values``."""
+        """The site addressed by a multi-index into ``values`` (grid offsets mapped to model indices)."""
         kw: dict[str, int | None] = {"layer": None, "unit": None, "pos": None}
         for ax, i in zip(self.axes, index, strict=True):
+            v = self.axis_value(ax, int(i))
             if ax == "layer":
-                kw["layer"] = int(i)
+                kw["layer"] = v
             elif ax == "pos":
-                pl = self.labels.get("pos_index")
-                kw["pos"] = int(pl[i]) if pl else int(i)
+                kw["pos"] = v
             else:
-                kw["unit"] = int(i)
+                kw["unit"] = v
         if kw["pos"] is None and "fixed_pos" in self.labels:
             kw["pos"] = int(self.labels["fixed_pos"][0])
         layer = kw["layer"]
@@ -100,17 +116,72 @@ class Scores:
             layer = 0
         return Site(self.site_kind, layer, kw["unit"], kw["pos"])
 
-    def top_k(self, k: int = 10, by: str = "value") -> list[tuple[Site, float]]:
-        """The ``k`` highest-scoring sites with their values.
+    def importance_sign(self) -> int:
+        """+1 if a larger value means a more important site, −1 if a more negative one does.
+
+        Denoising with a higher-is-clean metric: important sites *recover* the metric (large effect).
+        Noising: important sites *damage* it (most negative effect). KL is a distance to the clean run,
+        so the two flip: denoising *reduces* KL (negative), noising *raises* it (positive). Values that
+        are not effects (a mask, a recovery already oriented) rank largest first.
+        """
+        if self.value_name not in ("effect", "attribution"):
+            return 1
+        cfg = self.provenance.get("config") if isinstance(self.provenance.get("config"), dict) else {}
+        direction = self.provenance.get("direction") or (cfg or {}).get("direction") or "denoise"
+        higher_is_clean = self.metric != "kl"
+        return 1 if (direction == "denoise") == higher_is_clean else -1
+
+    def ranking(self, by: str = "importance") -> tuple[Tensor, str]:
+        """Sort keys over ``values.flatten()`` (larger = ranked first) and a phrase saying what the order is.
 
         Args:
-            k: how many.
-            by: ``"value"`` (largest first), ``"abs"`` (largest magnitude) or ``"neg"`` (most negative).
+            by: ``"importance"`` (by direction and metric, see :meth:`importance_sign`), ``"value"``
+                (largest first), ``"abs"`` (largest magnitude) or ``"neg"`` (most negative first).
+
+        Raises:
+            ResultsError: an unknown ``by``.
         """
+        flat = self.values.detach().flatten().float()
+        if by == "importance":
+            sign = self.importance_sign()
+            if self.value_name not in ("effect", "attribution"):
+                what = f"largest {self.value_name} first"
+            else:
+                direction = self.provenance.get("direction") or (
+                    (self.provenance.get("config") or {}).get("direction") if isinstance(
+                        self.provenance.get("config"), dict) else None) or "denoise"
+                what = {
+                    (True, 1): "largest recovery first (denoising: restoring the site brings the behaviour back)",
+                    (False, -1): "largest damage first (noising: the metric drops most)",
+                    (True, -1): "largest KL reduction first (denoising toward the clean run)",
+                    (False, 1): "largest KL increase first (noising away from the clean run)",
+                }[(direction == "denoise", sign)]
+            key = flat * sign
+        elif by == "value":
+            key, what = flat, "largest value first"
+        elif by == "abs":
+            key, what = flat.abs(), "largest magnitude first"
+        elif by == "neg":
+            key, what = -flat, "most negative first"
+        else:
+            raise ResultsError(f"rank by {by!r}: use 'importance', 'value', 'abs' or 'neg'")
+        return torch.nan_to_num(key, nan=-math.inf), what
+
+    def top_k(self, k: int = 10, by: str = "importance") -> list[tuple[Site, float]]:
+        """The ``k`` most important sites with their values.
+
+        Args:
+            k: how many (at least 1).
+            by: ``"importance"`` (default: recovery for denoising, damage for noising, see
+                :meth:`ranking`), ``"value"``, ``"abs"`` or ``"neg"``.
+
+        Raises:
+            ResultsError: ``k < 1`` or an unknown ``by``.
+        """
+        if k < 1:
+            raise ResultsError(f"top_k: k must be at least 1 (got {k})")
+        key, _ = self.ranking(by)
         flat = self.values.flatten().float()
-        key = {"value": flat, "abs": flat.abs(), "neg": -flat}.get(by)
-        if key is None:
-            raise ValueError(f"top_k by={by!r}: use 'value', 'abs' or 'neg'")
         k = min(k, flat.numel())
         idx = torch.topk(key, k).indices
         out = []
@@ -138,7 +209,7 @@ class Scores:
             -1, self.values.dim()
         ):
             t = tuple(int(x) for x in multi)
-            row: dict[str, Any] = dict(zip(self.axes, t, strict=True))
+            row: dict[str, Any] = {ax: self.axis_value(ax, i) for ax, i in zip(self.axes, t, strict=True)}
             row["site"] = str(self.site_at(t))
             row[self.value_name] = float(self.values[t])
             if patched is not None and patched.shape == self.values.shape:

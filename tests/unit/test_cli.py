@@ -293,3 +293,40 @@ def test_parse_layers_and_sites():
         common.parse_sites("head,head")
     with pytest.raises(SiteError, match="'nope'"):
         common.parse_sites("nope")
+
+
+# -- output folders: another run's results are never silently replaced or left stale -----------------
+
+
+def test_other_task_into_finished_out_is_refused_then_overwritten(app, tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    base = ["patch", "--model", tiny_dir, "--task", "ioi", "--n", "2", "--sites", "resid_pre", "--layers", "0",
+            "--out", out, "-q"]
+    assert invoke(app, *base).exit_code == 0
+    r = invoke(app, *[*base[:5], "--seed", "7", *base[5:]])
+    assert_clean_error(r, "different run", "--overwrite")
+    r = invoke(app, *[*base[:5], "--seed", "7", *base[5:], "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert Scores.load(out).provenance["task"]["params"]["seed"] == 7
+
+
+def test_stale_per_kind_results_are_refused_then_cleared(app, tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    base = ["patch", "--model", tiny_dir, "--task", "ioi", "--n", "2", "--layers", "0", "--out", out, "-q"]
+    assert invoke(app, *base, "--sites", "head,resid_pre").exit_code == 0
+    assert (out / "head" / "scores.json").is_file() and (out / "resid_pre" / "scores.json").is_file()
+    r = invoke(app, *base, "--sites", "mlp_out")
+    assert_clean_error(r, "would not replace", "resid_pre")
+    r = invoke(app, *base, "--sites", "mlp_out", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (out / "head" / "scores.json").exists() and not (out / "resid_pre" / "scores.json").exists()
+    assert Scores.load(out).site_kind == "mlp_out"
+    r = invoke(app, "show", out)
+    assert r.exit_code == 0 and "mlp_out" in r.output and "resid_pre" not in r.output
+
+
+def test_sub_grid_cli_names_the_patched_layer(app, tiny_dir, tmp_path):
+    r = invoke(app, "patch", "--model", tiny_dir, "--task", "ioi", "--n", "2", "--sites", "head", "--layers", "2",
+               "--out", tmp_path / "o", "-q", "--top", "2")
+    assert r.exit_code == 0, r.output
+    assert "head[2].h" in r.output and "head[0].h" not in r.output

@@ -240,3 +240,46 @@ def select_heads(
     info = {"candidates": [list(c) for c in cands], "effects": effects, "entropies": ent.tolist(),
             "rule": f"top-{k_candidates} context-effect heads, keep {n_heads} lowest context-attention entropy"}
     return chosen, info
+
+
+def answer_source(item: QAItem, result: Attribution, tokenizer: Any) -> str:
+    """Where a generated answer came from: ``"context"`` (its first token is the context answer's),
+    ``"memory"`` (the closed-book answer's, when that differs), or ``"other"``.
+
+    Attribution accuracy only means something on answers that were copied from the context: an
+    answer given from memory against the context, or a generation that starts with ``'The'``, has
+    no source sentence to find.
+    """
+    if not result.answer_tokens:
+        return "other"
+    first = result.answer_tokens[0]
+
+    def tok0(text: str | None) -> int | None:
+        if not text:
+            return None
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return ids[0] if ids else None
+
+    if first == tok0(item.answer):
+        return "context"
+    if item.memory is not None and first == tok0(item.memory):
+        return "memory"
+    return "other"
+
+
+def accuracy_by_source(items: Sequence[QAItem], results: Sequence[Attribution], tokenizer: Any) -> dict[str, Any]:
+    """Top-1 sentence accuracy over the items answered from the context, and the others apart.
+
+    Returns:
+        ``{"hits": h, "n_context": n, "sources": [...] per item, "memory": [indices], "other": [indices]}``;
+        accuracy is ``hits / n_context`` (items not answered from the context are not counted).
+    """
+    sources = [answer_source(it, r, tokenizer) for it, r in zip(items, results, strict=True)]
+    ctx = [i for i, s in enumerate(sources) if s == "context"]
+    return {
+        "hits": sum(results[i].top_sentence == items[i].gold for i in ctx),
+        "n_context": len(ctx),
+        "sources": sources,
+        "memory": [i for i, s in enumerate(sources) if s == "memory"],
+        "other": [i for i, s in enumerate(sources) if s == "other"],
+    }

@@ -36,10 +36,25 @@ class _GuardedGroup(TyperGroup):
     """The root command group; turns library errors into one red line and exit code 2."""
 
     def invoke(self, ctx: Any) -> Any:
-        from patchtrace.cli.common import LIBRARY_ERRORS, fail
+        import warnings
 
+        from patchtrace.cli.common import LIBRARY_ERRORS, fail
+        from patchtrace.errors import PatchtraceWarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, PatchtraceWarning):
+                from patchtrace.cli.common import warn
+
+                warn(str(message))
+            else:
+                original(message, category, *args, **kwargs)
+
+        original = warnings.showwarning
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", PatchtraceWarning)
+                warnings.showwarning = show
+                return super().invoke(ctx)
         except LIBRARY_ERRORS as e:
             if os.environ.get("PATCHTRACE_DEBUG", "") not in ("", "0"):
                 raise

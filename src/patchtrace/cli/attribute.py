@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
     ) -> None:
         """Attribute generated answers to context sentences from a few heads' attention (one forward)."""
-        from patchtrace.apply.attnattrib import AttnAttribConfig, attribute, select_heads
+        from patchtrace.apply.attnattrib import AttnAttribConfig, accuracy_by_source, attribute, select_heads
         from patchtrace.apply.steering import GATES, SteeringConfig
         from patchtrace.apply.steering import steer as steer_fn
         from patchtrace.report.qa_html import write_html
@@ -107,20 +107,28 @@ def register(app: typer.Typer) -> None:
             else:
                 r = attribute(m, it, AttnAttribConfig(chosen, agg, max_new_tokens, max_new_tokens, 2, fmt))  # type: ignore[arg-type]
             results.append(r)
+        acc = accuracy_by_source(items, results, m.tokenizer)
         od = Path(out)
         od.mkdir(parents=True, exist_ok=True)
         with (od / "attributions.jsonl").open("w") as f:
-            for it, r in zip(items, results, strict=True):
+            for it, r, src in zip(items, results, acc["sources"], strict=True):
                 f.write(json.dumps({
                     "question": it.question, "answer": r.answer_text, "context_answer": it.answer, "gold": it.gold,
                     "top_sentence": r.top_sentence, "ranking": r.ranking, "sentence_scores": r.sentence_scores.tolist(),
                     "heads": [list(h) for h in chosen], "seconds": r.seconds, "kind": it.kind,
-                    "steered": bool(r.extras.get("steered", False)),
+                    "steered": bool(r.extras.get("steered", False)), "answer_source": src,
                 }) + "\n")
-        hits = sum(r.top_sentence == it.gold for it, r in zip(items, results, strict=True))
-        con.print(f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {hits}/{len(items)}")
-        for it, r in list(zip(items, results, strict=True))[:10]:
-            con.print(f"  {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} (gold {it.gold})")
+        con.print(
+            f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {acc['hits']}/{acc['n_context']} "
+            f"items answered from the context (not counted: {len(acc['memory'])} answered from memory, "
+            f"{len(acc['other'])} other)", markup=False,
+        )
+        for it, r, src in list(zip(items, results, acc["sources"], strict=True))[:10]:
+            con.print(f"  [{src}] {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} "
+                      f"(gold {it.gold})", markup=False)
+        for label in ("memory", "other"):
+            if acc[label]:
+                con.print(f"  answered from {label}, excluded from the accuracy: items {acc[label]}", markup=False)
         con.print(f"saved {od / 'attributions.jsonl'}")
         if html:
             write_html(list(zip(items, results, strict=True)), html, info={"heads": chosen, **info})

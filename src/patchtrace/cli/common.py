@@ -77,6 +77,11 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def warn(message: str) -> None:
+    """Print ``message`` as one yellow ``warning:`` line on stderr (no markup interpretation)."""
+    err_console().print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
+
+
 def fail(message: str) -> NoReturn:
     """Print ``message`` as one red line on stderr (no markup interpretation) and exit with code 2."""
     err_console().print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
@@ -244,19 +249,49 @@ def normalized_or_none(scores: Scores) -> Any:
         return None
 
 
-def scores_table(scores: Scores, k: int = 10, title: str | None = None, by: str = "value") -> Table:
+RANK_CHOICES = ("importance", "value", "abs", "neg")
+
+
+def parse_by(by: str) -> str:
+    """``--by``: one of :data:`RANK_CHOICES`.
+
+    Raises:
+        CLIError: anything else.
+    """
+    if by not in RANK_CHOICES:
+        raise CLIError(f"--by {by!r}: use {', '.join(repr(c) for c in RANK_CHOICES)}")
+    return by
+
+
+def parse_top(top: int) -> int:
+    """``--top``: a positive number of rows.
+
+    Raises:
+        CLIError: zero or negative.
+    """
+    if top < 1:
+        raise CLIError(f"--top {top}: give a positive number of rows")
+    return top
+
+
+def scores_table(scores: Scores, k: int = 10, title: str | None = None, by: str = "importance") -> Table:
     """The top-``k`` sites with value and normalized recovery, as a rich table.
+
+    The title always says what the order is (e.g. ``largest damage first`` for a noising sweep).
 
     Args:
         scores: the scores.
         k: rows.
-        title: table title.
-        by: ``value`` (largest first), ``abs`` (largest magnitude) or ``neg`` (most negative).
+        title: table title (the order is appended).
+        by: ``importance`` (recovery when denoising, damage when noising, see
+            :meth:`Scores.ranking`), ``value`` (largest first), ``abs`` or ``neg``.
     """
     import torch
 
-    from patchtrace.report.summary import display_token, top_rows
+    from patchtrace.report.summary import display_token, order_phrase, top_rows
 
+    order = order_phrase(scores, by)
+    title = f"{title} · {order}" if title else order
     table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("site")
@@ -293,6 +328,53 @@ def print_baselines(scores: Scores, con: Console | None = None) -> None:
     con.print(Text("baselines: " + " · ".join(parts)))
 
 
+def print_scored(tok: Any, tokenizer: Any, con: Console | None = None) -> None:
+    """One line saying which tokens the metric scores (example 0), so a missing leading space shows."""
+    from patchtrace.report.summary import display_token
+
+    con = con or console()
+    ans, wrong = tok.scored_tokens(tokenizer, 0)
+    a = ", ".join(repr(display_token(t)) for t in ans)
+    w = ", ".join(repr(display_token(t)) for t in wrong)
+    con.print(Text(f"scoring (example 0): answer {a} vs wrong {w}"))
+
+
+def prepare_out(root: Path, folders: Sequence[Path], overwrite: bool) -> None:
+    """Check an output folder before a run writes ``folders`` under it.
+
+    Results already under ``root`` that this run will not rewrite (a per-kind subfolder of an earlier
+    run with other sites, or a single-kind result where this run writes subfolders) would be left
+    stale, and ``show``/``report`` would mix them in: refuse them, or with ``overwrite`` delete them.
+    The folders this run writes are checked by the method itself (same run: resume; different: refuse).
+
+    Raises:
+        CLIError: stale results and no ``overwrite``; or ``root`` is a file.
+    """
+    from patchtrace.engine.checkpoint import remove_results
+
+    if root.exists() and not root.is_dir():
+        raise CLIError(f"--out {root}: is a file, not a folder; choose a folder path")
+    if not root.is_dir():
+        return
+    found = ([root] if (root / "scores.json").is_file() else []) + [
+        c for c in sorted(root.iterdir()) if c.is_dir() and (c / "scores.json").is_file()
+    ]
+    keep = {Path(f).resolve() for f in folders}
+    stale = [f for f in found if Path(f).resolve() not in keep]
+    if not stale:
+        return
+    if not overwrite:
+        raise CLIError(
+            f"--out {root} holds results this run would not replace ({', '.join(str(f) for f in stale[:4])}); "
+            "use another --out folder, or --overwrite to clear them"
+        )
+    for f in stale:
+        remove_results(f)
+    stale_report = root / "report.html"
+    if stale_report.is_file():
+        stale_report.unlink()
+
+
 def find_scores(path: str | Path) -> dict[str, Path]:
     """The results folders under ``path`` (see :func:`patchtrace.report.find_results`).
 
@@ -314,11 +396,16 @@ __all__ = [
     "find_scores",
     "load",
     "normalized_or_none",
+    "parse_by",
     "parse_layers",
     "parse_memory",
     "parse_positions",
     "parse_sites",
+    "parse_top",
+    "prepare_out",
     "print_baselines",
+    "print_scored",
     "progress",
     "scores_table",
+    "warn",
 ]

@@ -68,8 +68,11 @@ def register(app: typer.Typer) -> None:
         fast: Annotated[bool, typer.Option("--fast/--no-fast", help="fast exact path, or one full forward per patch")] = True,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sweep plan and exit without computing")] = False,
         top: Annotated[int, typer.Option(help="rows in the printed top-k table")] = 10,
+        by: Annotated[str, typer.Option(help="rank the table by 'importance' (recovery when denoising, damage when noising), 'value', 'abs' or 'neg'")] = "importance",
         trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="let transformers run the model repo's code")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the results of a different run in --out")] = False,
+        allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="run examples whose answer equals their wrong token or whose prompts are identical (with a warning)")] = False,
     ) -> None:
         """Exact activation patching: the effect of restoring each site, saved as Scores."""
         from patchtrace.methods.activation_patching import PatchingConfig
@@ -81,31 +84,38 @@ def register(app: typer.Typer) -> None:
         if direction not in ("denoise", "noise"):
             raise common.CLIError(f"--direction {direction!r}: use 'denoise' or 'noise'")
         Metric(metric)
+        common.parse_by(by)
+        common.parse_top(top)
         pos = common.parse_positions(positions)
         specs = common.parse_sites(sites, pos, common.parse_layers(layers))
         budget = common.parse_memory(max_memory)
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
         tsk = common.build_task(task, n, seed, m)
-        tok = tsk.tokenize(m.tokenizer)
+        tok = tsk.tokenize(m.tokenizer, allow_degenerate=allow_degenerate)
+        root = out or _default_out(task, [s.kind for s in specs])
+        folders = [root] if len(specs) == 1 else [root / s.kind for s in specs]
+        if not dry_run:
+            common.prepare_out(root, folders, overwrite)
         con.print(f"model {m.name} ({m.dims.n_layers} layers, {m.dims.n_heads} heads) · task {tsk.name} ({len(tok)} examples)",
                   markup=False)
+        common.print_scored(tok, m.tokenizer, con)
         if dry_run:
             for line in dry_run_plan(m, tok, specs, metric, fast, budget):
                 con.print(line, markup=False)
             con.print("dry run: nothing computed", markup=False)
             return
         cfg = PatchingConfig(direction=direction, metric=metric, fast=fast, max_memory=budget)  # type: ignore[arg-type]
-        root = out or _default_out(task, [s.kind for s in specs])
         results = []
-        for spec in specs:
-            folder = root if len(specs) == 1 else root / spec.kind
+        for spec, folder in zip(specs, folders, strict=True):
             with common.progress(f"patching {spec.kind}", quiet=quiet) as bar:
-                scores = activation_patching(m, tok, spec, cfg, out_dir=folder, on_progress=bar.update)
+                scores = activation_patching(
+                    m, tok, spec, cfg, out_dir=folder, on_progress=bar.update, overwrite=overwrite
+                )
             results.append((spec, folder, scores))
         common.print_baselines(results[0][2], con)
         for spec, folder, scores in results:
-            con.print(common.scores_table(scores, top, title=f"top {top}: {spec.kind} ({scores.value_name})"))
+            con.print(common.scores_table(scores, top, title=f"top {top}: {spec.kind} ({scores.value_name})", by=by))
             con.print(f"saved {folder}", markup=False)
         con.print(f"done in {time.perf_counter() - t0:.1f} s · next: patchtrace show {root} · patchtrace report {root}",
                   markup=False)

@@ -22,10 +22,13 @@ def register(app: typer.Typer) -> None:
         path: Annotated[Path, typer.Argument(help="a results folder (or a folder of them)")],
         top: Annotated[int, typer.Option(help="rows of each top-k table in the HTML")] = 15,
         title: Annotated[str | None, typer.Option(help="title of the HTML page")] = None,
+        by: Annotated[str, typer.Option(help="rank the top tables by 'importance' (default), 'value', 'abs' or 'neg'")] = "importance",
     ) -> None:
         """Write heatmap.png next to each scores.json and report.html in PATH; print the paths."""
         from patchtrace.report import write_report
 
+        common.parse_by(by)
+        common.parse_top(top)
         con = common.console()
-        for p in write_report(path, title=title, top=top):
+        for p in write_report(path, title=title, top=top, by=by):
             con.print(str(p), markup=False)

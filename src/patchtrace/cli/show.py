@@ -24,21 +24,21 @@ def register(app: typer.Typer) -> None:
     def show(
         path: Annotated[Path, typer.Argument(help="a results folder (or a folder of them)")],
         top: Annotated[int, typer.Option(help="rows in the top-k table")] = 10,
-        by: Annotated[str, typer.Option(help="rank by 'value' (largest first), 'abs' or 'neg'")] = "value",
+        by: Annotated[str, typer.Option(help="rank by 'importance' (recovery when denoising, damage when noising), 'value' (largest first), 'abs' or 'neg'")] = "importance",
         provenance: Annotated[bool, typer.Option("--provenance/--no-provenance", help="print the provenance summary")] = True,
     ) -> None:
         """Print the top sites of saved results, the baselines and where they came from."""
         from patchtrace.report.summary import provenance_summary
         from patchtrace.results import Scores
 
-        if by not in ("value", "abs", "neg"):
-            raise common.CLIError(f"--by {by!r}: use 'value', 'abs' or 'neg'")
+        common.parse_by(by)
+        common.parse_top(top)
         con = common.console()
         for folder in common.find_scores(path).values():
             s = Scores.load(folder)
             con.print(Text(f"{folder}  ·  {s.site_kind} {s.value_name}, axes {s.axes} shape {s.shape}", style="bold"))
             common.print_baselines(s, con)
-            con.print(common.scores_table(s, top, title=f"top {top} by {by}", by=by))
+            con.print(common.scores_table(s, top, title=f"top {top}", by=by))
             if provenance:
                 t = Table(show_header=False, box=None, pad_edge=False)
                 t.add_column(style="dim")

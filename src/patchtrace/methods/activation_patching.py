@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from patchtrace.engine.checkpoint import Checkpoint, run_key
+from patchtrace.engine.checkpoint import Checkpoint, guard_finished, run_key
 from patchtrace.engine.sweep import (
     EngineError,
     Patch,
@@ -39,7 +39,7 @@ from patchtrace.engine.sweep import (
     resolve,
     run_patches,
 )
-from patchtrace.metrics import Metric
+from patchtrace.metrics import Metric, warn_zero_gap
 from patchtrace.models.load import Model
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import KV_KINDS, Site, SiteSpec
@@ -154,6 +154,7 @@ def run(
     *,
     out_dir: str | Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> Scores:
     """Exact activation patching of every cell of ``sites``.
 
@@ -164,24 +165,49 @@ def run(
         config: :class:`PatchingConfig`.
         out_dir: if given, finished blocks are checkpointed there and a rerun resumes.
         on_progress: called as ``on_progress(done, total)`` in patches.
+        overwrite: replace a finished result of a *different* run in ``out_dir`` (otherwise refused).
+
+    Raises:
+        CheckpointError: ``out_dir`` is in use by another run, or holds another run's result.
 
     Returns:
         :class:`Scores` of effects with axes from the grid.
     """
     cfg = config or PatchingConfig()
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
-    metric = Metric(cfg.metric)
     grid = build_grid(model, sites, tok)
+    key = run_key(
+        {"model": model.weights_hash(), "task": tok.task.hash(), "sites": str(sites), "config": asdict(cfg), "m": "ap"}
+    )
+    ckpt = Checkpoint(out_dir, key, overwrite) if out_dir is not None else None  # takes the folder's lock
+    try:
+        if out_dir is not None:
+            guard_finished(out_dir, key, overwrite)
+        return _sweep(model, tok, sites, cfg, grid, key, ckpt, on_progress, out_dir)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _sweep(
+    model: Model,
+    tok: TokenizedTask,
+    sites: SiteSpec,
+    cfg: PatchingConfig,
+    grid: Grid,
+    key: str,
+    ckpt: Checkpoint | None,
+    on_progress: Callable[[int, int], None] | None,
+    out_dir: str | Path | None,
+) -> Scores:
+    """The body of :func:`run` once the grid is built and the folder is held."""
+    metric = Metric(cfg.metric)
     N = len(tok)
     n_cells = len(grid.cells)
     patched = torch.zeros(N, n_cells)
     clean_metric = torch.zeros(N)
     corrupt_metric = torch.zeros(N)
     points = {s.point for s in grid.sites}
-    key = run_key(
-        {"model": model.weights_hash(), "task": tok.task.hash(), "sites": str(sites), "config": asdict(cfg), "m": "ap"}
-    )
-    ckpt = Checkpoint(out_dir, key) if out_dir is not None else None
     sanity = 0.0
     done = 0
     groups = tok.groups()
@@ -237,12 +263,14 @@ def run(
                 if ckpt is not None:
                     ckpt.save(bkey, {"patched": vals})
             patched[idx, b0 : b0 + block_size] = vals.T
+    warn_zero_gap(clean_metric, corrupt_metric, f"task {tok.task.name!r}")
     base_metric = corrupt_metric if cfg.direction == "denoise" else clean_metric
     effects = (patched - base_metric[:, None]).view(N, *grid.shape)
     patched_mean = patched.mean(0).view(grid.shape)
     values = effects.mean(0)
     prov = make_provenance(model, tok.task, "activation_patching", cfg)
     prov["sites"] = str(sites)
+    prov["run_key"] = key
     prov["sanity_max_abs"] = sanity
     prov["direction"] = cfg.direction
     prov["plan"] = [pl.describe() for pl in plans]

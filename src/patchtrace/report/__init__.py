@@ -37,7 +37,9 @@ def find_results(path: str | Path) -> dict[str, Path]:
     raise ResultsError(f"{p} holds no patchtrace results (no scores.json in it or in its subfolders)")
 
 
-def write_report(path: str | Path, *, title: str | None = None, top: int = 15, note: str | None = None) -> list[Path]:
+def write_report(
+    path: str | Path, *, title: str | None = None, top: int = 15, note: str | None = None, by: str = "importance"
+) -> list[Path]:
     """Write ``heatmap.png`` next to each ``scores.json`` under ``path`` and one ``report.html`` in ``path``.
 
     Args:
@@ -45,6 +47,7 @@ def write_report(path: str | Path, *, title: str | None = None, top: int = 15, n
         title: HTML title (default: ``patchtrace report: <folder name>``).
         top: rows of each top-k table.
         note: an extra line in the HTML (e.g. wall time).
+        by: order of the top tables (default: importance for the direction and metric).
 
     Returns:
         the files written: the PNGs, then the HTML.
@@ -61,7 +64,8 @@ def write_report(path: str | Path, *, title: str | None = None, top: int = 15, n
         written.append(heatmap_png(s, folder / "heatmap.png"))
     root = Path(path)
     written.append(
-        html_report(sections, root / "report.html", title=title or f"patchtrace report: {root.name}", top=top, note=note)
+        html_report(sections, root / "report.html", title=title or f"patchtrace report: {root.name}", top=top, note=note,
+                    by=by)
     )
     return written
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchtrace.report.summary import as_matrix, display_token, provenance_summary, top_rows
+from patchtrace.report.summary import as_matrix, display_token, order_phrase, provenance_summary, top_rows
 from patchtrace.results import Scores
 
 
@@ -88,10 +88,10 @@ def _section_data(name: str, scores: Scores) -> dict[str, Any]:
     }
 
 
-def _section_html(i: int, name: str, scores: Scores, top: int) -> str:
+def _section_html(i: int, name: str, scores: Scores, top: int, by: str = "importance") -> str:
     b = scores.baselines
     norm = _normalized(scores)
-    rows = top_rows(scores, top, normalized=norm)
+    rows = top_rows(scores, top, normalized=norm, by=by)
     base = " · ".join(f"{_e(k)} <b>{v:+.4f}</b>" for k, v in b.items() if isinstance(v, (int, float)))
     if "clean" in b and "corrupt" in b:
         base += f" · gap <b>{b['clean'] - b['corrupt']:+.4f}</b>"
@@ -128,7 +128,7 @@ def _section_html(i: int, name: str, scores: Scores, top: int) -> str:
 {prompt}
 <div class=controls>{mode}</div>
 <div class=wrap><canvas data-sec="{i}"></canvas></div>
-<h3>top {len(rows)}</h3>
+<h3>top {len(rows)} · {_e(order_phrase(scores, by))}</h3>
 <table class=top>{head}</tr>{"".join(body)}</table>
 <details><summary>provenance</summary><table class=prov>{prov}</table>
 <pre>{_e(json.dumps(_clean(scores.provenance), indent=2, default=str))}</pre></details>
@@ -213,6 +213,7 @@ def html_report(
     title: str = "patchtrace report",
     top: int = 15,
     note: str | None = None,
+    by: str = "importance",
 ) -> Path:
     """Write a self-contained HTML report of one or several :class:`Scores` to ``path``.
 
@@ -222,6 +223,8 @@ def html_report(
         title: page title (escaped).
         top: rows in each top-k table.
         note: an optional line under the title (escaped), e.g. the wall time of the run.
+        by: order of the top tables (see :meth:`Scores.ranking`; default: importance for the
+            direction and metric, and the table says which).
 
     Returns:
         the path written.
@@ -232,7 +235,7 @@ def html_report(
         items = list(scores.items())
     else:
         items = [("", s) for s in scores]
-    sections = "".join(_section_html(i, name, s, top) for i, (name, s) in enumerate(items))
+    sections = "".join(_section_html(i, name, s, top, by) for i, (name, s) in enumerate(items))
     data = script_json([_section_data(name or s.site_kind, s) for name, s in items])
     csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
     doc = f"""<!DOCTYPE html>

@@ -98,11 +98,19 @@ def cell_token(scores: Scores, index: tuple[int, ...]) -> str | None:
     return None
 
 
-def top_rows(scores: Scores, k: int = 10, normalized: Tensor | None = None, by: str = "value") -> list[dict[str, Any]]:
-    """The top-``k`` sites as dicts: ``rank``, ``site`` (string), ``value``, ``recovery`` (or None), ``token``."""
+def top_rows(
+    scores: Scores, k: int = 10, normalized: Tensor | None = None, by: str = "importance"
+) -> list[dict[str, Any]]:
+    """The top-``k`` sites as dicts: ``rank``, ``site`` (string), ``value``, ``recovery`` (or None), ``token``.
+
+    ``by`` is as in :meth:`Scores.ranking`; :func:`order_phrase` says the order in words.
+    """
+    from patchtrace.results import ResultsError
+
+    if k < 1:
+        raise ResultsError(f"top: the number of rows must be at least 1 (got {k})")
     flat = scores.values.flatten().float()
-    key = {"value": flat, "abs": flat.abs(), "neg": -flat}[by]
-    key = torch.nan_to_num(key, nan=-math.inf)
+    key, _ = scores.ranking(by)
     k = min(k, flat.numel())
     out = []
     for rank, i in enumerate(torch.topk(key, k).indices.tolist(), start=1):
@@ -120,6 +128,11 @@ def top_rows(scores: Scores, k: int = 10, normalized: Tensor | None = None, by: 
             }
         )
     return out
+
+
+def order_phrase(scores: Scores, by: str = "importance") -> str:
+    """What the order of :func:`top_rows` means, in words (``largest damage first (noising ...)``)."""
+    return scores.ranking(by)[1]
 
 
 def provenance_summary(scores: Scores) -> list[tuple[str, str]]:
@@ -150,4 +163,4 @@ def provenance_summary(scores: Scores) -> list[tuple[str, str]]:
     return [(k, v if isinstance(v, str) else repr(v)) for k, v in rows if v is not None and v != {}]
 
 
-__all__ = ["Matrix", "as_matrix", "axis_ticks", "cell_token", "display_token", "provenance_summary", "top_rows"]
+__all__ = ["Matrix", "as_matrix", "axis_ticks", "cell_token", "display_token", "order_phrase", "provenance_summary", "top_rows"]

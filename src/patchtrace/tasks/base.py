@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,11 +21,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchtrace.errors import PatchtraceError
+from patchtrace.errors import PatchtraceError, PatchtraceWarning
 
 
 class TaskError(PatchtraceError, ValueError):
     """Invalid task data; the message names the example and the tokens at fault."""
+
+
+class TaskWarning(PatchtraceWarning):
+    """Task data that runs but may not mean what was intended (the message names the examples)."""
+
+
+def _few(indices: Sequence[int], n: int = 8) -> str:
+    """``0, 3, 5`` or ``0, 3, 5, ... (12 in all)``."""
+    head = ", ".join(str(i) for i in indices[:n])
+    return head if len(indices) <= n else f"{head}, ... ({len(indices)} in all)"
 
 
 def _as_tuple(x: str | Sequence[str]) -> tuple[str, ...]:
@@ -86,16 +97,26 @@ class Task:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n": len(self), "hash": self.hash(), "params": self.params}
 
-    def tokenize(self, tokenizer: Any, *, first_token: bool = False) -> TokenizedTask:
+    def tokenize(self, tokenizer: Any, *, first_token: bool = False, allow_degenerate: bool = False) -> TokenizedTask:
         """Tokenize and validate all examples.
+
+        Besides lengths and single-token answers, two kinds of example make a patching result
+        meaningless and are refused: an answer token set equal to the wrong one (a logit difference of
+        zero by construction) and a clean prompt identical to the corrupt one (nothing to patch). An
+        answer written without its leading space after a prompt that does not end in one (``"Paris"``
+        where the model would continue with ``" Paris"``) scores a different token than the prompt's
+        natural continuation: that is allowed, with a :class:`TaskWarning` naming the examples and
+        both tokens.
 
         Args:
             tokenizer: a Hugging Face tokenizer.
             first_token: for multi-token answers, use their first token (explicit opt-in);
                 otherwise a multi-token answer is an error.
+            allow_degenerate: run degenerate examples anyway (a :class:`TaskWarning` names them).
 
         Raises:
-            TaskError: empty task, length mismatch or multi-token answer (names the example).
+            TaskError: empty task, length mismatch, multi-token answer or a degenerate example
+                (names the example).
         """
         if tokenizer is None:
             raise TaskError("this model has no tokenizer; pass token ids or load a model with one")
@@ -120,6 +141,8 @@ class Task:
             corrupt_ids.append(k)
             answers.append(self._answer_ids(tokenizer, i, "answer", _as_tuple(ex.answer), first_token))
             wrongs.append(self._answer_ids(tokenizer, i, "wrong", _as_tuple(ex.wrong), first_token))
+        self._check_degenerate(clean_ids, corrupt_ids, answers, wrongs, allow_degenerate)
+        self._check_leading_space(tokenizer, answers)
         na, nw = {len(a) for a in answers}, {len(w) for w in wrongs}
         if len(na) > 1 or len(nw) > 1:
             raise TaskError(
@@ -135,6 +158,56 @@ class Task:
             tokens=[tokenizer.convert_ids_to_tokens(c) for c in clean_ids],
             corrupt_tokens=[tokenizer.convert_ids_to_tokens(k) for k in corrupt_ids],
         )
+
+    def _check_degenerate(
+        self, clean: list[list[int]], corrupt: list[list[int]], answers: list[list[int]], wrongs: list[list[int]],
+        allow: bool,
+    ) -> None:
+        same_answer = [i for i, (a, w) in enumerate(zip(answers, wrongs, strict=True)) if set(a) == set(w)]
+        same_prompt = [i for i, (c, k) in enumerate(zip(clean, corrupt, strict=True)) if c == k]
+        problems = []
+        if same_answer:
+            ex = self.examples[same_answer[0]]
+            problems.append(
+                f"example(s) {_few(same_answer)} score the same token(s) as answer and wrong "
+                f"(example {same_answer[0]}: answer {ex.answer!r}, wrong {ex.wrong!r}), so every logit "
+                "difference is zero by construction"
+            )
+        if same_prompt:
+            problems.append(
+                f"example(s) {_few(same_prompt)} have identical clean and corrupt prompts "
+                f"(example {same_prompt[0]}: {self.examples[same_prompt[0]].clean!r}), so there is nothing to patch"
+            )
+        if not problems:
+            return
+        msg = f"task {self.name!r}: " + "; ".join(problems)
+        if not allow:
+            raise TaskError(msg + "; fix or drop them (or pass allow_degenerate=True to run anyway)")
+        warnings.warn(msg + " (running anyway: allow_degenerate=True)", TaskWarning, stacklevel=3)
+
+    def _check_leading_space(self, tok: Any, answers: list[list[int]]) -> None:
+        odd: list[str] = []
+        idx: list[int] = []
+        for i, ex in enumerate(self.examples):
+            text = _as_tuple(ex.answer)[0]
+            if not text or text[0].isspace() or not ex.clean or ex.clean[-1].isspace():
+                continue
+            spaced = tok(" " + text, add_special_tokens=False).input_ids
+            if len(spaced) == 1 and spaced[0] != answers[i][0]:  # " 8" → ["Ġ", "8"]: digits carry no space
+                idx.append(i)
+                if len(odd) < 2:
+                    odd.append(
+                        f"example {i} scores {tok.convert_ids_to_tokens(answers[i][:1])[0]!r} (answer {text!r}) "
+                        f"where the prompt would continue with {tok.convert_ids_to_tokens(spaced[:1])[0]!r}"
+                    )
+        if idx:
+            warnings.warn(
+                f"task {self.name!r}: the answer of example(s) {_few(idx)} has no leading space although the "
+                f"prompt does not end in one: {'; '.join(odd)}. Write the answer as ' {_as_tuple(self.examples[idx[0]].answer)[0]}' "
+                "if that is the continuation you mean",
+                TaskWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _answer_ids(tok: Any, i: int, what: str, texts: tuple[str, ...], first_token: bool) -> list[int]:
@@ -191,6 +264,13 @@ class TokenizedTask:
         for i, n in enumerate(self.lengths):
             by.setdefault(n, []).append(i)
         return [by[n] for n in sorted(by)]
+
+    def scored_tokens(self, tokenizer: Any, i: int = 0) -> tuple[list[str], list[str]]:
+        """The answer and wrong tokens that the metric scores for example ``i`` (as token strings)."""
+        return (
+            tokenizer.convert_ids_to_tokens(self.answer[i].tolist()),
+            tokenizer.convert_ids_to_tokens(self.wrong[i].tolist()),
+        )
 
     def ids(self, which: str, indices: Sequence[int]) -> Tensor:
         """``[len(indices), T]`` ids of ``which`` (``"clean"`` or ``"corrupt"``) for equal-length examples."""
