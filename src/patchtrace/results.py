@@ -145,16 +145,16 @@ class Scores:
         if by == "importance":
             sign = self.importance_sign()
             if self.value_name not in ("effect", "attribution"):
-                what = f"largest {self.value_name} first"
+                what = f"by importance: largest {self.value_name} first"
             else:
                 direction = self.provenance.get("direction") or (
                     (self.provenance.get("config") or {}).get("direction") if isinstance(
                         self.provenance.get("config"), dict) else None) or "denoise"
                 what = {
-                    (True, 1): "largest recovery first (denoising: restoring the site brings the behaviour back)",
-                    (False, -1): "largest damage first (noising: the metric drops most)",
-                    (True, -1): "largest KL reduction first (denoising toward the clean run)",
-                    (False, 1): "largest KL increase first (noising away from the clean run)",
+                    (True, 1): "by importance: largest recovery first",
+                    (False, -1): "by importance: largest damage first",
+                    (True, -1): "by importance: largest KL reduction first",
+                    (False, 1): "by importance: largest KL increase first",
                 }[(direction == "denoise", sign)]
             key = flat * sign
         elif by == "value":
