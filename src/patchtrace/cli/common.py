@@ -292,7 +292,7 @@ def scores_table(scores: Scores, k: int = 10, title: str | None = None, by: str 
 
     order = order_phrase(scores, by)
     title = f"{title} · {order}" if title else order
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", min_width=len(title) + 2)  # the title on one line
     table.add_column("#", justify="right")
     table.add_column("site")
     table.add_column(scores.value_name, justify="right")
