@@ -11,10 +11,12 @@ Saved as a directory with two files: ``scores.safetensors`` (all tensors) and ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,9 @@ import torch
 from torch import Tensor
 
 from patchtrace.errors import PatchtraceError
+from patchtrace.grid import Grid, GridError
 from patchtrace.sites import Site
 
-AXES = ("layer", "head", "kv_head", "neuron", "pos")
 FORMAT_VERSION = 1
 
 
@@ -38,13 +40,13 @@ def library_version() -> str:
     return __version__
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scores:
     """Labelled scores over sites.
 
     Attributes:
         values: the score tensor; one dimension per entry of ``axes``.
-        axes: axis names, from :data:`AXES`.
+        axes: axis names, declared in :data:`patchtrace.grid.AXES`.
         site_kind: the site kind scored (``head``, ``resid_pre`` ...).
         value_name: what ``values`` holds: ``effect`` (patched − baseline metric), ``recovery``
             (normalized), ``attribution`` (an estimate of the effect), ``mask`` ...
@@ -75,13 +77,20 @@ class Scores:
     def __post_init__(self) -> None:
         if self.values.dim() != len(self.axes):
             raise ResultsError(f"values have {self.values.dim()} dims but axes are {self.axes}")
-        for a in self.axes:
-            if a not in AXES:
-                raise ResultsError(f"unknown axis {a!r}; axes are {AXES}")
-        for a, n in zip(self.axes, self.values.shape, strict=True):
-            lab = self.labels.get(f"{a}_index")
-            if lab is not None and len(lab) != n:
-                raise ResultsError(f"labels['{a}_index'] has {len(lab)} entries but axis {a!r} has size {n}")
+        object.__setattr__(self, "axes", tuple(self.axes))
+        try:
+            self.grid  # noqa: B018  (builds and validates the grid: declared axes, label lengths)
+        except GridError as e:
+            raise ResultsError(str(e)) from None
+
+    @cached_property
+    def grid(self) -> Grid:
+        """The grid the values are laid out on (axes, model indices, fixed coordinates)."""
+        return Grid.from_labels(self.site_kind, self.axes, tuple(self.values.shape), self.labels)
+
+    def replace(self, **changes: Any) -> Scores:
+        """A copy with some fields changed (Scores are frozen: results are values, not bags)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,30 +100,17 @@ class Scores:
         """The model index (layer, head, neuron, position) of entry ``i`` along ``axis``.
 
         A sweep over a subset (``layers=(10, 20)``) stores its real indices in ``labels['<axis>_index']``;
-        the grid position ``i`` is only an offset into that list.
+        the grid offset ``i`` is only a position in that list.
         """
-        lab = self.labels.get(f"{axis}_index")
-        if lab is None:
-            return int(i)
-        return int(lab[i])
+        return self.grid.coords[self.axes.index(axis)][int(i)]
 
     def site_at(self, index: tuple[int, ...]) -> Site:
         """The site addressed by a multi-index into ``values`` (grid offsets mapped to model indices)."""
-        kw: dict[str, int | None] = {"layer": None, "unit": None, "pos": None}
-        for ax, i in zip(self.axes, index, strict=True):
-            v = self.axis_value(ax, int(i))
-            if ax == "layer":
-                kw["layer"] = v
-            elif ax == "pos":
-                kw["pos"] = v
-            else:
-                kw["unit"] = v
-        if kw["pos"] is None and "fixed_pos" in self.labels:
-            kw["pos"] = int(self.labels["fixed_pos"][0])
-        layer = kw["layer"]
-        if layer is None and self.site_kind != "embed":
-            layer = 0
-        return Site(self.site_kind, layer, kw["unit"], kw["pos"])
+        return self.grid.site_at(index)
+
+    def cell_label(self, index: tuple[int, ...]) -> str:
+        """A cell's name for tables: the site string, or the axis coordinates for non-site grids."""
+        return self.grid.label(index)
 
     def importance_sign(self) -> int:
         """+1 if a larger value means a more important site, −1 if a more negative one does.
@@ -210,7 +206,7 @@ class Scores:
         ):
             t = tuple(int(x) for x in multi)
             row: dict[str, Any] = {ax: self.axis_value(ax, i) for ax, i in zip(self.axes, t, strict=True)}
-            row["site"] = str(self.site_at(t))
+            row["site"] = self.cell_label(t)
             row[self.value_name] = float(self.values[t])
             if patched is not None and patched.shape == self.values.shape:
                 row["patched"] = float(patched[t])

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
 from patchtrace.errors import PatchtraceError
+from patchtrace.kinds import KINDS, kind_info
 
 SiteKind = Literal[
     "embed",
@@ -61,12 +62,13 @@ SiteKind = Literal[
 
 SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
 
-#: Kinds whose activation has a per-head axis (index 2 of ``[B, T, H, d]``; ``pattern`` has it at 1).
-HEADED_KINDS = frozenset({"head", "q", "k", "v", "pattern"})
+# Derived views of the kind table (:mod:`patchtrace.kinds`), for readers who think in sets.
+#: Kinds whose activation has a per-head axis (query heads or KV heads).
+HEADED_KINDS = frozenset(k for k, i in KINDS.items() if i.unit_axis in ("head", "kv_head"))
 #: Kinds indexed by KV head rather than query head (they differ under grouped-query attention).
-KV_KINDS = frozenset({"k", "v"})
+KV_KINDS = frozenset(k for k, i in KINDS.items() if i.unit_axis == "kv_head")
 #: Kinds of width ``d_model``.
-STREAM_KINDS = frozenset({"embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"})
+STREAM_KINDS = frozenset(k for k, i in KINDS.items() if i.reduce == "stream")
 
 
 class SiteError(PatchtraceError, ValueError):
@@ -102,20 +104,21 @@ class Site:
         True
     """
 
-    kind: str
+    kind: SiteKind
     layer: int | None = None
     unit: int | None = None
     pos: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in SITE_KINDS:
+        if self.kind not in KINDS:
             raise SiteError(f"unknown site kind {self.kind!r}; the vocabulary is: {', '.join(SITE_KINDS)}")
-        if self.kind == "embed":
+        info = kind_info(self.kind)
+        if not info.has_layer:
             if self.layer is not None:
-                raise SiteError(f"site 'embed' takes no layer (got layer {self.layer})")
+                raise SiteError(f"site {self.kind!r} takes no layer (got layer {self.layer})")
         elif self.layer is None:
             raise SiteError(f"site {self.kind!r} needs a layer, e.g. '{self.kind}[0]'")
-        if self.unit is not None and self.kind not in HEADED_KINDS and self.kind != "neuron":
+        if self.unit is not None and not info.has_units:
             raise SiteError(f"site {self.kind!r} has no head or neuron axis (got unit {self.unit})")
 
     @property
@@ -126,7 +129,7 @@ class Site:
     def __str__(self) -> str:
         s = self.kind if self.layer is None else f"{self.kind}[{self.layer}]"
         if self.unit is not None:
-            s += f".{'n' if self.kind == 'neuron' else 'h'}{self.unit}"
+            s += f".{kind_info(self.kind).unit_letter}{self.unit}"
         if self.pos is not None:
             s += f"@{self.pos}"
         return s
@@ -149,12 +152,11 @@ def parse_site(text: str) -> Site:
     kind = m["kind"]
     if kind not in SITE_KINDS:
         raise SiteError(f"unknown site kind {kind!r} in {text!r}; the vocabulary is: {', '.join(SITE_KINDS)}")
-    if m["ut"] == "n" and kind != "neuron":
-        raise SiteError(f"'.n' (neuron index) only goes with 'neuron', not {kind!r} in {text!r}")
-    if m["ut"] == "h" and kind == "neuron":
-        raise SiteError(f"'neuron' takes '.n<index>', not '.h' in {text!r}")
+    info = kind_info(kind)
+    if m["ut"] is not None and info.has_units and m["ut"] != info.unit_letter:
+        raise SiteError(f"{kind!r} takes '.{info.unit_letter}<index>', not '.{m['ut']}' in {text!r}")
     return Site(
-        kind,
+        kind,  # type: ignore[arg-type]
         None if m["layer"] is None else int(m["layer"]),
         None if m["unit"] is None else int(m["unit"]),
         None if m["pos"] is None else int(m["pos"]),
@@ -180,16 +182,22 @@ class SiteSpec:
     ``kv_head`` / ``neuron`` when ``per_unit``, then ``pos`` when positions is not None.
     """
 
-    kind: str
+    kind: SiteKind
     per_unit: bool = False
     positions: Positions | None = "last"
     layers: tuple[int, ...] | None = None
     units: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        Site(self.kind, None if self.kind == "embed" else 0)  # validates the kind
-        if self.per_unit and self.kind not in HEADED_KINDS and self.kind != "neuron":
+        if self.kind not in KINDS:
+            raise SiteError(f"unknown site kind {self.kind!r}; the vocabulary is: {', '.join(SITE_KINDS)}")
+        if self.per_unit and not kind_info(self.kind).has_units:
             raise SiteError(f"site {self.kind!r} cannot be split per unit: it has no head or neuron axis")
+        if self.units is not None and not self.per_unit:
+            raise SiteError(f"sites {self.kind!r}: units {self.units} given but per_unit is False")
+        for what, vals in (("layers", self.layers), ("units", self.units)):
+            if vals is not None and len(set(vals)) != len(vals):
+                raise SiteError(f"sites {self.kind!r}: repeated {what} in {vals}")
 
     @staticmethod
     def parse(text: str, positions: Positions | None = "last") -> SiteSpec:
@@ -204,13 +212,9 @@ class SiteSpec:
             raise SiteError(f"unknown site kind {kind!r}; the vocabulary is: {', '.join(SITE_KINDS)}")
         if mode not in ("", "layer", "unit"):
             raise SiteError(f"unknown sweep mode {mode!r} in {text!r}; use ':layer' or ':unit'")
-        per_unit = (kind in HEADED_KINDS or kind == "neuron") and mode != "layer"
-        return SiteSpec(kind, per_unit=per_unit, positions=positions)
+        per_unit = kind_info(kind).has_units and mode != "layer"
+        return SiteSpec(kind, per_unit=per_unit, positions=positions)  # type: ignore[arg-type]
 
     def unit_axis(self) -> str | None:
         """Name of the unit axis (``head``, ``kv_head`` or ``neuron``), if split per unit."""
-        if not self.per_unit:
-            return None
-        if self.kind == "neuron":
-            return "neuron"
-        return "kv_head" if self.kind in KV_KINDS else "head"
+        return kind_info(self.kind).unit_axis if self.per_unit else None

@@ -51,7 +51,7 @@ def test_plan_counts_forward_equivalents(llama, ioi_tok):
     T = ioi_tok.uniform_length()
     L = llama.dims.n_layers
     grid = build_grid(llama, SiteSpec("resid_pre", positions="all"), ioi_tok)
-    patches = [Patch((resolve(s, llama, T),)) for s in grid.sites]
+    patches = [Patch((resolve(s, llama, T),)) for s in grid.sites()]
     plan = plan_sweep(llama, patches, len(ioi_tok), T)
     # independent count: resid_pre[l]@p recomputes layers l..L-1 at positions p..T-1
     expect = sum((L - layer) / L * (T - p) / T for layer in range(L) for p in range(T))

@@ -43,8 +43,16 @@ def test_save_load_round_trip(tmp_path):
 
 def _other(tmp_path):
     s = _scores()
-    s.values = s.values + 1
-    return s.save(tmp_path / "other")
+    return s.replace(values=s.values + 1).save(tmp_path / "other")
+
+
+def test_scores_are_frozen():
+    import dataclasses
+
+    import pytest
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _scores().values = torch.zeros(1)  # type: ignore[misc]
 
 
 def test_folder_holds_only_json_and_safetensors(tmp_path):

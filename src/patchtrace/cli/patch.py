@@ -35,10 +35,10 @@ def dry_run_plan(model: Any, tok: Any, specs: list[Any], metric: str, fast: bool
     lines = []
     for spec in specs:
         grid = build_grid(model, spec, tok)
-        lines.append(f"{spec.kind}: {len(grid.cells)} cells, axes {grid.axes} shape {grid.shape}")
+        lines.append(f"{spec.kind}: {len(grid)} cells, axes {grid.axes} shape {grid.shape}")
         for idx in tok.groups():
             T = tok.lengths[idx[0]]
-            patches = [Patch((resolve(s, model, T),)) for s in grid.sites]
+            patches = [Patch((resolve(s, model, T),)) for s in grid.sites()]
             plan = plan_sweep(
                 model, patches, len(idx), T, fast=fast, max_memory=max_memory,
                 ncols=None if cols is None else len(cols),

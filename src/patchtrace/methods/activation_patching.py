@@ -39,10 +39,11 @@ from patchtrace.engine.sweep import (
     resolve,
     run_patches,
 )
+from patchtrace.grid import Grid, GridError
 from patchtrace.metrics import Metric, warn_zero_gap
 from patchtrace.models.load import Model
 from patchtrace.results import Scores, make_provenance
-from patchtrace.sites import KV_KINDS, Site, SiteSpec
+from patchtrace.sites import SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
 
 Direction = Literal["denoise", "noise"]
@@ -72,78 +73,37 @@ class PatchingConfig:
     block_rows: int = ROWS_PER_BLOCK
 
 
-@dataclass
-class Grid:
-    """The cells of a site grid: one patch per cell, plus the axes that label them."""
-
-    axes: tuple[str, ...]
-    shape: tuple[int, ...]
-    cells: list[tuple[int, ...]]
-    sites: list[Site]
-    labels: dict[str, list[str]]
-
-
 def build_grid(model: Model, spec: SiteSpec, tok: TokenizedTask) -> Grid:
-    """Enumerate the cells of ``spec`` (positions may be negative; they are resolved per example group).
+    """The grid of ``spec`` for this model and task (positions may be negative; they are resolved per
+    example group by the engine).
 
     Raises:
         EngineError: ``positions="all"`` with examples of different lengths, or a bad layer/unit.
     """
-    d = model.dims
-    axes: list[str] = []
-    dims: list[list[int | None]] = []
-    labels: dict[str, list[str]] = {}
-    if spec.kind != "embed":
-        layers = list(spec.layers) if spec.layers is not None else list(range(d.n_layers))
-        axes.append("layer")
-        dims.append(list(layers))
-        labels["layer_index"] = [str(x) for x in layers]
-    if spec.per_unit:
-        n_units = d.d_mlp if spec.kind == "neuron" else (d.n_kv_heads if spec.kind in KV_KINDS else d.n_heads)
-        units = list(spec.units) if spec.units is not None else list(range(n_units))
-        axis = spec.unit_axis()
-        assert axis is not None
-        axes.append(axis)
-        dims.append(list(units))
-        labels[f"{axis}_index"] = [str(u) for u in units]
-    positions: list[int | None]
-    if spec.positions is None:
-        positions = [None]
-    elif spec.positions == "last":
-        positions = [-1]
-        labels["fixed_pos"] = ["-1"]
-    else:
-        T = tok.uniform_length()
-        if spec.positions == "all":
-            if T is None:
-                lens = tok.lengths
-                raise EngineError(
-                    f"positions='all' needs prompts of one length; example 0 has {lens[0]} tokens but example "
-                    f"{next(i for i, n in enumerate(lens) if n != lens[0])} has a different length. "
-                    "Use positions='last' or a list of negative positions"
-                )
-            positions = list(range(T))
-        else:
-            positions = list(spec.positions)
-        axes.append("pos")
-        dims.append(list(positions))
-        labels["pos_index"] = [str(p) for p in positions]
-        if T is not None:
-            labels["pos"] = [tok.tokens[0][p] for p in positions if p is not None]
-    cells: list[tuple[int, ...]] = []
-    sites: list[Site] = []
-    for multi in torch.cartesian_prod(*[torch.arange(len(x)) for x in dims]).reshape(-1, len(dims)).tolist() if dims else [[]]:
-        kw: dict[str, int | None] = {"layer": None, "unit": None, "pos": positions[0] if spec.positions == "last" else None}
-        for ax, i in zip(axes, multi, strict=True):
-            if ax == "layer":
-                kw["layer"] = dims[axes.index(ax)][i]
-            elif ax == "pos":
-                kw["pos"] = dims[axes.index(ax)][i]
-            else:
-                kw["unit"] = dims[axes.index(ax)][i]
-        cells.append(tuple(multi))
-        sites.append(Site(spec.kind, kw["layer"], kw["unit"], kw["pos"]))
-    return Grid(tuple(axes), tuple(len(x) for x in dims), cells, sites, labels)
+    T = tok.uniform_length()
+    if spec.positions == "all" and T is None:
+        lens = tok.lengths
+        raise EngineError(
+            f"positions='all' needs prompts of one length; example 0 has {lens[0]} tokens but example "
+            f"{next(i for i, n in enumerate(lens) if n != lens[0])} has a different length. "
+            "Use positions='last' or a list of negative positions"
+        )
+    try:
+        return Grid.from_spec(spec, model.dims, T)
+    except GridError as e:
+        raise EngineError(str(e)) from None
+
+
+def result_labels(grid: Grid, tok: TokenizedTask) -> dict[str, list[str]]:
+    """The labels a result carries: the grid's (model indices, fixed coordinates) plus, when every
+    prompt has one length, the tokens of example 0 at the swept positions (for reports)."""
+    labels = grid.labels()
+    T = tok.uniform_length()
+    if "pos" in grid.axes and T is not None:
+        poss = grid.coords[grid.axes.index("pos")]
+        if all(-T <= p < T for p in poss):
+            labels["pos"] = [tok.tokens[0][p] for p in poss]
+    return labels
 
 
 def run(
@@ -203,18 +163,19 @@ def _sweep(
     """The body of :func:`run` once the grid is built and the folder is held."""
     metric = Metric(cfg.metric)
     N = len(tok)
-    n_cells = len(grid.cells)
+    n_cells = len(grid)
     patched = torch.zeros(N, n_cells)
     clean_metric = torch.zeros(N)
     corrupt_metric = torch.zeros(N)
-    points = {s.point for s in grid.sites}
+    sites_list = grid.sites()
+    points = {s.point for s in sites_list}
     sanity = 0.0
     done = 0
     groups = tok.groups()
     total = n_cells * len(groups)
     cols = metric.columns(tok.answer, tok.wrong)
     # one patch per cell and example group (positions resolved against that group's length)
-    group_patches_all = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in grid.sites] for g in groups]
+    group_patches_all = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in sites_list] for g in groups]
     plans = [
         plan_sweep(
             model, gp, len(g), tok.lengths[g[0]], fast=cfg.fast, max_memory=cfg.max_memory,
@@ -281,7 +242,7 @@ def _sweep(
         value_name="effect",
         metric=cfg.metric,
         baselines={"clean": float(clean_metric.mean()), "corrupt": float(corrupt_metric.mean())},
-        labels=grid.labels,
+        labels=result_labels(grid, tok),
         per_example=effects,
         extras={"patched": patched_mean, "clean_per_example": clean_metric, "corrupt_per_example": corrupt_metric},
         provenance=prov,

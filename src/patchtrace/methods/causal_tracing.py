@@ -51,11 +51,11 @@ from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx
 from patchtrace.results import Scores, make_provenance
-from patchtrace.sites import HookPoint, Site
+from patchtrace.sites import HookPoint, Site, SiteKind
 from patchtrace.tasks.base import Task, TaskError, TokenizedTask
 
 TraceKind = Literal["resid", "mlp", "attn"]
-_SITE_OF_KIND = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+_SITE_OF_KIND: dict[str, SiteKind] = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
 
 @dataclass(frozen=True)

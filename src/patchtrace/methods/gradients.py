@@ -39,7 +39,9 @@ import torch
 from torch import Tensor
 
 from patchtrace.engine.sweep import EngineError, resolve
-from patchtrace.methods.activation_patching import Grid, build_grid
+from patchtrace.grid import Grid
+from patchtrace.kinds import gradient_product
+from patchtrace.methods.activation_patching import build_grid, result_labels
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, LRPRules, RunCtx
@@ -147,18 +149,9 @@ def grads_of(
 
 
 def product(kind: str, diff: Tensor, grad: Tensor) -> Tensor:
-    """``diff ⊙ grad`` summed over the feature axis, laid out ``[B, T, U]`` (U = 1, heads or neurons).
-
-    ``pattern`` (``[B, H, Tq, Tk]``) is summed over keys and put query-position first.
-    """
-    p = diff * grad
-    if kind == "pattern":
-        return p.sum(-1).transpose(1, 2)
-    if kind in ("head", "q", "k", "v"):
-        return p.sum(-1)
-    if kind == "neuron":
-        return p
-    return p.sum(-1, keepdim=True)
+    """``diff ⊙ grad`` summed over the feature axis, laid out ``[B, T, U]``: the kind table's rule
+    (:func:`patchtrace.kinds.gradient_product`)."""
+    return gradient_product(kind, diff, grad)
 
 
 # -- grids and cells ----------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def cell_map(model: Model, grids: Sequence[Grid], T: int) -> CellMap:
     per: dict[HookPoint, tuple[list[int], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
     c = 0
     for g in grids:
-        for s in g.sites:
+        for s in g.sites():
             r = resolve(s, model, T)
             ids, pos, unit = per[r.point]
             ids.append(c)
@@ -307,7 +300,7 @@ def estimate(
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
     m = Metric(metric)
     grids = [build_grid(model, s, tok) for s in specs]
-    sizes = [len(g.cells) for g in grids]
+    sizes = [len(g) for g in grids]
     n_total = sum(sizes)
     N = len(tok)
     per_ex = torch.zeros(N, n_total)
@@ -348,7 +341,7 @@ def estimate(
                 value_name=value_name,
                 metric=metric,
                 baselines={"clean": float(clean_m.mean()), "corrupt": float(corrupt_m.mean())},
-                labels=grid.labels,
+                labels=result_labels(grid, tok),
                 per_example=pe,
                 extras=ex,
                 provenance=prov,

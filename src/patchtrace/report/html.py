@@ -69,7 +69,7 @@ def _section_data(name: str, scores: Scores) -> dict[str, Any]:
     pos_axis = scores.axes.index("pos") if "pos" in scores.axes else None
     sites, tokens = [], []
     for row in m.cells:
-        sites.append([str(scores.site_at(c)) for c in row])
+        sites.append([scores.cell_label(c) for c in row])
         if toks and pos_axis is not None:
             tokens.append([display_token(toks[c[pos_axis]]) if c[pos_axis] < len(toks) else None for c in row])
     return {

@@ -17,8 +17,6 @@ from torch import Tensor
 
 from patchtrace.results import Scores
 
-_AXIS_PREFIX = {"layer": "L", "head": "H", "kv_head": "KV", "neuron": "N", "pos": ""}
-
 
 def display_token(tok: str) -> str:
     """A token string as a reader expects it: byte-level BPE ``Ġ``/``Ċ`` and sentencepiece ``▁`` mapped
@@ -28,15 +26,12 @@ def display_token(tok: str) -> str:
 
 def axis_ticks(scores: Scores, axis: str) -> list[str]:
     """Tick labels of one axis: layer/unit indices (``L3``, ``H7``) or, for ``pos``, ``index:token``."""
-    i = scores.axes.index(axis)
-    n = scores.values.shape[i]
-    idx = scores.labels.get(f"{axis}_index") or [str(j) for j in range(n)]
+    ticks = scores.grid.ticks(axis)
     if axis == "pos":
         toks = scores.labels.get("pos")
-        if toks and len(toks) == n:
-            return [f"{p}:{display_token(t)}" for p, t in zip(idx, toks)]
-        return [str(p) for p in idx]
-    return [f"{_AXIS_PREFIX.get(axis, '')}{j}" for j in idx]
+        if toks and len(toks) == len(ticks):
+            return [f"{p}:{display_token(t)}" for p, t in zip(ticks, toks, strict=True)]
+    return ticks
 
 
 @dataclass
@@ -121,7 +116,7 @@ def top_rows(
         out.append(
             {
                 "rank": rank,
-                "site": str(scores.site_at(multi)),
+                "site": scores.cell_label(multi),
                 "value": float(flat[i]),
                 "recovery": rec,
                 "token": cell_token(scores, multi),
