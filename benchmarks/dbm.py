@@ -44,6 +44,7 @@ def main() -> None:
     from patchtrace import load_model
     from patchtrace.desiderata import split_desiderata, tokenize_desiderata
     from patchtrace.methods import dbm
+    from patchtrace.sites import parse_site
     from patchtrace.tasks.variable_binding import desiderata_from_variable_binding, variable_binding_task
 
     t_all = time.perf_counter()
@@ -90,7 +91,7 @@ def main() -> None:
         print(f"λ={lam}: kept {k} ({dt:.0f} s): {[str(s) for s in tm.kept][:12]}", flush=True)
 
     ks = sorted({r["k"] for r in runs} | {1, 2, 3, 5, 8, 13, 20, 30})
-    sets = [[dbm.parse_site(s) for s in r["kept"]] for r in runs] + [[s for s, _ in ranking[:k]] for k in ks] + [[]]
+    sets = [[parse_site(s) for s in r["kept"]] for r in runs] + [[s for s, _ in ranking[:k]] for k in ks] + [[]]
     t0 = time.perf_counter()
     acc = dbm.evaluate_site_sets(model, test_t, sets)
     train_acc = dbm.evaluate_site_sets(model, train_t, sets[: len(runs)], runs=store)

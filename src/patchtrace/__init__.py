@@ -17,11 +17,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from patchtrace.apply.attnattrib import AttnAttribConfig
-from patchtrace.apply.attnattrib import attribute as qa_attribute
-from patchtrace.apply.generation import GenerationError
-from patchtrace.apply.steering import SteeringConfig
-from patchtrace.apply.steering import steer as qa_steer
 from patchtrace.desiderata import Desideratum, Triple, load_desiderata
 from patchtrace.errors import PatchtraceError, PatchtraceWarning
 from patchtrace.methods.activation_patching import PatchingConfig
@@ -35,13 +30,18 @@ from patchtrace.methods.dbm import DBMConfig
 from patchtrace.methods.dbm import run as desiderata_masking
 from patchtrace.methods.ig import IGConfig
 from patchtrace.methods.ig import run as integrated_gradients
-from patchtrace.methods.qa_circuit import QACircuitConfig
-from patchtrace.methods.qa_circuit import extract as qa_circuit
 from patchtrace.methods.relp import RelPConfig
 from patchtrace.methods.relp import run as relevance_patching
 from patchtrace.metrics import Metric
 from patchtrace.models.adapters import UnsupportedModelError, supported_model_types
 from patchtrace.models.load import DEFAULT_MODEL, Model, ModelLoadError, load_model, wrap_model
+from patchtrace.qa.attnattrib import AttnAttribConfig
+from patchtrace.qa.attnattrib import attribute as qa_attribute
+from patchtrace.qa.circuit import QACircuitConfig
+from patchtrace.qa.circuit import extract as qa_circuit
+from patchtrace.qa.generation import GenerationError
+from patchtrace.qa.steering import SteeringConfig
+from patchtrace.qa.steering import steer as qa_steer
 from patchtrace.results import Scores
 from patchtrace.sites import Site, SiteError, SiteSpec, parse_site
 from patchtrace.tasks import BUILTIN_TASKS, Example, Task, TaskError, load_task, make_task

@@ -1,4 +1,4 @@
-"""Desiderata: what a set of components must do when patched, as data (methods.md §5).
+"""Desiderata: what a set of components must do when patched, as data (Davies et al. 2023).
 
 Desiderata-based masking (Davies et al. 2023) does not ask "how much does this component matter?"
 but "is there a small set of components such that patching them from an *alternate* input into the
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.errors import PatchtraceError
-from patchtrace.tasks.io import iter_jsonl
+from patchtrace.jsonl import iter_jsonl
 
 DesideratumKind = Literal["value", "invariance", "other"]
 KINDS: tuple[str, ...] = ("value", "invariance", "other")

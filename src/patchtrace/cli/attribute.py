@@ -1,4 +1,4 @@
-"""``patchtrace attribute``: ATTNATTRIB sentence attribution for extractive QA (methods.md §6).
+"""``patchtrace attribute``: ATTNATTRIB sentence attribution for extractive QA (Basu et al. 2025).
 
 Example::
 
@@ -7,21 +7,27 @@ Example::
     patchtrace attribute --kind conflict --heads 23.2 --steer 4 --steer-heads 23.2,29.1,23.1 --gate not_in_context
 
 Heads come from ``--heads`` (``layer.head`` pairs) or from a saved circuit (``--circuit``, a head
-Scores folder from :mod:`patchtrace.methods.qa_circuit`), in which case the documented selection
-rule (:func:`patchtrace.apply.attnattrib.select_heads`) picks them on generated probe prompts.
+Scores folder from :mod:`patchtrace.qa.circuit`), in which case the documented selection
+rule (:func:`patchtrace.qa.attnattrib.select_heads`) picks them on generated probe prompts.
 With ``--steer``, answers are steered toward the attributed sentence when the gate opens
-(:mod:`patchtrace.apply.steering`: by default only when the plain answer is not copied from the
+(:mod:`patchtrace.qa.steering`: by default only when the plain answer is not copied from the
 context). Writes ``attributions.jsonl`` (and the HTML view with ``--html``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from patchtrace.cli import common
+
+if TYPE_CHECKING:
+    from patchtrace.qa.attnattrib import Attribution
+    from patchtrace.qa.items import QAItem
 
 
 def parse_heads(text: str) -> tuple[tuple[int, int], ...]:
@@ -69,14 +75,14 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
     ) -> None:
         """Attribute generated answers to context sentences from a few heads' attention (one forward)."""
-        from patchtrace.apply.attnattrib import AttnAttribConfig, accuracy_by_source, attribute, select_heads
-        from patchtrace.apply.steering import GATES, SteeringConfig
-        from patchtrace.apply.steering import steer as steer_fn
-        from patchtrace.report.qa_html import write_html
+        from patchtrace.qa.attnattrib import AttnAttribConfig, attribute, select_heads
+        from patchtrace.qa.generators import make_qa_items
+        from patchtrace.qa.io import load_qa_jsonl
+        from patchtrace.qa.items import KINDS
+        from patchtrace.qa.steering import GATES, SteeringConfig
+        from patchtrace.qa.steering import steer as steer_fn
         from patchtrace.results import Scores
-        from patchtrace.tasks.extractive_qa import KINDS, load_qa_jsonl, make_qa_items
 
-        con = common.console()
         if fmt not in ("chat", "plain"):
             raise common.CLIError(f"--fmt {fmt!r}: use 'chat' or 'plain'")
         if agg not in ("max", "sum", "mean"):
@@ -107,29 +113,40 @@ def register(app: typer.Typer) -> None:
             else:
                 r = attribute(m, it, AttnAttribConfig(chosen, agg, max_new_tokens, max_new_tokens, 2, fmt))  # type: ignore[arg-type]
             results.append(r)
-        acc = accuracy_by_source(items, results, m.tokenizer)
-        od = Path(out)
-        od.mkdir(parents=True, exist_ok=True)
-        with (od / "attributions.jsonl").open("w") as f:
-            for it, r, src in zip(items, results, acc["sources"], strict=True):
-                f.write(json.dumps({
-                    "question": it.question, "answer": r.answer_text, "context_answer": it.answer, "gold": it.gold,
-                    "top_sentence": r.top_sentence, "ranking": r.ranking, "sentence_scores": r.sentence_scores.tolist(),
-                    "heads": [list(h) for h in chosen], "seconds": r.seconds, "kind": it.kind,
-                    "steered": bool(r.extras.get("steered", False)), "answer_source": src,
-                }) + "\n")
-        con.print(
-            f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {acc['hits']}/{acc['n_context']} "
-            f"items answered from the context (not counted: {len(acc['memory'])} answered from memory, "
-            f"{len(acc['other'])} other)", markup=False,
-        )
-        for it, r, src in list(zip(items, results, acc["sources"], strict=True))[:10]:
-            con.print(f"  [{src}] {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} "
-                      f"(gold {it.gold})", markup=False)
-        for label in ("memory", "other"):
-            if acc[label]:
-                con.print(f"  answered from {label}, excluded from the accuracy: items {acc[label]}", markup=False)
-        con.print(f"saved {od / 'attributions.jsonl'}")
-        if html:
-            write_html(list(zip(items, results, strict=True)), html, info={"heads": chosen, **info})
-            con.print(f"saved {html}")
+        _write_and_report(items, results, chosen, info, m.tokenizer, Path(out), html)
+
+
+def _write_and_report(
+    items: Sequence[QAItem], results: Sequence[Attribution], chosen: tuple[tuple[int, int], ...],
+    info: dict[str, object], tokenizer: Any, od: Path, html: str | None,
+) -> None:
+    """Write ``attributions.jsonl`` (and the HTML view), print the accuracy over context answers."""
+    from patchtrace.qa.attnattrib import accuracy_by_source
+    from patchtrace.qa.html import write_html
+
+    con = common.console()
+    acc = accuracy_by_source(items, results, tokenizer)
+    od.mkdir(parents=True, exist_ok=True)
+    with (od / "attributions.jsonl").open("w") as f:
+        for it, r, src in zip(items, results, acc["sources"], strict=True):
+            f.write(json.dumps({
+                "question": it.question, "answer": r.answer_text, "context_answer": it.answer, "gold": it.gold,
+                "top_sentence": r.top_sentence, "ranking": r.ranking, "sentence_scores": r.sentence_scores.tolist(),
+                "heads": [list(h) for h in chosen], "seconds": r.seconds, "kind": it.kind,
+                "steered": bool(r.extras.get("steered", False)), "answer_source": src,
+            }) + "\n")
+    con.print(
+        f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {acc['hits']}/{acc['n_context']} "
+        f"items answered from the context (not counted: {len(acc['memory'])} answered from memory, "
+        f"{len(acc['other'])} other)", markup=False,
+    )
+    for it, r, src in list(zip(items, results, acc["sources"], strict=True))[:10]:
+        con.print(f"  [{src}] {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} "
+                  f"(gold {it.gold})", markup=False)
+    for label in ("memory", "other"):
+        if acc[label]:
+            con.print(f"  answered from {label}, excluded from the accuracy: items {acc[label]}", markup=False)
+    con.print(f"saved {od / 'attributions.jsonl'}")
+    if html:
+        write_html(list(zip(items, results, strict=True)), html, info={"heads": chosen, **info})
+        con.print(f"saved {html}")

@@ -35,13 +35,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from patchtrace.apply.generation import GenerationError
 from patchtrace.engine.checkpoint import CheckpointError
 from patchtrace.engine.sweep import EngineError
 from patchtrace.errors import PatchtraceError
 from patchtrace.metrics import MetricError
 from patchtrace.models.adapters import UnsupportedModelError
 from patchtrace.models.load import ModelLoadError
+from patchtrace.qa.generation import GenerationError
 from patchtrace.results import ResultsError, Scores
 from patchtrace.sites import SiteError, SiteSpec
 from patchtrace.tasks.base import TaskError

@@ -43,20 +43,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("tasks")
     def tasks() -> None:
-        """Built-in tasks, with descriptions."""
-        from patchtrace import tasks as T
+        """Registered tasks (built-in generators), with descriptions."""
+        from patchtrace.tasks import task_generators
 
         con = common.console()
-        t = Table(title="built-in tasks", title_justify="left")
+        t = Table(title="registered tasks (--task NAME; '-' and '_' are the same)", title_justify="left")
         t.add_column("name")
         t.add_column("description")
-        for name, desc in T.BUILTIN_TASKS.items():
-            t.add_row(name, Text(desc))
-        for name, fn in sorted(T._extra_tasks().items()):
-            if name in T.BUILTIN_TASKS:
-                continue
-            doc = (fn.__doc__ or "").strip().splitlines()
-            t.add_row(name, Text(doc[0] if doc else ""))
+        for g in task_generators():
+            t.add_row(g.name, Text(g.description))
         con.print(t)
         con.print("Or your own data: --task file.jsonl / file.csv with fields clean, corrupt, answer, wrong.",
                   markup=False)

@@ -6,19 +6,26 @@ Example::
     patchtrace mask --desiderata my_desiderata.jsonl --sites head --lam 0.05 --steps 100
 
 The mask is trained on part of each desideratum's tuples and evaluated exactly on the rest
-(``--train-fraction``). The results folder holds :class:`~patchtrace.results.Scores` (values = the
-relaxed mask of the first site kind; the full mask, binary mask and evaluation inside) and the
-desiderata used (``desiderata.jsonl``); reload with :func:`patchtrace.methods.dbm.load_mask`.
+(``--train-fraction``). The results folder holds the :class:`~patchtrace.methods.dbm.Mask`
+(``mask.json`` + ``mask.safetensors``: components, relaxed and binary mask, kept sites, evaluation,
+training history), one Scores view per site kind (so ``patchtrace show`` / ``report`` display it) and
+the desiderata used (``desiderata.jsonl``); reload with :meth:`patchtrace.methods.dbm.Mask.load`.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from patchtrace.cli import common
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from patchtrace.methods.dbm import Mask
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +56,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Learn a binary mask of components that satisfies the desiderata; evaluate it on held-out tuples."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.table import Table
 
         from patchtrace.desiderata import DesiderataError, load_desiderata, save_desiderata
         from patchtrace.methods import dbm
@@ -71,7 +77,7 @@ def register(app: typer.Typer) -> None:
             else:
                 m = common.load(model, device, dtype, trust_remote_code)
                 tsk = common.build_task(task, n, seed, m)
-                ds = dbm._as_desiderata(tsk, m)
+                ds = dbm.as_desiderata(tsk)
                 name = Path(task).stem
                 if tsk.params.get("n_solved") is not None:
                     con.print(f"task {tsk.name}: the model solves {tsk.params['n_solved']} of "
@@ -83,33 +89,39 @@ def register(app: typer.Typer) -> None:
                            console=common.err_console(), disable=quiet)
             with bar:
                 tid = bar.add_task("training mask", total=steps, loss=float("nan"), kept=0)
-                scores = dbm.run(
+                result = dbm.run(
                     m, ds, specs, cfg,
                     on_step=lambda i, loss, k: bar.update(tid, completed=i + 1, loss=loss, kept=k),
                 )
         except (DesiderataError, dbm.DBMError) as e:
             common.fail(str(e))
         folder = Path(out) if out else Path("runs") / f"mask-{name}"
-        scores.save(folder)
+        result.save(folder)
         save_desiderata(ds, folder / "desiderata.jsonl")
-        ev = scores.provenance["evaluation"]
-        table = Table(title=f"held-out desiderata accuracy ({ev['n_kept']} of {ev['n_components']} components kept)",
-                      title_justify="left")
-        table.add_column("desideratum")
-        table.add_column("mask", justify="right")
-        table.add_column("unpatched", justify="right")
-        if baseline:
-            table.add_column(f"top-{ev['n_kept']} exact patching", justify="right")
-        for d in ev["desiderata"]:
-            row = [d, f"{ev['accuracy_per_desideratum'][d]:.2f}", f"{ev['unpatched_per_desideratum'][d]:.2f}"]
-            if baseline:
-                row.append(f"{ev['topk_per_desideratum'][d]:.2f}")
-            table.add_row(*row)
-        row = ["mean", f"{ev['accuracy']:.2f}", f"{ev['unpatched_accuracy']:.2f}"]
-        if baseline:
-            row.append(f"{ev['topk_accuracy']:.2f}")
-        table.add_row(*row, style="bold")
-        con.print(table)
-        kept = scores.provenance["kept"]
-        con.print("kept: " + (", ".join(kept) if kept else "(none)"), markup=False)
+        _print_result(con, result, baseline)
         con.print(f"saved {folder} · done in {time.perf_counter() - t0:.1f} s", markup=False)
+
+
+def _print_result(con: Console, result: Mask, baseline: bool) -> None:
+    """The held-out accuracy table (mask, unpatched, top-k exact patching) and the kept sites."""
+    from rich.table import Table
+
+    ev = result.evaluation
+    table = Table(title=f"held-out desiderata accuracy ({ev['n_kept']} of {ev['n_components']} components kept)",
+                  title_justify="left")
+    table.add_column("desideratum")
+    table.add_column("mask", justify="right")
+    table.add_column("unpatched", justify="right")
+    if baseline:
+        table.add_column(f"top-{ev['n_kept']} exact patching", justify="right")
+    for d in ev["desiderata"]:
+        row = [d, f"{ev['accuracy_per_desideratum'][d]:.2f}", f"{ev['unpatched_per_desideratum'][d]:.2f}"]
+        if baseline:
+            row.append(f"{ev['topk_per_desideratum'][d]:.2f}")
+        table.add_row(*row)
+    row = ["mean", f"{ev['accuracy']:.2f}", f"{ev['unpatched_accuracy']:.2f}"]
+    if baseline:
+        row.append(f"{ev['topk_accuracy']:.2f}")
+    table.add_row(*row, style="bold")
+    con.print(table)
+    con.print("kept: " + (", ".join(str(s) for s in result.kept) if result.kept else "(none)"), markup=False)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -91,8 +91,8 @@ class Task:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def subset(self, indices: Sequence[int]) -> Task:
-        """A task with only these examples (same name and params)."""
-        return Task(self.name, [self.examples[i] for i in indices], dict(self.params), self.description)
+        """A task with only these examples (same name, params and type: subclasses stay subclasses)."""
+        return replace(self, examples=[self.examples[i] for i in indices], params=dict(self.params))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n": len(self), "hash": self.hash(), "params": self.params}

@@ -9,11 +9,13 @@ capital is its top-1 on the corrupt prompt) and records how many were kept in ``
 from __future__ import annotations
 
 import random
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from patchtrace.tasks.base import Example, Task
+from patchtrace.tasks.filtering import greedy_next_tokens
+
+if TYPE_CHECKING:
+    from patchtrace.models.load import Model
 
 CAPITALS = {
     "France": "Paris",
@@ -50,7 +52,7 @@ CAPITALS = {
 TEMPLATES = ("The capital of {c} is", "{c}'s capital city is")
 
 
-def factual(n: int = 16, seed: int = 0, model: Any = None, template: int = 0) -> Task:
+def factual(n: int = 16, seed: int = 0, model: Model | None = None, template: int = 0) -> Task:
     """Country → capital recall.
 
     Args:
@@ -64,7 +66,7 @@ def factual(n: int = 16, seed: int = 0, model: Any = None, template: int = 0) ->
     tpl = TEMPLATES[template]
     countries = list(CAPITALS)
     rng.shuffle(countries)
-    tok = getattr(model, "tokenizer", None)
+    tok = model.tokenizer if model is not None else None
     if tok is not None:  # answers must be single tokens (Task.tokenize refuses others)
         countries = [c for c in countries if len(tok(" " + CAPITALS[c], add_special_tokens=False).input_ids) == 1]
 
@@ -80,17 +82,22 @@ def factual(n: int = 16, seed: int = 0, model: Any = None, template: int = 0) ->
         cands.append(Example(tpl.format(c=c), tpl.format(c=o), " " + CAPITALS[c], " " + CAPITALS[o], {"subject": c, "other": o}))
     kept = cands
     if model is not None:
-        kept = [e for e in cands if _model_gets_right(model, e)]
+        kept = known_facts(model, cands)
     kept = kept[:n]
     params = {"n": n, "seed": seed, "template": template, "candidates": len(cands), "kept": len(kept)}
     return Task("factual", kept, params, "country → capital recall; corrupt = another country")
 
 
-def _model_gets_right(model: Any, ex: Example) -> bool:
+def known_facts(model: Model, examples: list[Example]) -> list[Example]:
+    """The examples whose clean prompt the model continues with the answer and whose corrupt prompt
+    with the wrong capital (greedy next token; one batched pass, :mod:`patchtrace.tasks.filtering`)."""
     tok = model.tokenizer
-    ans = tok(ex.answer, add_special_tokens=False).input_ids
-    wrong = tok(ex.wrong, add_special_tokens=False).input_ids
-    ids = torch.tensor([tok(ex.clean).input_ids, tok(ex.corrupt).input_ids], device=model.device)
-    with torch.no_grad():
-        top = model.runner.forward(ids, last_only=True).logits[:, -1].argmax(-1).tolist()  # type: ignore[union-attr]
-    return top[0] == ans[0] and top[1] == wrong[0]
+    prompts = [tok(p).input_ids for e in examples for p in (e.clean, e.corrupt)]
+    top = greedy_next_tokens(model, prompts)
+    keep = []
+    for j, e in enumerate(examples):
+        ans = tok(e.answer, add_special_tokens=False).input_ids[0]
+        wrong = tok(e.wrong, add_special_tokens=False).input_ids[0]
+        if top[2 * j] == ans and top[2 * j + 1] == wrong:
+            keep.append(e)
+    return keep

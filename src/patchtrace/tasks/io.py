@@ -9,33 +9,13 @@ the line.
 from __future__ import annotations
 
 import csv
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from patchtrace.jsonl import iter_jsonl
 from patchtrace.tasks.base import Example, Task, TaskError
 
 REQUIRED = ("clean", "corrupt", "answer", "wrong")
-
-
-def iter_jsonl(path: Path, error: type[Exception] = TaskError) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("file:line", record)`` for each non-empty line of a JSONL file.
-
-    Raises:
-        error: (default :class:`TaskError`) for a line that is not valid JSON or not an object,
-            naming the file and line.
-    """
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise error(f"{path}:{i}: each line must be a JSON object")
-        yield f"{path}:{i}", rec
 
 
 def _example(rec: dict[str, Any], where: str) -> Example:
@@ -71,7 +51,7 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
                         rec[k] = rec[k].split("|")
                 exs.append(_example(rec, f"{p}:{i}"))
     else:
-        for where, rec in iter_jsonl(p):
+        for where, rec in iter_jsonl(p, TaskError):
             exs.append(_example(rec, where))
     if not exs:
         raise TaskError(f"task file {p} has no examples")

@@ -1,4 +1,4 @@
-"""Variable binding (after Davies et al. 2023, methods.md §5): retrieve the value a query refers to.
+"""Variable binding (after Davies et al. 2023): retrieve the value a query refers to.
 
 A short program binds single-digit values to single-letter variables, then binds a query variable to
 one of them and asks for its value::
@@ -27,20 +27,25 @@ tokenize to the same length (validated anyway). With a model, only items the mod
 (original, value alternate and operation alternate all answered correctly at the last position);
 ``task.params`` records how many were generated and how many solved.
 
-The returned :class:`~patchtrace.tasks.Task` holds the value pairs (clean = original, corrupt =
-value alternate, answer = original value, wrong = alternate value) so every patching method can run
-on it; :func:`desiderata_from_variable_binding` rebuilds both desiderata from it.
+The returned :class:`VariableBindingTask` is a :class:`~patchtrace.tasks.Task` holding the value
+pairs (clean = original, corrupt = value alternate, answer = original value, wrong = alternate value)
+so every patching method can run on it; its :meth:`~VariableBindingTask.desiderata` (the same as
+:func:`desiderata_from_variable_binding`) rebuilds both desiderata, which is how
+:func:`patchtrace.desiderata.as_desiderata` (and so DBM) reads it.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from patchtrace.desiderata import Desideratum, Triple
 from patchtrace.tasks.base import Example, Task, TaskError
+from patchtrace.tasks.filtering import greedy_next_tokens
+
+if TYPE_CHECKING:
+    from patchtrace.models.load import Model
 
 NAMES = "abcdefghjkmnpqrstuvwxyz"
 
@@ -88,54 +93,41 @@ def _shots(rng: random.Random, fmt: dict[str, str], n_vars: int, k: int) -> str:
     return out
 
 
-def _solved(model: Any, prefix: str, programs: list[str], answers: list[int]) -> list[bool]:
-    """Whether the model's last-position argmax is each answer's digit, for ``prefix + program``.
+def solved(model: Model, prompts: list[str], answers: list[int]) -> list[bool]:
+    """Whether the model's greedy next token after each prompt is its answer digit.
 
-    The shared few-shot prefix is run once; programs then run on its cached keys/values (exact:
-    the same positions and attention). Falls back to full prompts if the prefix does not tokenize
-    to a clean prefix of the prompts.
+    One batched pass (:func:`~patchtrace.tasks.filtering.greedy_next_tokens`): the few-shot prefix
+    every prompt shares runs once and the programs run on its cached keys/values.
     """
     tok = model.tokenizer
     digit = [tok(str(d), add_special_tokens=False).input_ids[0] for d in range(10)]
-    full = [tok(prefix + p).input_ids for p in programs]
-    pre = tok(prefix).input_ids if prefix else []
-    P = len(pre)
-    use_prefix = P > 0 and all(f[:P] == pre and len(f) > P for f in full)
-    past = None
-    if use_prefix:
-        with torch.no_grad():
-            kv = model.runner.forward(torch.tensor([pre], device=model.device), keep_kv=True).kv
-        past = kv
-    out = [False] * len(programs)
-    by: dict[int, list[int]] = {}
-    for i, x in enumerate(full):
-        by.setdefault(len(x), []).append(i)
-    with torch.no_grad():
-        for idx in by.values():
-            for c0 in range(0, len(idx), 64):
-                chunk = idx[c0 : c0 + 64]
-                if use_prefix:
-                    batch = torch.tensor([full[i][P:] for i in chunk], device=model.device)
-                    logits = model.runner.forward(batch, pos_offset=P, past_kv=past, last_only=True).logits
-                else:
-                    batch = torch.tensor([full[i] for i in chunk], device=model.device)
-                    logits = model.runner.forward(batch, last_only=True).logits
-                pred = logits[:, -1].argmax(-1).tolist()
-                for j, i in enumerate(chunk):
-                    out[i] = pred[j] == digit[answers[i]]
-    return out
+    top = greedy_next_tokens(model, [tok(p).input_ids for p in prompts])
+    return [t == digit[a] for t, a in zip(top, answers, strict=True)]
+
+
+@dataclass
+class VariableBindingTask(Task):
+    """A variable-binding :class:`~patchtrace.tasks.Task` that knows its two desiderata.
+
+    Examples carry the operation alternate in ``meta`` (``op_alternate``, ``op_contrast``); subsets
+    keep the type (:meth:`Task.subset` copies with :func:`dataclasses.replace`).
+    """
+
+    def desiderata(self) -> list[Desideratum]:
+        """``value_dependence`` and ``operation_invariance`` (:func:`desiderata_from_variable_binding`)."""
+        return desiderata_from_variable_binding(self)
 
 
 def variable_binding_task(
     n: int = 16,
     seed: int = 0,
-    model: Any = None,
+    model: Model | None = None,
     *,
     fmt: str = "print",
     n_vars: int = 2,
     shots: int = 3,
     max_tries: int = 20,
-) -> Task:
+) -> VariableBindingTask:
     """Generate ``n`` variable-binding items (the model solves all of them when ``model`` is given).
 
     Args:
@@ -148,7 +140,7 @@ def variable_binding_task(
         max_tries: give up after generating ``max_tries · n`` candidates.
 
     Returns:
-        A :class:`~patchtrace.tasks.Task` of value pairs; ``params`` holds ``n_generated``,
+        A :class:`VariableBindingTask` of value pairs; ``params`` holds ``n_generated``,
         ``n_solved`` (None without a model) and the settings. Fewer than ``n`` items are returned
         when the model solves too few (the count says so).
 
@@ -170,7 +162,7 @@ def variable_binding_task(
         if model is not None:
             programs = [it[k] for it in batch for k in ("original", "value_alt", "op_alt")]
             answers = [it[k] for it in batch for k in ("answer", "value_answer", "answer")]
-            ok = _solved(model, prefix, programs, answers)
+            ok = solved(model, [prefix + p for p in programs], answers)
             batch = [it for j, it in enumerate(batch) if all(ok[3 * j : 3 * j + 3])]
         items.extend(batch)
     items = items[:n]
@@ -181,15 +173,14 @@ def variable_binding_task(
         )
         for it in items
     ]
-    return Task(
+    return VariableBindingTask(
         "variable_binding",
         examples,
         {
             "n": n, "seed": seed, "format": fmt, "n_vars": n_vars, "shots": shots,
             "n_generated": generated if model is not None else len(examples),
             "n_solved": len(examples) if model is not None else None,
-            "filtered_by": getattr(model, "name", None) if model is not None else None,
-            "desiderata": "variable_binding",
+            "filtered_by": model.name if model is not None else None,
         },
         "variable binding: print the value a query variable is bound to; clean/corrupt differ in that value",
     )
@@ -217,6 +208,6 @@ def desiderata_from_variable_binding(task: Task) -> list[Desideratum]:
     ]
 
 
-def variable_binding_desiderata(n: int = 16, seed: int = 0, model: Any = None, **kw: Any) -> list[Desideratum]:
+def variable_binding_desiderata(n: int = 16, seed: int = 0, model: Model | None = None, **kw: Any) -> list[Desideratum]:
     """Shortcut: :func:`variable_binding_task` then :func:`desiderata_from_variable_binding`."""
     return desiderata_from_variable_binding(variable_binding_task(n, seed, model, **kw))

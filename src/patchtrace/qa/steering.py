@@ -4,7 +4,7 @@ When the context contradicts memory, a model often answers from memory even thou
 heads already point at the sentence that holds the context answer. :func:`steer` feeds that pointer
 back into the *same* generation step:
 
-1. **Plain pass.** The prompt runs once, exactly as :func:`~patchtrace.apply.attnattrib.attribute`
+1. **Plain pass.** The prompt runs once, exactly as :func:`~patchtrace.qa.attnattrib.attribute`
    runs it: the attribution heads' attention at the answer query is recorded (ATTNATTRIB), the
    residual stream entering the first steering layer ``L0`` at the last position is kept, and the
    keys/values of every position are cached. This pass *is* the unsteered answer.
@@ -24,7 +24,7 @@ back into the *same* generation step:
 
 Later tokens (``max_new_tokens > 1``) keep the first step's decision and target sentence.
 
-This differs from the paper's steering (methods.md §6: put the attributed sentence back into the
+This differs from the paper's steering (Basu et al. 2025: put the attributed sentence back into the
 prompt and answer again, a second generation); it costs no extra full pass. ``strength = 0`` or a
 closed gate returns the plain pass, bit-identical to an unsteered :func:`attribute`.
 
@@ -44,12 +44,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from patchtrace.apply.attnattrib import Agg, Attribution, context_mask, finish, sentence_scores
-from patchtrace.apply.generation import AttentionRecorder, Generation, GenerationError, Head, HookFn, check_heads
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
+from patchtrace.qa.attnattrib import Agg, Attribution, context_mask, finish, sentence_scores
+from patchtrace.qa.generation import AttentionRecorder, Generation, GenerationError, Head, HookFn, check_heads
+from patchtrace.qa.items import QAItem
+from patchtrace.qa.prompts import Fmt, QAPrompt, render
 from patchtrace.sites import HookPoint
-from patchtrace.tasks.extractive_qa import Fmt, QAItem, QAPrompt, render
 
 Gate = Literal["always", "not_in_context", "not_in_sentence"]
 GATES: tuple[str, ...] = ("always", "not_in_context", "not_in_sentence")

@@ -7,7 +7,7 @@ plus a small table of per-sentence scores. Every prompt-derived string goes thro
 assets: the file opens offline.
 
 Example:
-    >>> from patchtrace.report.qa_html import render_html                  # doctest: +SKIP
+    >>> from patchtrace.qa.html import render_html                  # doctest: +SKIP
     >>> Path("attr.html").write_text(render_html([(item, attribution)]))    # doctest: +SKIP
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from patchtrace.apply.attnattrib import Attribution
-from patchtrace.tasks.extractive_qa import QAItem
+from patchtrace.qa.attnattrib import Attribution
+from patchtrace.qa.items import QAItem
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#222}

@@ -8,7 +8,7 @@ predicts the next token (the prompt's last position for the first generated toke
 token afterwards) over the *prompt* positions. Nothing else is run: recording costs a few explicit
 attention patterns instead of fused attention on those layers.
 
-Steering (see :mod:`patchtrace.apply.steering`) plugs in as extra hooks that run after the
+Steering (see :mod:`patchtrace.qa.steering`) plugs in as extra hooks that run after the
 recorder, so within one forward a later layer can use what an earlier layer's head attended to.
 
 Example:

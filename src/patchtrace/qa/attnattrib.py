@@ -1,17 +1,17 @@
 """ATTNATTRIB: attribute a generated answer to context sentences from a few heads' attention.
 
-Basu et al. (methods.md §6) find that some attention heads of the context-faithfulness circuit
+Basu et al. (2025) find that some attention heads of the context-faithfulness circuit
 attend, at the answer position, to where the answer sits in the context. Reading those heads'
 attention *while the answer is generated* gives attribution for free: no extra forward or backward
 pass. The steps here:
 
 1. **Choose heads** (:func:`select_heads`, a fixed, reproducible rule): take the ``k_candidates``
    heads with the largest context-use effect in the circuit scores (activation patching at the last
-   position, :mod:`patchtrace.methods.qa_circuit`); on the probe prompts, measure each candidate's
+   position, :mod:`patchtrace.qa.circuit`); on the probe prompts, measure each candidate's
    attention at the last position restricted to the context tokens; keep the ``n_heads`` with the
    lowest mean entropy of that (renormalised) distribution — the sharpest pointers. Ties break by
    larger effect. No gold labels are used.
-2. **Generate** the answer greedily (:func:`patchtrace.apply.generation.generate`) recording those
+2. **Generate** the answer greedily (:func:`patchtrace.qa.generation.generate`) recording those
    heads' attention over the prompt at every step.
 3. **Score** context tokens by the heads' mean attention, averaged over the answer's generated
    tokens (``answer_steps``); restrict to context tokens (attention sinks such as the first token
@@ -35,10 +35,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from patchtrace.apply.generation import AttentionRecorder, Generation, GenerationError, Head, HookFactory, generate
 from patchtrace.models.load import Model
+from patchtrace.qa.generation import AttentionRecorder, Generation, GenerationError, Head, HookFactory, generate
+from patchtrace.qa.items import QAItem
+from patchtrace.qa.prompts import Fmt, QAPrompt, render
 from patchtrace.results import Scores
-from patchtrace.tasks.extractive_qa import Fmt, QAItem, QAPrompt, render
 
 Agg = Literal["max", "sum", "mean"]
 

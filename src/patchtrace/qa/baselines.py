@@ -1,4 +1,4 @@
-"""Baselines for sentence attribution, to compare ATTNATTRIB against (issue 6, item 4).
+"""Baselines for sentence attribution, to compare ATTNATTRIB against.
 
 * :func:`leave_one_out` — exact: the drop in the answer's log-probability when each context
   sentence is deleted from the prompt; ``S`` extra forward passes over the generation (the full
@@ -8,7 +8,7 @@
 * :func:`mean_attention` — ATTNATTRIB's recipe with *every* head of every layer averaged.
 * :func:`random_heads` — ATTNATTRIB's recipe with randomly chosen heads (seeded).
 
-All return an :class:`~patchtrace.apply.attnattrib.Attribution` whose ``seconds`` covers the whole
+All return an :class:`~patchtrace.qa.attnattrib.Attribution` whose ``seconds`` covers the whole
 call including generating the answer, so times are comparable with :func:`attribute`.
 """
 
@@ -21,12 +21,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from patchtrace.apply.attnattrib import AttnAttribConfig, Attribution, attribute, finish
-from patchtrace.apply.generation import generate
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
+from patchtrace.qa.attnattrib import AttnAttribConfig, Attribution, attribute, finish
+from patchtrace.qa.generation import generate
+from patchtrace.qa.items import QAItem
+from patchtrace.qa.prompts import Fmt, render
 from patchtrace.sites import HookPoint
-from patchtrace.tasks.extractive_qa import Fmt, QAItem, render
 
 
 def answer_logprob(model: Model, prompt_ids: Sequence[int], answer: Sequence[int]) -> float:

@@ -1,6 +1,6 @@
-"""Context-use and memory-use circuits of extractive QA by activation patching (methods.md §6).
+"""Context-use and memory-use circuits of extractive QA by activation patching (Basu et al. 2025).
 
-The task (:func:`patchtrace.tasks.extractive_qa.qa_patching_task`) pairs a *context run* (a
+The task (:func:`patchtrace.qa.patching.qa_patching_task`) pairs a *context run* (a
 counterfactual context; the model copies "Lyon") with a *memory run* (the same prompt, the answer
 sentence swapped for a same-length distractor; the model says "Paris"). With the metric
 ``logit_diff = logit(context answer) − logit(memory answer)`` at the last position:
@@ -13,7 +13,8 @@ sentence swapped for a same-length distractor; the model says "Paris"). With the
 
 :func:`run` returns the context-use :class:`~patchtrace.results.Scores` (``value_name="effect"``)
 with the memory-use effects in ``extras['memory_effect']`` (same shape) and both directions'
-per-example baselines; it follows the methods' interface ``run(model, task, sites, config)``.
+per-example baselines; it follows the methods' interface ``run(model, task, sites, config)`` and
+builds its own provenance (the sweeps' own results are never edited).
 :func:`extract` runs the standard pair of grids (heads and MLPs at the last position).
 
 Cost: the engine batches equal-length examples and resumes each last-position patch at its layer,
@@ -30,12 +31,12 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as patch_run
 from patchtrace.models.load import Model
-from patchtrace.results import Scores
+from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import SiteSpec
 from patchtrace.tasks.base import Task
 
@@ -65,18 +66,27 @@ def run(model: Model, task: Task, sites: SiteSpec, config: QACircuitConfig | Non
         config: :class:`QACircuitConfig`.
 
     Returns:
-        :class:`Scores` with ``provenance['method'] == 'qa_circuit'``.
+        A new :class:`Scores` with its own provenance (``method == 'qa_circuit'``, this config); the
+        provenance of the activation-patching sweeps it ran is nested under ``sweeps``, unchanged.
     """
     cfg = config or QACircuitConfig()
-    ctx = patch_run(model, task, sites, PatchingConfig("denoise", cfg.metric, cfg.fast))
-    ctx.provenance["method"] = "qa_circuit"
-    ctx.provenance["config"] = asdict(cfg)
-    ctx.provenance["meaning"] = "values: context-use (denoise memory run with context activations); extras.memory_effect: memory-use"
+    ctx = patch_run(model, task, sites, PatchingConfig(direction="denoise", metric=cfg.metric, fast=cfg.fast))
+    extras = dict(ctx.extras)
+    sweeps = {"context_use": ctx.provenance}
     if cfg.memory:
-        noi = patch_run(model, task, sites, PatchingConfig("noise", cfg.metric, cfg.fast))
-        ctx.extras["memory_effect"] = -noi.values
-        ctx.extras["memory_per_example"] = -noi.per_example if noi.per_example is not None else -noi.values[None]
-    return ctx
+        noi = patch_run(model, task, sites, PatchingConfig(direction="noise", metric=cfg.metric, fast=cfg.fast))
+        extras["memory_effect"] = -noi.values
+        extras["memory_per_example"] = -noi.per_example if noi.per_example is not None else -noi.values[None]
+        sweeps["memory_use"] = noi.provenance
+    prov = make_provenance(model, task, "qa_circuit", cfg)
+    prov.update({
+        "sites": ctx.provenance.get("sites"),
+        "direction": "denoise",
+        "sanity_max_abs": ctx.provenance.get("sanity_max_abs"),
+        "meaning": "values: context-use (denoise memory run with context activations); extras.memory_effect: memory-use",
+        "sweeps": sweeps,
+    })
+    return replace(ctx, extras=extras, provenance=prov)
 
 
 @dataclass
