@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchtrace.apply.attnattrib import AttnAttribConfig, attribute
-from patchtrace.apply.generation import generate
-from patchtrace.tasks.extractive_qa import QAItem, render
+from patchtrace.qa.attnattrib import AttnAttribConfig, attribute
+from patchtrace.qa.generation import generate
+from patchtrace.qa.items import QAItem
+from patchtrace.qa.prompts import render
 
 pytestmark = pytest.mark.smollm2
 
@@ -53,8 +54,8 @@ def test_patching_task_is_aligned_and_contrastive(smollm2):
 def test_gated_steering_on_smollm2(smollm2):
     """The default gate leaves a context-copied answer alone (bit-identical), and a forced steer's
     last-token re-run from the first steering layer equals one full forward with the same bias."""
-    from patchtrace.apply.steering import SteeringConfig, steer
     from patchtrace.models.runner import RunCtx
+    from patchtrace.qa.steering import SteeringConfig, steer
     from patchtrace.sites import HookPoint
 
     it = ITEMS[1]

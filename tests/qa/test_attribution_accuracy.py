@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from patchtrace.apply.attnattrib import Attribution, accuracy_by_source, answer_source
-from patchtrace.tasks.extractive_qa import QAItem
+from patchtrace.qa.attnattrib import Attribution, accuracy_by_source, answer_source
+from patchtrace.qa.items import QAItem
 
 
 def _item(gold: int, answer: str = " Lyon", memory: str | None = " Paris") -> QAItem:

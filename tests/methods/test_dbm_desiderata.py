@@ -1,4 +1,5 @@
-"""Desiderata as data: validation errors, JSONL round-trip, splitting, the variable-binding generator."""
+"""Desiderata as data: validation errors, JSONL round-trip, splitting, reading tasks as desiderata
+(:func:`patchtrace.methods.dbm.as_desiderata`), the variable-binding generator."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ from patchtrace.desiderata import (
     split_desiderata,
     tokenize_desiderata,
 )
+from patchtrace.methods.dbm import DBMError, as_desiderata
 from patchtrace.tasks import make_task
 from patchtrace.tasks.base import Example, Task
-from patchtrace.tasks.variable_binding import desiderata_from_variable_binding, variable_binding_task
+from patchtrace.tasks.variable_binding import (
+    VariableBindingTask,
+    desiderata_from_variable_binding,
+    variable_binding_task,
+)
 
 
 def _ok(name: str = "value") -> Desideratum:
@@ -96,6 +102,25 @@ def test_task_as_value_desideratum():
     t = Task("t", [Example("c", "k", " A", (" B", " C"))])
     (d,) = [desiderata_from_task(t)]
     assert d.kind == "value" and d.triples[0] == Triple("c", "k", " B", contrast=" A")
+
+
+def test_as_desiderata_dispatches_on_type():
+    d = _ok("v")
+    assert as_desiderata(d) == [d] and as_desiderata([d, _ok("w")])[1].name == "w"
+    t = Task("t", [Example("c", "k", " A", " B")])
+    (read,) = as_desiderata(t)
+    assert read.kind == "value" and read.triples[0] == Triple("c", "k", " B", contrast=" A")
+    vb = make_task("variable-binding", n=4, seed=0)  # dashes and underscores name the same generator
+    assert isinstance(vb, VariableBindingTask) and isinstance(vb.subset([0, 1]), VariableBindingTask)
+    value, op = as_desiderata(vb.subset([0, 1]))
+    assert (value.name, op.name) == ("value_dependence", "operation_invariance") and len(op) == 2
+    assert op.triples[1].alternate == vb.examples[1].meta["op_alternate"]
+    # the same examples in a plain Task are only a value desideratum
+    (plain,) = as_desiderata(Task(vb.name, vb.examples, dict(vb.params)))
+    assert plain.kind == "value" and len(plain) == 4
+    for bad in ([], "value", [d, "x"], 3):
+        with pytest.raises(DBMError, match="DBM needs desiderata"):
+            as_desiderata(bad)  # type: ignore[arg-type]
 
 
 def test_variable_binding_generator_without_model(smol_tokenizer):

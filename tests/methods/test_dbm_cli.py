@@ -1,5 +1,6 @@
 """``patchtrace mask`` end to end on a tiny Llama saved to disk; the saved mask is checked against the
-library's exact evaluation of the kept sites on an independently loaded copy of the model."""
+library's exact evaluation of the kept sites on an independently loaded copy of the model, and the
+mask folder is shown and reported by ``patchtrace show`` / ``patchtrace report``."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_mask_command_saves_a_reloadable_exact_result(tiny_dir, tmp_path):
     assert "held-out desiderata accuracy" in res.output
     r = dbm.load_mask(out)
     assert len(r.sites) == 3 * (4 + 1)
-    assert r.kept == [s for s, b in zip(r.sites, r.binary.tolist()) if b == 1.0]
+    assert r.kept == tuple(s for s, b in zip(r.sites, r.binary.tolist()) if b == 1.0)
     assert load_desiderata(out / "desiderata.jsonl")[0].triples == load_desiderata(f)[0].triples
     # re-evaluate the saved binary mask on a fresh copy of the model: same held-out accuracy
     m = load_model(str(tiny_dir))
@@ -62,6 +63,14 @@ def test_mask_command_saves_a_reloadable_exact_result(tiny_dir, tmp_path):
     assert float(acc[0].mean()) == pytest.approx(r.evaluation["accuracy"])
     assert float(acc[1].mean()) == pytest.approx(r.evaluation["unpatched_accuracy"])
     assert torch.all((r.mask >= 0) & (r.mask <= 1))
+    # the mask folder is a results folder: show lists both kinds' mask values, report draws them
+    shown = runner.invoke(app, ["show", str(out), "--top", "3"])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert "head mask, axes ('layer', 'head')" in text and "mlp_out mask, axes ('layer',)" in text and "dbm" in text
+    rep = runner.invoke(app, ["report", str(out)])
+    assert rep.exit_code == 0, rep.output
+    assert (out / "report.html").is_file() and (out / "head" / "heatmap.png").is_file()
 
 
 def test_mask_command_bad_desiderata_exit_2(tiny_dir, tmp_path):

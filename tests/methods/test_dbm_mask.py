@@ -1,78 +1,17 @@
-"""DBM mask mechanics on tiny models, each checked against an independent reference written here:
-a plain Hugging Face forward with hooks on the HF modules (o_proj input for heads, the MLP output)."""
+"""DBM mask mechanics on tiny models, each checked against an independent reference
+(:func:`dbm_common.naive_patched_logits`: a plain Hugging Face forward with hooks on the HF modules)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from dbm_common import naive_patched_logits, pairs
 
 from conftest import make_tiny
 from patchtrace.desiderata import Desideratum, Triple, tokenize_desiderata
 from patchtrace.methods import dbm
 from patchtrace.results import Scores
 from patchtrace.sites import Site, SiteSpec
-
-WORDS = "the cat sat on a mat while dogs ran far away from big red houses near old green trees".split()
-
-
-def _pairs(n: int, seed: int, length: int = 7) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    out = []
-    while len(out) < n:
-        a = rng.choices(WORDS, k=length)
-        b = list(a)
-        for i in rng.sample(range(length), 3):
-            b[i] = rng.choice(WORDS)
-        if a != b:
-            out.append((" ".join(a), " ".join(b)))
-    return out
-
-
-def _naive(model, ids_o: torch.Tensor, ids_a: torch.Tensor, sites: list[Site]) -> torch.Tensor:
-    """Last-position logits of the HF forward on ``ids_o`` with ``sites`` (pos -1) replaced by their
-    values on ``ids_a``: heads at the o_proj input, mlp_out at the MLP module output."""
-    hf = model.hf
-    layers = hf.model.layers
-    d_head = model.dims.d_head
-    rec: dict[tuple[str, int], torch.Tensor] = {}
-
-    def run(ids, mode):
-        handles = []
-        for s in sites:
-            L = s.layer
-            if s.kind == "head":
-                def pre(mod, args, L=L, u=s.unit):
-                    z = args[0]
-                    if mode == "rec":
-                        rec[("head", L)] = z.detach().clone()
-                        return None
-                    z = z.clone()
-                    sl = slice(u * d_head, (u + 1) * d_head)
-                    z[:, -1, sl] = rec[("head", L)][:, -1, sl]
-                    return (z,)
-                handles.append(layers[L].self_attn.o_proj.register_forward_pre_hook(pre))
-            elif s.kind == "mlp_out":
-                def post(mod, args, out, L=L):
-                    if mode == "rec":
-                        rec[("mlp", L)] = out.detach().clone()
-                        return None
-                    out = out.clone()
-                    out[:, -1] = rec[("mlp", L)][:, -1]
-                    return out
-                handles.append(layers[L].mlp.register_forward_hook(post))
-            else:
-                raise AssertionError(s.kind)
-        try:
-            with torch.no_grad():
-                return hf(input_ids=ids).logits[:, -1].float()
-        finally:
-            for h in handles:
-                h.remove()
-
-    run(ids_a, "rec")
-    return run(ids_o, "patch")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +20,7 @@ def llama(smol_tokenizer):
 
 
 def _td(model, n=6, seed=0, target=" the"):
-    d = Desideratum("v", [Triple(o, a, target) for o, a in _pairs(n, seed)])
+    d = Desideratum("v", [Triple(o, a, target) for o, a in pairs(n, seed)])
     (td,) = tokenize_desiderata([d], model.tokenizer)
     return td
 
@@ -100,7 +39,7 @@ def test_mixing_endpoints_match_original_and_patched_runs(llama):
         at1 = dbm.masked_logits(llama, g, m1)
         half = dbm.masked_logits(llama, g, m1 * 0.5)
         orig = llama.hf(input_ids=ids_o).logits[:, -1].float()
-    patched = _naive(llama, ids_o, ids_a, comps[: llama.dims.n_heads])
+    patched = naive_patched_logits(llama, ids_o, ids_a, comps[: llama.dims.n_heads])
     assert (patched - orig).abs().max() > 1e-2  # non-vacuous: the patch changes the output
     torch.testing.assert_close(at0, orig, atol=1e-5, rtol=0)
     torch.testing.assert_close(at1, patched, atol=1e-5, rtol=0)
@@ -169,7 +108,7 @@ def test_binary_mask_evaluation_matches_naive_hooks(llama):
     got = dbm.site_set_margins(llama, td, sets)
     ids_o, ids_a = td.ids("original", range(5)), td.ids("alternate", range(5))
     for i, ss in enumerate(sets):
-        logits = _naive(llama, ids_o, ids_a, ss) if ss else llama.hf(input_ids=ids_o).logits[:, -1].float().detach()
+        logits = naive_patched_logits(llama, ids_o, ids_a, ss) if ss else llama.hf(input_ids=ids_o).logits[:, -1].float().detach()
         t = td.target
         ref = logits.gather(1, t[:, None]).squeeze(1) - logits.scatter(1, t[:, None], float("-inf")).max(-1).values
         torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=0)
@@ -186,12 +125,12 @@ def _planted(smol_tokenizer, layer=2, head=1, scale=25.0):
         model.hf.model.layers[layer].self_attn.o_proj.weight[:, head * d : (head + 1) * d] *= scale
     triples = []
     planted = Site("head", layer, head, -1)
-    for o, a in _pairs(80, seed=7):
+    for o, a in pairs(80, seed=7):
         io = torch.tensor([smol_tokenizer(o).input_ids])
         ia = torch.tensor([smol_tokenizer(a).input_ids])
         if io.shape != ia.shape:
             continue
-        p = _naive(model, io, ia, [planted])[0]
+        p = naive_patched_logits(model, io, ia, [planted])[0]
         base = model.hf(input_ids=io).logits[0, -1].detach()
         if int(p.argmax()) != int(base.argmax()):
             triples.append(Triple(o, a, smol_tokenizer.decode([int(p.argmax())])))
@@ -210,26 +149,32 @@ def test_trained_mask_finds_the_planted_head(smol_tokenizer, planted_problem, tm
     good = [t for t in triples if len(smol_tokenizer(t.target, add_special_tokens=False).input_ids) == 1]
     d = Desideratum("carrier", good[:24])
     cfg = dbm.DBMConfig(lam=0.02, steps=60, lr=0.05, baseline=True)
-    scores = dbm.run(model, [d], "head,mlp_out", cfg)
-    ev = scores.provenance["evaluation"]
-    assert scores.provenance["kept"] == [str(planted)]
+    mask = dbm.run(model, [d], "head,mlp_out", cfg)
+    ev = mask.evaluation
+    assert mask.kept == (planted,)
     assert ev["accuracy"] == 1.0 and ev["unpatched_accuracy"] == 0.0
-    assert scores.extras["binary.head"][planted.layer, planted.unit] == 1.0
-    assert scores.extras["binary.head"].sum() == 1.0 and scores.extras["binary.mlp_out"].sum() == 0.0
+    views = mask.to_scores()
+    assert views["head"].extras["binary"][planted.layer, planted.unit] == 1.0
+    assert views["head"].extras["binary"].sum() == 1.0 and views["mlp_out"].extras["binary"].sum() == 0.0
+    assert views["head"].top_k(1)[0][0] == planted  # the view's grid names the model's sites
     # the loss went down while the mask stayed sparse
-    h = scores.extras["history.task"]
-    assert h[-1] < h[0]
+    h = mask.history["task"]
+    assert len(h) == 60 and h[-1] < h[0]
 
-    # save / load round trip of the mask and the Scores
-    scores.save(tmp_path / "m")
-    back = Scores.load(tmp_path / "m")
-    torch.testing.assert_close(back.values, scores.values)
-    for k, v in scores.extras.items():
-        torch.testing.assert_close(back.extras[k], v)
-    res = dbm.load_mask(tmp_path / "m")
-    assert res.kept == [planted] and res.evaluation == ev
-    assert len(res.sites) == len(res.mask) == model.dims.n_layers * (model.dims.n_heads + 1)
-    assert res.sites[int(res.binary.argmax())] == planted
+    # save / load round trip of the mask, and the per-kind Scores views next to it
+    mask.save(tmp_path / "m")
+    back = dbm.Mask.load(tmp_path / "m")
+    assert back.sites == mask.sites and back.kept == (planted,) and back.evaluation == ev
+    assert back.config == mask.config and back.specs == mask.specs
+    for a, b in ((back.mask, mask.mask), (back.binary, mask.binary), (back.baseline_score, mask.baseline_score)):
+        torch.testing.assert_close(a, b)
+    for k, v in mask.history.items():
+        torch.testing.assert_close(back.history[k], v)
+    assert len(back.sites) == len(back.mask) == model.dims.n_layers * (model.dims.n_heads + 1)
+    assert back.sites[int(back.binary.argmax())] == planted
+    head_view = Scores.load(tmp_path / "m" / "head")
+    torch.testing.assert_close(head_view.values, views["head"].values)
+    assert head_view.value_name == "mask" and head_view.provenance["method"] == "dbm"
 
 
 @pytest.mark.parametrize(("param", "lam"), [("sigmoid", 0.1), ("hard_concrete", 0.05)])
@@ -237,8 +182,8 @@ def test_other_parametrizations_find_the_planted_head(smol_tokenizer, planted_pr
     model, planted, triples = planted_problem
     good = [t for t in triples if len(smol_tokenizer(t.target, add_special_tokens=False).input_ids) == 1]
     cfg = dbm.DBMConfig(lam=lam, steps=80, lr=0.1, parametrization=param, baseline=False)
-    scores = dbm.run(model, [Desideratum("carrier", good[:24])], SiteSpec("head", per_unit=True), cfg)
-    assert scores.provenance["kept"] == [str(planted)]
+    mask = dbm.run(model, [Desideratum("carrier", good[:24])], SiteSpec("head", per_unit=True), cfg)
+    assert mask.kept == (planted,)
 
 
 def test_bad_requests_raise_clear_errors(llama):
@@ -250,6 +195,8 @@ def test_bad_requests_raise_clear_errors(llama):
         dbm.DBMConfig(parametrization="magic")  # type: ignore[arg-type]
     with pytest.raises(dbm.DBMError, match="not produced by DBM"):
         dbm.mask_from_scores(Scores(torch.zeros(2), ("layer",), "mlp_out"))
+    with pytest.raises(dbm.DBMError, match="3 components"):
+        dbm.Mask(tuple(Site("mlp_out", i, None, -1) for i in range(3)), torch.zeros(3), torch.zeros(2), (), {}, {}, {}, {})
 
 
 def test_exact_ranking_matches_activation_patching(llama):
@@ -258,11 +205,11 @@ def test_exact_ranking_matches_activation_patching(llama):
     from patchtrace.methods.activation_patching import run as ap_run
     from patchtrace.tasks.base import Example, Task
 
-    pairs = _pairs(5, seed=11)
-    d = Desideratum("v", [Triple(o, a, " the", contrast=" cat") for o, a in pairs])
+    prs = pairs(5, seed=11)
+    d = Desideratum("v", [Triple(o, a, " the", contrast=" cat") for o, a in prs])
     (td,) = tokenize_desiderata([d], llama.tokenizer)
     ranking = dict(dbm.exact_patching_ranking(llama, [td], [SiteSpec("head", per_unit=True)]))
-    task = Task("t", [Example(o, a, " the", " cat") for o, a in pairs])
+    task = Task("t", [Example(o, a, " the", " cat") for o, a in prs])
     ap = ap_run(llama, task, SiteSpec("head", per_unit=True), PatchingConfig(direction="noise"))
     for L in range(llama.dims.n_layers):
         for h in range(llama.dims.n_heads):
