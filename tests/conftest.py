@@ -17,6 +17,7 @@ TINY_VOCAB = 49152  # the SmolLM2 tokenizer's vocabulary, so tiny models can run
 def tiny_config(family: str, vocab: int = TINY_VOCAB):
     """A 3-layer config of ``family`` with GQA where the family has it."""
     from transformers import (
+        Gemma3TextConfig,
         GemmaConfig,
         GPT2Config,
         GPTNeoXConfig,
@@ -43,10 +44,23 @@ def tiny_config(family: str, vocab: int = TINY_VOCAB):
         return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
     if family == "gemma":
         return GemmaConfig(**common, num_key_value_heads=1, head_dim=16)
+    if family == "gemma3":
+        # sandwich norms, q/k-norm, a local window (6) shorter than the test prompts on layers 0 and 2,
+        # different rotary tables for local/global layers, a query scale that is not 1/sqrt(head_dim),
+        # and a final logit soft-cap small enough to bend the logits
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+        }
+        return Gemma3TextConfig(
+            **common, num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_parameters=rope,
+            final_logit_softcapping=10.0,
+        )
     raise KeyError(family)
 
 
-TINY_FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_seq", "llama", "mistral", "qwen2", "qwen3", "gemma")
+TINY_FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_seq", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3")
 
 
 def make_tiny(family: str, seed: int = 0, vocab: int = TINY_VOCAB, tokenizer=None) -> Model:
@@ -57,6 +71,11 @@ def make_tiny(family: str, seed: int = 0, vocab: int = TINY_VOCAB, tokenizer=Non
     cfg = tiny_config(family, vocab)
     cfg.initializer_range = 0.2
     hf = AutoModelForCausalLM.from_config(cfg).eval()
+    if family == "gemma3":  # its (1 + w) norms start at w = 0: give every norm a weight that matters
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.3)
     return wrap_model(hf, tokenizer, name=f"tiny-{family}")
 
 

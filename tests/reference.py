@@ -12,11 +12,12 @@ Where each site lives in the HF modules (per family):
 embed         output of the token embedding (Gemma's embedding module already scales it); GPT-2:
               input of ``transformer.drop`` (= wte + wpe)
 resid_pre     decoder layer input
-resid_mid     input of the second norm (sequential blocks); *patched* by rewriting the attention
-              output to ``source_mid − layer_input`` so the residual branch carries it too
+resid_mid     input of the norm entering the MLP (sequential blocks); *patched* by rewriting the
+              attention output to ``source_mid − layer_input`` so the residual branch carries it too
 resid_post    decoder layer output
-attn_out      attention module output[0]
-mlp_out       MLP module output
+attn_out      what the attention adds to the residual stream: attention module output[0]; Gemma 3
+              (sandwich norms): output of ``post_attention_layernorm``
+mlp_out       what the MLP adds: MLP module output; Gemma 3: output of ``post_feedforward_layernorm``
 head          input of the attention output projection, split ``[H, d]``
 q / k / v     projection outputs (pre-rotary / pre-qk-norm), per head slice; GPT-2 fused
               ``c_attn`` = ``[q | k | v]`` blocks of d_model; GPT-NeoX fused ``query_key_value``
@@ -24,7 +25,8 @@ q / k / v     projection outputs (pre-rotary / pre-qk-norm), per head slice; GPT
               position equals patching the post-rotary one: rotary and qk-norm act per position
               (and qk-norm per head).
 neuron        input of the MLP down projection
-pattern       softmax probabilities inside the registered eager attention function
+pattern       softmax probabilities inside the registered eager attention function (causal, and
+              local where the HF attention module passes a ``sliding_window``)
 ============  ===============================================================================
 """
 
@@ -76,6 +78,10 @@ def _modules(model: Any, layer: int) -> dict[str, Any]:
                 "qkv": blk.attention.query_key_value, "o": blk.attention.dense, "mlp": blk.mlp,
                 "down": blk.mlp.dense_4h_to_h}
     a = blk.self_attn
+    if mt == "gemma3_text":  # sandwich norms: the sublayer outputs are the post-norms' outputs
+        return {"block": blk, "attn": blk.post_attention_layernorm, "ln2": blk.pre_feedforward_layernorm,
+                "q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "mlp": blk.post_feedforward_layernorm,
+                "down": blk.mlp.down_proj}
     return {"block": blk, "attn": a, "ln2": blk.post_attention_layernorm, "q": a.q_proj, "k": a.k_proj,
             "v": a.v_proj, "o": a.o_proj, "mlp": blk.mlp, "down": blk.mlp.down_proj}
 
@@ -133,8 +139,10 @@ def _assign(dst: Tensor, src: Tensor, kind: str, site: Site, T: int) -> None:
 
 
 def _reference_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
-                         scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
-    """Plain causal softmax attention; calls the active pattern hook of this layer."""
+                         scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+                         **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Plain causal softmax attention (a query sees the last ``sliding_window`` positions, itself
+    included, when the HF module passes one); calls the active pattern hook of this layer."""
     rep = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(rep, dim=1)
     value = value.repeat_interleave(rep, dim=1)
@@ -143,6 +151,8 @@ def _reference_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     causal = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril()
+    if sliding_window is not None:
+        causal = causal & ~torch.ones_like(causal).tril(-sliding_window)
     scores = scores.masked_fill(~causal, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     fns = _PATTERN_FNS[-1] if _PATTERN_FNS else {}

@@ -22,7 +22,7 @@ from patchtrace.tasks.factual import factual
 from reference import hf_run
 
 TOL = 1e-5
-FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma3")
 
 
 def _task(tokenizer, n: int = 2) -> Task:

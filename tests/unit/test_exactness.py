@@ -23,7 +23,7 @@ TOL = 1e-5
 KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "q", "k", "v", "neuron",
          "pattern")
 UNIT_KINDS = {"head", "q", "k", "v", "neuron", "pattern"}
-PLAIN_FAMILIES = ("llama", "gpt2")  # adapter family names on which fast=False is also checked
+PLAIN_FAMILIES = ("llama", "gpt2", "gemma3")  # adapter family names on which fast=False is also checked
 
 
 def _tok(model):

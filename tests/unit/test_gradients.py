@@ -306,11 +306,12 @@ def test_relp_differs_from_atp_and_reduces_to_it_without_rules(llama, task):
     torch.testing.assert_close(none, a, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma", "gemma3"])
 def test_relp_leaves_model_and_classes_untouched(smol_tokenizer, task, family):
     model = make_tiny(family, seed=5, tokenizer=smol_tokenizer)
     clean, _, _, _ = _ids(task)
     params = {k: v.detach().clone() for k, v in model.hf.named_parameters()}
+    flags = {k: v.requires_grad for k, v in model.hf.named_parameters()}
     forwards = {type(mod): type(mod).forward for mod in model.hf.modules()}
     with torch.no_grad():
         before = model.runner.forward(clean).logits.clone()
@@ -325,7 +326,7 @@ def test_relp_leaves_model_and_classes_untouched(smol_tokenizer, task, family):
     torch.testing.assert_close(lrp_logits, before, atol=1e-4, rtol=1e-4)  # rules leave the forward values
     assert torch.equal(lrp_exact, before)  # bit-identical when attention runs the same kernel
     for k, v in model.hf.named_parameters():
-        assert torch.equal(v, params[k]) and not v.requires_grad
+        assert torch.equal(v, params[k]) and v.requires_grad == flags[k] and v.grad is None
     for cls, fwd in forwards.items():
         assert cls.forward is fwd
 

@@ -182,13 +182,8 @@ class SweepPlan:
 
 def row_bytes(model: Model, n: int, T: int, ncols: int | None) -> int:
     """Estimated peak working memory (bytes) of one batch row computing ``n`` positions of a
-    ``T``-token prompt: one layer's activations and attention scores (the cached prefix is shared by
-    all rows, not copied), plus the row's logits."""
-    d = model.dims
-    el = torch.finfo(model.dtype).bits // 8
-    per_pos = 6 * d.d_model + 4 * d.d_mlp + 4 * d.n_heads * d.d_head + 3 * d.n_heads * T
-    logits = ncols if ncols is not None else d.vocab
-    return el * n * per_pos + 4 * logits * 2
+    ``T``-token prompt: what the runner's stages allocate (:meth:`~patchtrace.models.stages.Stages.row_bytes`)."""
+    return model.runner.row_bytes(n, T, ncols, model.dtype)
 
 
 #: Default ceiling of the working-memory budget. Beyond a few thousand rows per batch a CPU gains
@@ -260,8 +255,7 @@ def plan_sweep(
                 fe += max(layers, 0.0) / L * n / T
             else:
                 fe += 1.0
-    el = torch.finfo(model.dtype).bits // 8
-    caches = 2 * n_examples * T * L * (4 * d.d_model + d.d_mlp + 2 * d.n_kv_heads * d.d_head) * el
+    caches = 2 * model.runner.cache_bytes(n_examples, T, model.dtype)  # the base and the source run
     n_max = T - min(groups) if groups else T
     peak = caches + max_rows * row_bytes(model, n_max, T, ncols if fast else None)
     return SweepPlan("fast" if fast else "plain", len(patches), n_examples, max_rows, chunks, fe, int(peak))
@@ -427,39 +421,40 @@ def _patch_all(x: Tensor, sites_by_block: list[tuple[int, Site]], src: RunCache,
 def _joining_rows(
     model: Model, base: RunCache, source: RunCache, block: list[Patch], key: tuple[int, int, int], p: int, N: int, T: int
 ) -> Tensor:
-    """Build the rows a block of patches (same join key) contributes to the staggered batch."""
+    """Build the rows a block of patches (same join key) contributes to the staggered batch.
+
+    The rows are composed from the runner's own stages (``attn_out`` = o_proj + any post-norm,
+    ``add_attn``, ``mlp_out``, ``resid_post``), fed with cached base activations and the patch.
+    """
     R = len(block)
     L, stage, _ = key
     kinds = {s.kind for pt in block for s in pt.sites}
     ctx = RunCtx(p, T)
     sites = [(i, s) for i, pt in enumerate(block) for s in pt.sites]
-    layer = model.runner.layers[L - 1 if stage == 0 else L]
-    fam = model.family
+    runner = model.runner
+
+    def cached(kind: str, layer: int) -> Tensor:
+        t = base.acts[HookPoint(kind, layer)][:, p:]
+        return t.repeat(R, *([1] * (t.dim() - 1)))
+
     if stage == 1:  # head / attn_out at layer L: rebuild attn_out, join at resid_mid
         if "head" in kinds:
-            z = base.acts[HookPoint("head", L)][:, p:].repeat(R, 1, 1, 1)
-            z = _patch_all(z, sites, source, "head", N, ctx)
-            attn_out = getattr(getattr(layer, fam.attn), fam.o)(z.reshape(R * N, T - p, -1))
+            attn_out = runner.attn_out(L, _patch_all(cached("head", L), sites, source, "head", N, ctx))
         else:
-            attn_out = base.acts[HookPoint("attn_out", L)][:, p:].repeat(R, 1, 1)
+            attn_out = cached("attn_out", L)
         attn_out = _patch_all(attn_out, sites, source, "attn_out", N, ctx)
-        return base.acts[HookPoint("resid_pre", L)][:, p:].repeat(R, 1, 1) + attn_out
+        return runner.add_attn(cached("resid_pre", L), attn_out)
     Lp = L - 1
     if kinds == {"resid_post"}:
-        h = base.acts[HookPoint("resid_post", Lp)][:, p:].repeat(R, 1, 1)
-        return _patch_all(h, sites, source, "resid_post", N, ctx)
+        return _patch_all(cached("resid_post", Lp), sites, source, "resid_post", N, ctx)
     if "neuron" in kinds:
-        act = base.acts[HookPoint("neuron", Lp)][:, p:].repeat(R, 1, 1)
-        act = _patch_all(act, sites, source, "neuron", N, ctx)
-        mlp_out = getattr(getattr(layer, fam.mlp), fam.mlp_out)(act)
+        mlp_out = runner.mlp_out(Lp, _patch_all(cached("neuron", Lp), sites, source, "neuron", N, ctx))
     else:
-        mlp_out = base.acts[HookPoint("mlp_out", Lp)][:, p:].repeat(R, 1, 1)
+        mlp_out = cached("mlp_out", Lp)
     mlp_out = _patch_all(mlp_out, sites, source, "mlp_out", N, ctx)
     if model.dims.parallel_residual:
-        h0 = base.acts[HookPoint("resid_pre", Lp)][:, p:] + base.acts[HookPoint("attn_out", Lp)][:, p:]
-    else:
-        h0 = base.acts[HookPoint("resid_mid", Lp)][:, p:]
-    return h0.repeat(R, 1, 1) + mlp_out
+        return runner.resid_post(cached("resid_pre", Lp), mlp_out, cached("attn_out", Lp))
+    return runner.resid_post(cached("resid_mid", Lp), mlp_out)
 
 
 def _run_chunk_fast(

@@ -3,7 +3,10 @@
 patchtrace runs its own forward pass (:mod:`patchtrace.models.runner`) over the Hugging Face module
 weights, so that every site is a named tensor rather than a hook guess, and so that the fast engine
 can start at any layer and any position. What differs between families is written down here, as
-data: where the modules live, how Q/K/V are packed, which norm, whether blocks are parallel.
+data: where the modules live, how Q/K/V are packed, which norm, whether blocks are parallel, whether
+the sublayer outputs pass through a norm of their own before the residual add ("post-norm" or
+sandwich blocks, Gemma 3), and whether rotary tables differ per layer type (Gemma 3's local/global
+layers).
 
 Dimensions come from typed functions of the HF config (:class:`Dims`). A config field that changes
 the computation and that the runner does not implement is refused loudly
@@ -56,6 +59,14 @@ class Family:
     rotary: str | None
     qk_norm: tuple[str, str] | None = None
     conv1d: bool = False
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    rope_by_layer_type: bool = False
+
+    @property
+    def post_norms(self) -> bool:
+        """Whether the sublayer outputs are normalised before the residual add (sandwich blocks)."""
+        return self.post_attn_norm is not None
 
 
 LLAMA = Family(
@@ -85,6 +96,21 @@ LLAMA = Family(
 QWEN3 = Family(**{**LLAMA.__dict__, "name": "qwen3", "model_types": ("qwen3",), "qk_norm": ("q_norm", "k_norm")})
 
 GEMMA = Family(**{**LLAMA.__dict__, "name": "gemma", "model_types": ("gemma",), "norm": "rms_gemma"})
+
+# Gemma 3 text: sandwich norms. ``ln2`` is the norm *entering* the MLP (HF's pre_feedforward_layernorm);
+# HF's post_attention_layernorm normalises the attention output before the residual add.
+GEMMA3 = Family(
+    **{
+        **GEMMA.__dict__,
+        "name": "gemma3",
+        "model_types": ("gemma3_text",),
+        "ln2": "pre_feedforward_layernorm",
+        "qk_norm": ("q_norm", "k_norm"),
+        "post_attn_norm": "post_attention_layernorm",
+        "post_mlp_norm": "post_feedforward_layernorm",
+        "rope_by_layer_type": True,
+    }
+)
 
 GPT2 = Family(
     name="gpt2",
@@ -135,7 +161,7 @@ NEOX = Family(
     rotary="gpt_neox.rotary_emb",
 )
 
-FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA, LLAMA, GPT2, NEOX)
+FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA3, GEMMA, LLAMA, GPT2, NEOX)
 
 
 def supported_model_types() -> list[str]:
@@ -145,7 +171,15 @@ def supported_model_types() -> list[str]:
 
 @dataclass(frozen=True)
 class Dims:
-    """Typed dimensions of a model, read from its HF config."""
+    """Typed dimensions of a model, read from its HF config.
+
+    Attributes:
+        attn_scale: the factor on ``q·k`` (``d_head^-½``; Gemma 3: ``query_pre_attn_scalar^-½``).
+        sliding_window: the smallest attention window of any layer (None: every layer is global).
+        layer_windows: per layer, how many positions a query sees (itself included), None = all.
+        layer_types: per layer, the HF layer type naming its rotary table (``full_attention`` ...).
+        final_softcap: ``c`` of the final logit soft-cap ``c·tanh(logits / c)``, None = off.
+    """
 
     n_layers: int
     d_model: int
@@ -158,6 +192,13 @@ class Dims:
     act: str
     attn_scale: float
     sliding_window: int | None
+    layer_windows: tuple[int | None, ...] = ()
+    layer_types: tuple[str, ...] = ()
+    final_softcap: float | None = None
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: global causal attention)."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
 
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
@@ -180,51 +221,89 @@ def family_for(config: Any) -> Family:
     )
 
 
+def _gpt2_dims(config: Any) -> Dims:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(config, flag, False):
+            raise UnsupportedModelError(f"gpt2 option {flag}=True is not implemented")
+    if not getattr(config, "scale_attn_weights", True):
+        raise UnsupportedModelError("gpt2 option scale_attn_weights=False is not implemented")
+    d = config.n_embd
+    h = config.n_head
+    return Dims(
+        n_layers=config.n_layer,
+        d_model=d,
+        n_heads=h,
+        n_kv_heads=h,
+        d_head=d // h,
+        d_mlp=config.n_inner or 4 * d,
+        vocab=config.vocab_size,
+        parallel_residual=False,
+        act=config.activation_function,
+        attn_scale=(d // h) ** -0.5,
+        sliding_window=None,
+    )
+
+
+def _refuse_gemma_options(config: Any, family: Family) -> None:
+    """Gemma-specific options the runner does not compute, refused by name."""
+    if family.name == "gemma" and getattr(config, "final_logit_softcapping", None):
+        raise UnsupportedModelError("gemma option final_logit_softcapping is not implemented for Gemma 1/2")
+    if getattr(config, "attn_logit_softcapping", None):
+        # transformers' Gemma3Attention does not apply it either; refusing beats guessing
+        raise UnsupportedModelError(f"{config.model_type} option attn_logit_softcapping is not implemented")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"{config.model_type} option use_bidirectional_attention=True is not implemented")
+
+
+def _windows(config: Any, n_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding windows, read the way transformers builds its masks.
+
+    A ``layer_types`` list (Qwen2/3, Gemma 3) windows exactly its ``sliding_attention`` layers;
+    Mistral (no layer types) windows every layer when ``sliding_window`` is set.
+    """
+    raw = getattr(config, "sliding_window", None)
+    window = int(raw) if raw else None
+    types = getattr(config, "layer_types", None)
+    if types:
+        if len(types) < n_layers:
+            raise UnsupportedModelError(f"{config.model_type}: layer_types lists {len(types)} of {n_layers} layers")
+        for t in set(types) - {"full_attention", "sliding_attention"}:
+            raise UnsupportedModelError(f"{config.model_type}: layer type {t!r} is not implemented")
+        if "sliding_attention" in types and not window:
+            raise UnsupportedModelError(f"{config.model_type}: sliding_attention layers without a sliding_window")
+        return tuple(window if t == "sliding_attention" else None for t in types[:n_layers])
+    if config.model_type == "mistral" and window:
+        return (window,) * n_layers
+    if getattr(config, "use_sliding_window", False) and window:
+        raise UnsupportedModelError(f"{config.model_type}: use_sliding_window without layer_types is not implemented")
+    return (None,) * n_layers
+
+
 def dims_for(config: Any, family: Family) -> Dims:
     """Read the dimensions, refusing config options the runner does not implement."""
     mt = config.model_type
     if family.name == "gpt2":
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if getattr(config, flag, False):
-                raise UnsupportedModelError(f"gpt2 option {flag}=True is not implemented")
-        if not getattr(config, "scale_attn_weights", True):
-            raise UnsupportedModelError("gpt2 option scale_attn_weights=False is not implemented")
-        d = config.n_embd
-        h = config.n_head
-        return Dims(
-            n_layers=config.n_layer,
-            d_model=d,
-            n_heads=h,
-            n_kv_heads=h,
-            d_head=d // h,
-            d_mlp=config.n_inner or 4 * d,
-            vocab=config.vocab_size,
-            parallel_residual=False,
-            act=config.activation_function,
-            attn_scale=(d // h) ** -0.5,
-            sliding_window=None,
-        )
+        return _gpt2_dims(config)
     d = config.hidden_size
     h = config.num_attention_heads
     dh = _get(config, "head_dim", default=d // h)
-    if family.name == "gemma":
+    scale = dh**-0.5
+    if family.name in ("gemma", "gemma3"):
         act = _get(config, "hidden_activation", "hidden_act")
-        if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
-            raise UnsupportedModelError("gemma logit soft-capping (Gemma 2/3) is not implemented")
+        _refuse_gemma_options(config, family)
+        if family.name == "gemma3":
+            scale = float(config.query_pre_attn_scalar) ** -0.5
     else:
         act = config.hidden_act
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise UnsupportedModelError(f"{mt} option pretraining_tp={config.pretraining_tp} is not implemented")
-    window = None
-    layer_types = getattr(config, "layer_types", None) or []
-    if "sliding_attention" in layer_types or (
-        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    ):
-        window = int(config.sliding_window)
-    if mt == "mistral" and getattr(config, "sliding_window", None):
-        window = int(config.sliding_window)
+    n_layers = config.num_hidden_layers
+    windows = _windows(config, n_layers)
+    present = [w for w in windows if w is not None]
+    types = tuple(getattr(config, "layer_types", None) or ("full_attention",) * n_layers)[:n_layers]
+    cap = getattr(config, "final_logit_softcapping", None) if family.name == "gemma3" else None
     return Dims(
-        n_layers=config.num_hidden_layers,
+        n_layers=n_layers,
         d_model=d,
         n_heads=h,
         n_kv_heads=_get(config, "num_key_value_heads", default=h),
@@ -233,8 +312,11 @@ def dims_for(config: Any, family: Family) -> Dims:
         vocab=config.vocab_size,
         parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
         act=act,
-        attn_scale=dh**-0.5,
-        sliding_window=window,
+        attn_scale=scale,
+        sliding_window=min(present) if present else None,
+        layer_windows=windows,
+        layer_types=types,
+        final_softcap=float(cap) if cap else None,
     )
 
 

