@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from patchtrace import SiteSpec, load_model, make_task
-from patchtrace.methods import atp, compare, relp
+from patchtrace.methods import atp_star, compare, relp
 from patchtrace.models.runner import LRPRules
 
 BEGIN = "<!-- BEGIN gradients -->"
@@ -60,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         SiteSpec("head", per_unit=True, positions="last"),
     ]
     cfg = compare.CompareConfig(repeats=args.repeats)
-    report, scores = compare.run(model, task, specs, ["exact", "atp", "atp*", "ig", "relp"], cfg, out_dir=args.save)
+    res = compare.run(model, task, specs, ["atp", "atp_star", "ig", "relp"], cfg, out_dir=args.save)
+    report, scores = res.report, res.scores
     pair = report["forward_pair_s"]
-    ex = scores["exact"]
+    ex = scores["activation_patching"]
     # variants, timed the same way
     variants: dict[str, tuple[float, list[float]]] = {}
     for name, fn in {
         "relp (AH rule: pattern frozen)": lambda: relp.run_many(model, task, specs, relp.RelPConfig(rules=LRPRules())),
-        "atp* without GradDrop (signed)": lambda: atp.run_star_many(model, task, specs, atp.AtPStarConfig(grad_drop=False)),
+        "atp* without GradDrop (signed)": lambda: atp_star.run_many(model, task, specs, atp_star.AtPStarConfig(grad_drop=False)),
     }.items():
         best = float("inf")
         for _ in range(args.repeats):
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.save / "report.json").write_text(json.dumps(report, indent=2, default=str))
 
     k = report["kinds"]
-    methods = ["atp", "atp*", "ig", "relp"]
+    methods = ["atp", "atp_star", "ig", "relp"]
     lines = [
         BEGIN,
         "## Gradient-based localization vs exact patching (AtP, AtP*, IG, RelP)",
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "| method | seconds (all four site kinds) | × forward pair |",
         "|---|---|---|",
     ]
-    for m in ["exact", *methods]:
-        lines.append(f"| {m} | {report['time_s'][m]:.2f} | {report['time_vs_forward_pair'][m]:.1f} |")
+    for m in ["activation_patching", *methods]:
+        label = "exact" if m == "activation_patching" else m
+        lines.append(f"| {label} | {report['time_s'][m]:.2f} | {report['time_vs_forward_pair'][m]:.1f} |")
     lines += ["", "Variants (Pearson per kind, time):", ""]
     for name, (t, p) in variants.items():
         lines.append(f"- {name}: " + ", ".join(f"{kk} {v:.3f}" for kk, v in zip(KINDS, p, strict=True))
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         x = report["time_vs_forward_pair"][m]
         why = ""
-        if x >= 5 and m == "atp*":
+        if x >= 5 and m == "atp_star":
             why = (" — GradDrop is L = 30 extra vector–Jacobian products, each from layer l down (≈ L/2 full "
                    "backward passes on top of AtP); the QK fix alone costs nothing extra (see the variant above)")
         elif x >= 5 and m == "ig":

@@ -76,7 +76,7 @@ def test_causal_trace_peaks_at_subject_end_or_last_token(smollm2, factual_task):
 
     length = Counter(tok.lengths).most_common(1)[0][0]
     sub = t.subset([i for i, n in enumerate(tok.lengths) if n == length][:2])
-    sc = causal_trace(smollm2, sub, TracingConfig(kind="resid", samples=3, seed=0))
+    sc = causal_trace(smollm2, sub, config=TracingConfig(kind="resid", samples=3, seed=0))
     assert sc.baselines["clean"] - sc.baselines["corrupt"] > 0.05  # the noise hurts recall
     layer, pos = divmod(int(sc.values.argmax()), sc.values.shape[1])
     last_subject = max(sc.provenance["subject_positions"][0])

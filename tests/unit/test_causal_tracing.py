@@ -134,7 +134,7 @@ def test_trace_matches_naive(fam_model, kind, window, metric):
     assert float((noisy - clean).abs().max()) > 100 * tol
     assert float(eff.abs().max()) > 100 * tol
     for fast in (True, False):
-        sc = run(model, task, TracingConfig(samples=3, seed=1, kind=kind, window=window, metric=metric, fast=fast))
+        sc = run(model, task, config=TracingConfig(samples=3, seed=1, kind=kind, window=window, metric=metric, fast=fast))
         assert sc.axes == ("layer", "pos")
         err = float((sc.per_example - eff).abs().max())
         assert err < tol, f"{model.name} {kind} w={window} fast={fast}: max err {err:.3g}"
@@ -149,7 +149,7 @@ def test_restoring_everything_recovers_clean(smol_tokenizer):
 
     model = make_tiny("llama", tokenizer=smol_tokenizer)
     task = _task(model.tokenizer)
-    sc = run(model, task, TracingConfig(samples=2, metric="logprob"))
+    sc = run(model, task, config=TracingConfig(samples=2, metric="logprob"))
     last = sc.per_example[:, -1, -1] + sc.extras["corrupt_per_example"]
     assert float((last - sc.extras["clean_per_example"]).abs().max()) < TOL
     # and tokens before the first subject token cannot matter (the noise is not there yet)
@@ -164,9 +164,9 @@ def test_same_seed_same_numbers_different_seed_differs(smol_tokenizer):
 
     model = make_tiny("gpt2", tokenizer=smol_tokenizer)
     task = _task(model.tokenizer)
-    a = run(model, task, TracingConfig(samples=2, seed=0, metric="logprob"))
-    b = run(model, task, TracingConfig(samples=2, seed=0, metric="logprob"))
-    c = run(model, task, TracingConfig(samples=2, seed=5, metric="logprob"))
+    a = run(model, task, config=TracingConfig(samples=2, seed=0, metric="logprob"))
+    b = run(model, task, config=TracingConfig(samples=2, seed=0, metric="logprob"))
+    c = run(model, task, config=TracingConfig(samples=2, seed=5, metric="logprob"))
     assert torch.equal(a.values, b.values)
     assert not torch.allclose(a.values, c.values)
 

@@ -13,8 +13,9 @@ import torch
 from conftest import make_tiny
 from patchtrace import SiteSpec, make_task
 from patchtrace.methods import activation_patching as ap
-from patchtrace.methods import atp, compare, ig, relp
+from patchtrace.methods import atp, atp_star, compare, ig, relp
 from patchtrace.methods.gradients import AttributionError
+from patchtrace.methods.validate import ConfigError
 from patchtrace.metrics import Metric
 from patchtrace.models.runner import LRPRules
 from patchtrace.sites import HookPoint
@@ -136,12 +137,14 @@ def test_whole_layer_cell_is_the_sum_of_its_positions(llama, task):
 
 def test_bad_settings_raise_clear_errors(llama, task):
     spec = SiteSpec("attn_out", layers=(0,))
-    with pytest.raises(AttributionError, match="direction"):
+    with pytest.raises(ConfigError, match="direction: 'sideways'"):
         atp.run(llama, task, spec, atp.AtPConfig(direction="sideways"))  # type: ignore[arg-type]
-    with pytest.raises(AttributionError, match="steps"):
+    with pytest.raises(ConfigError, match="steps: 0"):
         ig.run(llama, task, spec, ig.IGConfig(steps=0))
-    with pytest.raises(AttributionError, match="unknown method"):
-        compare.run(llama, task, [spec], methods=["exact", "magic"])
+    with pytest.raises(AttributionError, match=r"unknown method.*magic"):
+        compare.run(llama, task, [spec], methods=["atp", "magic"])
+    with pytest.raises(ConfigError, match=r"'ig'.*'stepz'"):
+        compare.CompareConfig(options={"ig": {"stepz": 3}})
 
 
 # -- AtP*: QK fix and GradDrop ----------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_qk_fix_equals_exact_pattern_change_times_pattern_gradient(llama, task, 
     (G,) = torch.autograd.grad(_metric(out.logits[:, -1], ans, wr).sum(), [leaf])
     ref = float(((patched[pat] - base[pat]) * G).sum() / len(task))
     spec = SiteSpec(kind, per_unit=True, positions=[pos], layers=(layer,), units=(unit,))
-    got = atp.run_star(llama, task, spec, atp.AtPStarConfig(grad_drop=False)).values.flatten()[0]
+    got = atp_star.run(llama, task, spec, atp_star.AtPStarConfig(grad_drop=False)).values.flatten()[0]
     plain = atp.run(llama, task, spec).values.flatten()[0]
     assert abs(ref) > 1e-4
     assert float(got) == pytest.approx(ref, rel=1e-3, abs=1e-6)
@@ -187,7 +190,7 @@ def test_key_fix_for_all_positions_is_joint(llama, task):
     (G,) = torch.autograd.grad(_metric(out.logits[:, -1], ans, wr).sum(), [leaf])
     ref = float(((patched[pat] - base[pat]) * G).sum() / len(task))
     spec = SiteSpec("k", per_unit=True, positions=None, layers=(layer,), units=(unit,))
-    got = atp.run_star(llama, task, spec, atp.AtPStarConfig(grad_drop=False)).values.flatten()[0]
+    got = atp_star.run(llama, task, spec, atp_star.AtPStarConfig(grad_drop=False)).values.flatten()[0]
     assert abs(ref) > 1e-5
     assert float(got) == pytest.approx(ref, rel=1e-3, abs=1e-6)
 
@@ -221,7 +224,7 @@ def test_graddrop_equals_explicit_stop_gradient_passes(llama, task, kind, unit, 
         total += cell.abs()
     ref = float((total / (L - 1)).mean())
     spec = SiteSpec(kind, per_unit=unit is not None, positions=[pos], layers=(layer,), units=None if unit is None else (unit,))
-    s = atp.run_star(llama, task, spec, atp.AtPStarConfig(qk_fix=False, grad_drop=True))
+    s = atp_star.run(llama, task, spec, atp_star.AtPStarConfig(qk_fix=False, grad_drop=True))
     assert s.value_name == "contribution"
     assert ref > 1e-4
     assert float(s.values.flatten()[0]) == pytest.approx(ref, rel=1e-4, abs=1e-6)
@@ -348,20 +351,21 @@ def test_correlation_helpers_match_hand_computation():
 
 def test_compare_runs_all_methods_and_saves(llama, task, tmp_path):
     specs = [SiteSpec("resid_pre", positions="all"), SiteSpec("head", per_unit=True)]
-    rep, scores = compare.run(llama, task, specs, ["atp", "atp*", "ig", "relp"], out_dir=tmp_path)
-    assert set(scores) == {"exact", "atp", "atp*", "ig", "relp"}
+    res = compare.run(llama, task, specs, ["atp", "atp_star", "ig", "relp"], out_dir=tmp_path)
+    rep, scores = res.report, res.scores
+    assert set(scores) == {"activation_patching", "atp", "atp_star", "ig", "relp"}
     assert set(rep["kinds"]) == {"resid_pre", "head"}
     for _kind, row in rep["kinds"].items():
-        for name in ("atp", "atp*", "ig", "relp"):
+        for name in ("atp", "atp_star", "ig", "relp"):
             assert -1.0 <= row[name]["pearson"] <= 1.0
     # the reported correlation is the one of the saved Scores
-    ex = scores["exact"][0].values
+    ex = scores["activation_patching"][0].values
     assert rep["kinds"]["resid_pre"]["atp"]["pearson"] == pytest.approx(compare.pearson(ex, scores["atp"][0].values))
-    assert rep["kinds"]["head"]["atp*"]["compared_with"] == "E|effect|"
+    assert rep["kinds"]["head"]["atp_star"]["compared_with"] == "E|effect|"
     for name in ("atp", "atp_star", "ig", "relp"):
         assert (tmp_path / f"scatter_{name}.png").stat().st_size > 1000
         loaded = compare.Scores.load(tmp_path / name / "head")
-        assert loaded.axes == scores["exact"][1].axes
+        assert loaded.axes == scores["activation_patching"][1].axes
     assert (tmp_path / "report.json").is_file()
     assert rep["time_vs_forward_pair"]["atp"] > 0
 

@@ -1,20 +1,23 @@
-"""``patchtrace compare``: gradient-based estimators against exact patching on the same sites.
+"""``patchtrace compare``: the estimators of exact patching against it, on the same sites.
 
 Example::
 
-    patchtrace compare --methods exact,atp,atp*,ig,relp --task ioi --n 16 \\
+    patchtrace compare --methods atp,atp_star,ig,relp --task ioi --n 16 \\
         --sites resid_pre@all,attn_out@all,mlp_out@all,head@last --out runs/ioi-compare
 
-Per site kind it prints Pearson and Spearman correlation with exact patching and top-k overlap, and
-per method the wall time (also as a multiple of one clean+corrupt forward pair). ``--out`` receives
-every method's Scores (``<method>/<kind>/``), ``report.json`` and ``scatter_<method>.png``.
-A site item may carry its own positions after ``@`` (``head@last``); others use ``--positions``.
+The methods are the registered estimators of ``activation_patching`` (``patchtrace methods`` lists
+them; by default all). Per site kind it prints Pearson and Spearman correlation with exact patching
+and top-k overlap, and per method the wall time (also as a multiple of one clean+corrupt forward
+pair). ``--out`` receives every method's Scores (``<method>/<kind>/``), ``report.json`` and
+``scatter_<method>.png``. A site item may carry its own positions after ``@`` (``head@last``);
+others use ``--positions``.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import typer
 
@@ -37,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare_cmd(
-        methods: str = typer.Option("exact,atp,atp*,ig,relp", help="comma list of: exact, atp, atp*, ig, relp"),
+        methods: str | None = typer.Option(None, help="comma list of estimators (default: all; see `patchtrace methods`)"),
         model: str = typer.Option("smollm2-135m", help="bundled name, local directory or Hugging Face id"),
         task: str = typer.Option("ioi", help="built-in task name or a .jsonl/.csv file"),
         n: int = typer.Option(16, help="number of examples (built-in tasks)"),
@@ -50,37 +53,36 @@ def register(app: typer.Typer) -> None:
         layers: str | None = typer.Option(None, help="layers, e.g. '0-3,7' (default: all)"),
         direction: str = typer.Option("denoise", help="'denoise' or 'noise'"),
         metric: str = typer.Option("logit_diff", help="logit_diff, prob, logprob or kl"),
-        ig_steps: int = typer.Option(5, help="integrated-gradients steps"),
+        ig_steps: int = typer.Option(5, help="integrated-gradients steps (method ig)"),
         top_k: int = typer.Option(10, help="k of the top-k overlap"),
-        grad_drop: bool = typer.Option(True, "--grad-drop/--no-grad-drop", help="AtP*: GradDrop (magnitudes)"),
+        grad_drop: bool = typer.Option(True, "--grad-drop/--no-grad-drop", help="AtP* (atp_star): GradDrop (magnitudes)"),
         out: Path | None = typer.Option(None, help="results folder (default runs/<task>-compare)"),  # noqa: B008
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the repo's code"),
     ) -> None:
-        """Compare AtP, AtP*, IG and RelP with exact activation patching (correlations, top-k, time)."""
+        """Compare the estimators (AtP, AtP*, IG, RelP, ...) with exact activation patching."""
         from rich.table import Table
 
         from patchtrace.methods import compare as cmp
-        from patchtrace.metrics import Metric
 
         con = common.console()
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        bad = [m for m in names if m not in cmp.METHODS]
+        known = cmp.estimator_names()
+        names = known if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+        bad = [x for x in names if x not in (*known, cmp.REFERENCE)]
         if bad:
-            raise common.CLIError(f"--methods: unknown {bad}; choose from {', '.join(cmp.METHODS)}")
-        if direction not in ("denoise", "noise"):
-            raise common.CLIError(f"--direction {direction!r}: use 'denoise' or 'noise'")
-        Metric(metric)
+            raise common.CLIError(f"--methods: unknown {bad}; choose from {', '.join(known)}")
+        per_method: dict[str, dict[str, Any]] = {"ig": {"steps": ig_steps}, "atp_star": {"grad_drop": grad_drop}}
+        options = {k: v for k, v in per_method.items() if k in known}
+        # checked here, before anything is loaded (ConfigError names the bad value)
+        cfg = cmp.CompareConfig(direction=cast(Any, direction), metric=metric, top_k=top_k, options=options)
         specs = parse_site_items(sites, positions, layers)
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
         tok = common.build_task(task, n, seed, m).tokenize(m.tokenizer)
-        cfg = cmp.CompareConfig(direction, metric, ig_steps, top_k, True, grad_drop)
         root = out or Path("runs") / f"{Path(task).stem}-compare"
-        report, _ = cmp.run(m, tok, specs, names, cfg, out_dir=root)
-        others = [x for x in ["exact", *names] if x != "exact"]
-        others = list(dict.fromkeys(others))
+        report = cmp.run(m, tok, specs, names, cfg, out_dir=root).report
+        others = [x for x in dict.fromkeys(names) if x != cmp.REFERENCE]
         table = Table(title=f"agreement with exact patching ({tok.task.name}, n={len(tok)})")
         table.add_column("site kind")
         for name in others:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -77,18 +77,16 @@ def register(app: typer.Typer) -> None:
         """Exact activation patching: the effect of restoring each site, saved as Scores."""
         from patchtrace.methods.activation_patching import PatchingConfig
         from patchtrace.methods.activation_patching import run as activation_patching
-        from patchtrace.metrics import Metric
 
         con = common.console()
         # parse everything before loading anything, so a typo fails in milliseconds
-        if direction not in ("denoise", "noise"):
-            raise common.CLIError(f"--direction {direction!r}: use 'denoise' or 'noise'")
-        Metric(metric)
         common.parse_by(by)
         common.parse_top(top)
         pos = common.parse_positions(positions)
         specs = common.parse_sites(sites, pos, common.parse_layers(layers))
         budget = common.parse_memory(max_memory)
+        # PatchingConfig checks direction and metric itself (ConfigError names the bad value)
+        cfg = PatchingConfig(direction=cast(Any, direction), metric=metric, fast=fast, max_memory=budget)
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
         tsk = common.build_task(task, n, seed, m)
@@ -105,7 +103,6 @@ def register(app: typer.Typer) -> None:
                 con.print(line, markup=False)
             con.print("dry run: nothing computed", markup=False)
             return
-        cfg = PatchingConfig(direction=direction, metric=metric, fast=fast, max_memory=budget)  # type: ignore[arg-type]
         results = []
         for spec, folder in zip(specs, folders, strict=True):
             with common.progress(f"patching {spec.kind}", quiet=quiet) as bar:

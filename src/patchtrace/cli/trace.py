@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -48,21 +49,14 @@ def register(app: typer.Typer) -> None:
         """ROME causal tracing: indirect effect of restoring each (layer, token) state, saved as Scores."""
         from patchtrace.methods.causal_tracing import TracingConfig
         from patchtrace.methods.causal_tracing import run as causal_trace
-        from patchtrace.metrics import Metric
 
         con = common.console()
-        if kind not in ("resid", "mlp", "attn"):
-            raise common.CLIError(f"--kind {kind!r}: use 'resid', 'mlp' or 'attn'")
-        if target not in ("top1", "answer"):
-            raise common.CLIError(f"--target {target!r}: use 'top1' or 'answer'")
-        if window < 1 or samples < 1:
-            raise common.CLIError(f"--window ({window}) and --samples ({samples}) must be ≥ 1")
-        Metric(metric)
         budget = common.parse_memory(max_memory)
-        cfg = TracingConfig(
-            noise_scale=noise_scale, samples=samples, seed=noise_seed, kind=kind, window=window,  # type: ignore[arg-type]
-            metric=metric, target=target, fast=fast, max_memory=budget,  # type: ignore[arg-type]
-        )
+        options: dict[str, Any] = {  # checked by TracingConfig itself, before anything is loaded
+            "noise_scale": noise_scale, "samples": samples, "seed": noise_seed, "kind": kind, "window": window,
+            "metric": metric, "target": target, "fast": fast, "max_memory": budget,
+        }
+        cfg = TracingConfig(**options)
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
         tsk = common.build_task(task, n, seed, m)
@@ -76,7 +70,7 @@ def register(app: typer.Typer) -> None:
         con.print(f"model {m.name} ({m.dims.n_layers} layers) · task {tsk.name} ({len(tok)} examples) · "
                   f"restore {kind}" + (f" (window {window})" if kind != "resid" else ""), markup=False)
         with common.progress(f"tracing {kind}", quiet=quiet) as bar:
-            scores = causal_trace(m, tok, cfg, on_progress=bar.update)
+            scores = causal_trace(m, tok, config=cfg, on_progress=bar.update)  # sites: cfg.kind
         folder = Path(out) if out else Path("runs") / f"trace-{Path(task).stem}-{kind}"
         scores.save(folder)
         con.print(f"{metric}: clean {scores.baselines['clean']:.4g} · noisy {scores.baselines['corrupt']:.4g} · "

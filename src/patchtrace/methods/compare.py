@@ -1,10 +1,12 @@
 """Compare localization methods against exact activation patching on the same task and sites.
 
-``run(model, task, sites, methods=["exact", "atp", "atp*", "ig", "relp"])`` computes every method on
+Every registered method that ``estimates="activation_patching"`` (:mod:`patchtrace.methods.registry`;
+built-in: AtP, AtP*, IG, RelP) scores the same grid as exact patching, so each can be checked cell by
+cell against the exact numbers. ``run(model, task, sites)`` runs exact patching and the estimators on
 the same grids and reports, per site kind: Pearson and Spearman correlation with exact patching,
 top-k overlap (by magnitude), and each method's wall time, also as a multiple of one clean+corrupt
-forward pair measured in the same process. Everything is kept as :class:`Scores` (one per method and
-site kind); with ``out_dir`` they are saved with ``report.json`` and a scatter plot per method.
+forward pair measured in the same process. The estimators come from the registry, so a method
+registered tomorrow is compared without an edit here.
 
 What is compared with what: signed estimates (``value_name='attribution'``) with the exact
 ``effect``; AtP*'s GradDrop magnitudes (``contribution``) with the mean over examples of
@@ -12,54 +14,124 @@ What is compared with what: signed estimates (``value_name='attribution'``) with
 
 Example:
     >>> from patchtrace import load_model, make_task, SiteSpec                    # doctest: +SKIP
-    >>> rep, scores = run(load_model(), make_task("ioi"), [SiteSpec("head", per_unit=True)])  # doctest: +SKIP
-    >>> rep["kinds"]["head"]["atp"]["pearson"]                                    # doctest: +SKIP
+    >>> res = run(load_model(), make_task("ioi"), [SiteSpec("head", per_unit=True)])  # doctest: +SKIP
+    >>> res.report["kinds"]["head"]["atp"]["pearson"]                             # doctest: +SKIP
+    >>> res.scores["atp"][0].top_k(5)                                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from patchtrace.methods import activation_patching, atp, ig, relp
-from patchtrace.methods.gradients import AttributionError
+from patchtrace.methods import activation_patching
+from patchtrace.methods.gradients import AttributionError, Direction
+from patchtrace.methods.registry import MethodRegistryError, MethodSpec, estimators_of, get_method
+from patchtrace.methods.validate import ConfigError, check_direction, check_instance, check_int, check_metric
 from patchtrace.models.load import Model
 from patchtrace.results import Scores
 from patchtrace.sites import SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
 
-METHODS = ("exact", "atp", "atp*", "ig", "relp")
+#: The method every estimator is compared with.
+REFERENCE = "activation_patching"
 
 
-@dataclass(frozen=True)
+def estimator_names() -> list[str]:
+    """The registered methods that estimate exact patching (the default set compared)."""
+    return [s.name for s in estimators_of(REFERENCE)]
+
+
+@dataclass(frozen=True, kw_only=True)
 class CompareConfig:
-    """Settings shared by every compared method.
+    """Settings shared by every compared method (keyword-only; checked when built).
 
     Attributes:
-        direction: ``denoise`` or ``noise``.
-        metric: metric name.
-        ig_steps: IG steps.
+        direction: ``denoise`` or ``noise`` (every method runs in this direction).
+        metric: metric name (every method scores this metric).
         top_k: size of the top-k sets compared.
-        qk_fix: AtP*'s QK fix (query/key sites only).
-        grad_drop: AtP*'s GradDrop (its scores are then magnitudes, compared with ``E|effect|``).
-        repeats: time each gradient method this many times (the fastest counts; exact runs once);
+        repeats: time each estimator this many times (the fastest counts; exact runs once);
             a clean+corrupt forward pair is timed before every run and its fastest time is the unit.
+        options: per-method settings besides direction and metric, by registry name, e.g.
+            ``{"ig": {"steps": 5}, "atp_star": {"grad_drop": False}}``.
+
+    Raises:
+        ConfigError: a bad field, an options entry for a method that is not an estimator, or
+            options its config refuses.
     """
 
-    direction: str = "denoise"
+    direction: Direction = "denoise"
     metric: str = "logit_diff"
-    ig_steps: int = 5
     top_k: int = 10
-    qk_fix: bool = True
-    grad_drop: bool = True
     repeats: int = 1
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_direction(self)
+        check_metric(self)
+        check_int(self, "top_k", low=1)
+        check_int(self, "repeats", low=1)
+        check_instance(self, "options", Mapping)
+        for name in self.options:
+            self.method_config(name)  # builds (and so checks) every configured method's settings
+
+    def method_config(self, name: str) -> Any:
+        """The config of estimator ``name``: this direction and metric plus ``options[name]``.
+
+        Raises:
+            ConfigError: ``name`` is not a registered estimator, or its config refuses the options.
+        """
+        try:
+            spec = get_method(name)
+        except MethodRegistryError as e:
+            raise ConfigError(f"CompareConfig.options: {e}") from None
+        if spec.estimates != REFERENCE:
+            raise ConfigError(f"CompareConfig.options: {name!r} does not estimate {REFERENCE}")
+        kw = dict(self.options.get(name, {}))
+        if {"direction", "metric"} & set(kw):
+            raise ConfigError(f"CompareConfig.options[{name!r}]: set direction and metric on CompareConfig itself")
+        try:
+            return spec.config(direction=self.direction, metric=self.metric, **kw)
+        except TypeError as e:
+            raise ConfigError(f"CompareConfig.options[{name!r}] = {kw!r}: {e}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareResult:
+    """What :func:`run` returns.
+
+    Attributes:
+        report: ``report['kinds'][kind][method]`` has ``pearson``, ``spearman``, ``top_k_overlap``,
+            ``compared_with`` and ``n_cells``; ``report['time_s'][method]`` is the method's wall time
+            over all grids and ``report['time_vs_forward_pair']`` its ratio to one clean+corrupt
+            forward pair; plus the task, model, sites and config.
+        scores: method name → one :class:`Scores` per grid (``activation_patching`` included).
+        sites: the grids, in order.
+    """
+
+    report: dict[str, Any]
+    scores: Mapping[str, list[Scores]]
+    sites: tuple[SiteSpec, ...]
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write every Scores (``<method>/<kind>/``), ``report.json`` and ``scatter_<method>.png``."""
+        root = Path(out_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        for name, lst in self.scores.items():
+            for spec, s in zip(self.sites, lst, strict=True):
+                s.save(root / name / spec_tag(spec))
+        (root / "report.json").write_text(json.dumps(self.report, indent=2, default=str))
+        for name, lst in self.scores.items():
+            if name != REFERENCE:
+                scatter(self.scores[REFERENCE], lst, self.sites, name, root / f"scatter_{name}.png")
+        return root
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -104,24 +176,6 @@ def reference_for(exact: Scores, est: Scores) -> Tensor:
     return exact.values
 
 
-def _runners(model: Model, cfg: CompareConfig) -> dict[str, Callable[[TokenizedTask, list[SiteSpec]], list[Scores]]]:
-    d = cfg.direction
-    return {
-        "exact": lambda t, ss: [
-            activation_patching.run(
-                model, t, s, activation_patching.PatchingConfig(direction=d, metric=cfg.metric, sanity_check=False)  # type: ignore[arg-type]
-            )
-            for s in ss
-        ],
-        "atp": lambda t, ss: atp.run_many(model, t, ss, atp.AtPConfig(d, cfg.metric)),  # type: ignore[arg-type]
-        "atp*": lambda t, ss: atp.run_star_many(
-            model, t, ss, atp.AtPStarConfig(d, cfg.metric, cfg.qk_fix, cfg.grad_drop)  # type: ignore[arg-type]
-        ),
-        "ig": lambda t, ss: ig.run_many(model, t, ss, ig.IGConfig(d, cfg.metric, cfg.ig_steps)),  # type: ignore[arg-type]
-        "relp": lambda t, ss: relp.run_many(model, t, ss, relp.RelPConfig(d, cfg.metric)),  # type: ignore[arg-type]
-    }
-
-
 def forward_pair_seconds(model: Model, tok: TokenizedTask, repeats: int = 3) -> float:
     """Median wall time of one plain clean + corrupt forward over the whole task (no grad)."""
     times = []
@@ -140,100 +194,98 @@ def spec_tag(spec: SiteSpec) -> str:
     return spec.kind + ("-unit" if spec.per_unit and spec.kind not in ("head", "neuron") else "")
 
 
-def method_dir(method: str) -> str:
-    return method.replace("*", "_star")
+def _estimate(spec: MethodSpec, model: Model, tok: TokenizedTask, specs: list[SiteSpec], cfg: CompareConfig) -> list[Scores]:
+    """One estimator over every grid (sharing passes when the method has ``run_many``)."""
+    mc = cfg.method_config(spec.name)
+    out = spec.run_many(model, tok, specs, mc) if spec.run_many else [spec.run(model, tok, s, mc) for s in specs]
+    got = [x for x in out if isinstance(x, Scores)]
+    if len(got) != len(specs):
+        raise AttributionError(f"method {spec.name!r} returned {[type(x).__name__ for x in out]}, not one Scores per grid")
+    return got
+
+
+def _exact(model: Model, tok: TokenizedTask, specs: list[SiteSpec], cfg: CompareConfig) -> list[Scores]:
+    pc = activation_patching.PatchingConfig(direction=cfg.direction, metric=cfg.metric, sanity_check=False)
+    return [activation_patching.run(model, tok, s, pc) for s in specs]
+
+
+def _agreement(exact: Scores, est: Scores, k: int) -> dict[str, Any]:
+    ref = reference_for(exact, est)
+    return {
+        "pearson": pearson(ref, est.values),
+        "spearman": spearman(ref, est.values),
+        "top_k_overlap": top_k_overlap(ref, est.values, k),
+        "compared_with": "E|effect|" if est.value_name == "contribution" else "effect",
+        "n_cells": est.values.numel(),
+    }
 
 
 def run(
     model: Model,
     task: Task | TokenizedTask,
     sites: Sequence[SiteSpec],
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     config: CompareConfig | None = None,
     *,
     out_dir: str | Path | None = None,
-) -> tuple[dict[str, Any], dict[str, list[Scores]]]:
-    """Run ``methods`` on the same task and grids and compare each with exact patching.
+) -> CompareResult:
+    """Run the estimators on the same task and grids and compare each with exact patching.
 
     Args:
         model: a loaded model.
         task: a task or tokenized task.
         sites: the grids (one per site kind is typical).
-        methods: names from :data:`METHODS` (``exact`` is added if missing: it is the reference).
+        methods: registry names of estimators (default: every registered estimator; the reference
+            ``activation_patching`` always runs and may be listed).
         config: :class:`CompareConfig`.
-        out_dir: save ``<method>/<kind>/`` Scores, ``report.json`` and ``scatter_<method>.png`` there.
+        out_dir: save the result there (:meth:`CompareResult.save`).
 
     Returns:
-        ``(report, scores)``: ``report['kinds'][kind][method]`` has ``pearson``, ``spearman``,
-        ``top_k_overlap`` and ``n_cells``; ``report['time_s'][method]`` the wall time of the method
-        over all grids and ``report['time_vs_forward_pair']`` the ratio to one clean+corrupt forward
-        pair; ``scores[method]`` one :class:`Scores` per grid.
+        a :class:`CompareResult`.
 
     Raises:
-        AttributionError: an unknown method name or no grids.
+        AttributionError: a method that is not a registered estimator, or no grids.
     """
     cfg = config or CompareConfig()
     specs = list(sites)
     if not specs:
         raise AttributionError("compare needs at least one site grid")
-    bad = [m for m in methods if m not in METHODS]
+    known = estimator_names()
+    names = [m for m in dict.fromkeys(known if methods is None else methods) if m != REFERENCE]
+    bad = [m for m in names if m not in known]
     if bad:
-        raise AttributionError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-    order = ["exact"] + [m for m in dict.fromkeys(methods) if m != "exact"]
+        raise AttributionError(f"unknown method(s) {bad}; the estimators of {REFERENCE} are {', '.join(known)}")
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
-    runners = _runners(model, cfg)
     pairs: list[float] = []
     scores: dict[str, list[Scores]] = {}
     times: dict[str, float] = {}
-    for name in order:
-        for _ in range(1 if name == "exact" else max(1, cfg.repeats)):
+    for name in [REFERENCE, *names]:
+        for _ in range(1 if name == REFERENCE else cfg.repeats):
             pairs.append(forward_pair_seconds(model, tok))
             t0 = time.perf_counter()
-            scores[name] = runners[name](tok, specs)
+            scores[name] = _exact(model, tok, specs, cfg) if name == REFERENCE else _estimate(
+                get_method(name), model, tok, specs, cfg
+            )
             times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
     pair = min(pairs)
-    kinds: dict[str, dict[str, Any]] = {}
-    for j, spec in enumerate(specs):
-        ex = scores["exact"][j]
-        row: dict[str, Any] = {}
-        for name in order[1:]:
-            est = scores[name][j]
-            ref = reference_for(ex, est)
-            row[name] = {
-                "pearson": pearson(ref, est.values),
-                "spearman": spearman(ref, est.values),
-                "top_k_overlap": top_k_overlap(ref, est.values, cfg.top_k),
-                "compared_with": "E|effect|" if est.value_name == "contribution" else "effect",
-                "n_cells": est.values.numel(),
-            }
-        kinds[spec_tag(spec)] = row
+    kinds = {
+        spec_tag(spec): {name: _agreement(scores[REFERENCE][j], scores[name][j], cfg.top_k) for name in names}
+        for j, spec in enumerate(specs)
+    }
     report: dict[str, Any] = {
         "task": tok.task.describe(),
         "model": model.describe(),
         "sites": [str(s) for s in specs],
-        "config": cfg.__dict__,
+        "config": asdict(cfg),
         "forward_pair_s": pair,
         "time_s": times,
         "time_vs_forward_pair": {k: v / pair for k, v in times.items()},
         "kinds": kinds,
     }
+    result = CompareResult(report=report, scores=scores, sites=tuple(specs))
     if out_dir is not None:
-        save(report, scores, specs, out_dir)
-    return report, scores
-
-
-def save(report: dict[str, Any], scores: dict[str, list[Scores]], specs: Sequence[SiteSpec], out_dir: str | Path) -> Path:
-    """Write every Scores, ``report.json`` and one scatter PNG per compared method into ``out_dir``."""
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, lst in scores.items():
-        for spec, s in zip(specs, lst, strict=True):
-            s.save(root / method_dir(name) / spec_tag(spec))
-    (root / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    for name in scores:
-        if name != "exact":
-            scatter(scores["exact"], scores[name], specs, name, root / f"scatter_{method_dir(name)}.png")
-    return root
+        result.save(out_dir)
+    return result
 
 
 def scatter(exact: list[Scores], est: list[Scores], specs: Sequence[SiteSpec], name: str, path: Path) -> Path:

@@ -1,6 +1,6 @@
 """The shared kernel of the gradient-based estimators: AtP, AtP*, integrated gradients, RelP.
 
-All of them estimate the same number as exact activation patching (methods.md §1–§4),
+All of them estimate the same number as exact activation patching,
 
     effect(site) = M(base | do(site ← its value in the source run)) − M(base),  averaged over examples,
 
@@ -45,6 +45,7 @@ from patchtrace.methods.activation_patching import build_grid, result_labels
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, LRPRules, RunCtx
+from patchtrace.progress import Progress, counter
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import HookPoint, SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
@@ -269,10 +270,9 @@ def estimate(
     *,
     method: str,
     config: Any,
-    direction: str,
-    metric: str,
     group_fn: Callable[[Group], GroupResult],
     value_name: str = "attribution",
+    on_progress: Progress | None = None,
 ) -> list[Scores]:
     """Run ``group_fn`` over every example group and assemble one :class:`Scores` per site spec.
 
@@ -280,20 +280,20 @@ def estimate(
         model, task: as for :func:`patchtrace.methods.activation_patching.run`.
         sites: one grid or several (estimated together, sharing the forward/backward passes).
         method: name recorded in provenance.
-        config: the estimator's config dataclass (recorded in provenance).
-        direction: ``denoise`` or ``noise``.
-        metric: metric name.
+        config: the estimator's config (recorded in provenance); its ``direction`` (``denoise`` or
+            ``noise``, already checked when it was built) and ``metric`` are used.
         group_fn: the estimator for one group.
         value_name: ``attribution`` (signed effect estimate) or ``contribution`` (magnitude).
+        on_progress: ``on_progress(done, total)`` in example groups (one call per group).
 
     Returns:
         One :class:`Scores` per spec, with the axes and labels of exact activation patching.
 
     Raises:
-        AttributionError: bad direction; EngineError/TaskError for bad sites or tasks.
+        AttributionError: no grids; EngineError/TaskError for bad sites or tasks.
     """
-    if direction not in ("denoise", "noise"):
-        raise AttributionError(f"direction {direction!r}: use 'denoise' or 'noise'")
+    direction: str = config.direction
+    metric: str = config.metric
     specs = [sites] if isinstance(sites, SiteSpec) else list(sites)
     if not specs:
         raise AttributionError("no site grids given")
@@ -307,7 +307,9 @@ def estimate(
     extras: dict[str, Tensor] = {}
     clean_m, corrupt_m = torch.zeros(N), torch.zeros(N)
     dev = model.device
-    for idx in tok.groups():
+    groups = tok.groups()
+    tick = counter(on_progress, len(groups))
+    for idx in groups:
         ids_c, ids_k = tok.ids("clean", idx).to(dev), tok.ids("corrupt", idx).to(dev)
         answer, wrong = tok.answer[idx].to(dev), tok.wrong[idx].to(dev)
         ref = None
@@ -324,6 +326,7 @@ def estimate(
         b, s = res.base_metric.detach().float().cpu(), res.src_metric.detach().float().cpu()
         (corrupt_m if direction == "denoise" else clean_m)[idx] = b
         (clean_m if direction == "denoise" else corrupt_m)[idx] = s
+        tick(1)
     out = []
     c0 = 0
     for spec, grid, n in zip(specs, grids, sizes, strict=True):
@@ -354,3 +357,14 @@ def estimate(
 def single(scores: list[Scores]) -> Scores:
     """The one Scores of a single-spec :func:`estimate` call."""
     return scores[0]
+
+
+def tiny_inputs(spec: SiteSpec) -> Callable[[Model], tuple[Task, SiteSpec]]:
+    """A registry ``tiny_inputs`` for an estimator: two IOI examples and the grid ``spec``."""
+
+    def make(model: Model) -> tuple[Task, SiteSpec]:
+        from patchtrace.tasks import make_task
+
+        return make_task("ioi", n=2, seed=0), spec
+
+    return make

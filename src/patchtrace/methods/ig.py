@@ -1,4 +1,4 @@
-"""Integrated gradients along the base → source interpolation (EAP-IG-style node scores), methods.md §4.
+"""Integrated gradients along the base → source interpolation (EAP-IG-style node scores).
 
 AtP linearises at the base run. Integrated gradients average the gradient along the straight path
 from the base to the source activations, ``a(α) = a_base + α (a_source − a_base)``, and multiply by
@@ -41,18 +41,22 @@ from patchtrace.methods.gradients import (
     grads_of,
     product,
     single,
+    tiny_inputs,
     traced_forward,
 )
+from patchtrace.methods.registry import register_method
+from patchtrace.methods.validate import check_choice, check_direction, check_int, check_metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
+from patchtrace.progress import Progress
 from patchtrace.results import Scores
 from patchtrace.sites import HookPoint, SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IGConfig:
-    """Settings of integrated gradients.
+    """Settings of integrated gradients (keyword-only; checked when built).
 
     Attributes:
         direction: ``denoise`` (path from corrupt to clean) or ``noise`` (clean to corrupt).
@@ -61,6 +65,9 @@ class IGConfig:
         path: ``inputs`` (interpolate embeddings; all sites in one batch) or ``site`` (interpolate each
             scored hook point itself; exact completeness per point).
         rule: ``left`` (α = k/m, EAP-IG) or ``midpoint`` (α = (k+½)/m).
+
+    Raises:
+        ConfigError: an unknown direction, metric, path or rule, or ``steps < 1``.
     """
 
     direction: Direction = "denoise"
@@ -68,6 +75,13 @@ class IGConfig:
     steps: int = 5
     path: Literal["inputs", "site"] = "inputs"
     rule: Literal["left", "midpoint"] = "left"
+
+    def __post_init__(self) -> None:
+        check_direction(self)
+        check_metric(self)
+        check_int(self, "steps", low=1)
+        check_choice(self, "path", ("inputs", "site"))
+        check_choice(self, "rule", ("left", "midpoint"))
 
 
 def _alphas(cfg: IGConfig, device: torch.device) -> Tensor:
@@ -147,22 +161,21 @@ def _site_group(model: Model, g: Group, cfg: IGConfig) -> GroupResult:
 
 
 def run_many(
-    model: Model, task: Task | TokenizedTask, sites: Sequence[SiteSpec], config: IGConfig | None = None
+    model: Model, task: Task | TokenizedTask, sites: Sequence[SiteSpec], config: IGConfig | None = None,
+    *, on_progress: Progress | None = None,
 ) -> list[Scores]:
     """Integrated gradients over several grids (with ``path='inputs'`` they share every pass)."""
     cfg = config or IGConfig()
-    if cfg.steps < 1:
-        raise AttributionError(f"IG steps must be ≥ 1 (got {cfg.steps})")
-    if cfg.path not in ("inputs", "site") or cfg.rule not in ("left", "midpoint"):
-        raise AttributionError(f"IG path {cfg.path!r} / rule {cfg.rule!r}: use inputs|site and left|midpoint")
     fn = _inputs_group if cfg.path == "inputs" else _site_group
     return estimate(
-        model, task, sites, method="ig", config=cfg, direction=cfg.direction, metric=cfg.metric,
-        group_fn=lambda g: fn(model, g, cfg),
+        model, task, sites, method="ig", config=cfg, group_fn=lambda g: fn(model, g, cfg), on_progress=on_progress
     )
 
 
-def run(model: Model, task: Task | TokenizedTask, sites: SiteSpec, config: IGConfig | None = None) -> Scores:
+def run(
+    model: Model, task: Task | TokenizedTask, sites: SiteSpec, config: IGConfig | None = None,
+    *, on_progress: Progress | None = None,
+) -> Scores:
     """Integrated-gradients estimate of the patching effect of every cell of ``sites``.
 
     Args:
@@ -170,11 +183,19 @@ def run(model: Model, task: Task | TokenizedTask, sites: SiteSpec, config: IGCon
         task: a task or tokenized task.
         sites: the grid.
         config: :class:`IGConfig`.
+        on_progress: ``on_progress(done, total)`` in example groups (:mod:`patchtrace.progress`).
 
     Returns:
         :class:`Scores` of signed effect estimates (``value_name='attribution'``).
-
-    Raises:
-        AttributionError: ``steps < 1`` or an unknown path/rule.
     """
-    return single(run_many(model, task, [sites], config))
+    return single(run_many(model, task, [sites], config, on_progress=on_progress))
+
+
+register_method(
+    "ig", IGConfig, run, result=Scores, sweep=False, estimates="activation_patching", run_many=run_many,
+    description="integrated gradients: the gradient averaged along the base → source path, × the difference",
+    tiny_config=lambda: IGConfig(steps=3), tiny_inputs=tiny_inputs(SiteSpec("resid_pre", positions=[-2, -1])),
+    plain_baselines=("clean", "corrupt"),
+    invalid_configs=({"direction": "sideways"}, {"metric": "accuracy"}, {"steps": 0}, {"path": "edges"},
+                     {"rule": "right"}),
+)

@@ -1,4 +1,4 @@
-"""Relevance patching (RelP; Rezaei Jafari et al. 2025), methods.md §3.
+"""Relevance patching (RelP; Rezaei Jafari et al. 2025).
 
 The AtP recipe (one source forward, one base forward, one backward) with the gradient replaced by
 LRP propagation coefficients:
@@ -38,28 +38,40 @@ from patchtrace.methods.gradients import (
     grads_of,
     product,
     single,
+    tiny_inputs,
     traced_forward,
 )
+from patchtrace.methods.registry import register_method
+from patchtrace.methods.validate import check_direction, check_instance, check_metric
 from patchtrace.models.load import Model
 from patchtrace.models.runner import LRPRules
+from patchtrace.progress import Progress
 from patchtrace.results import Scores
 from patchtrace.sites import SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RelPConfig:
-    """Settings of relevance patching.
+    """Settings of relevance patching (keyword-only; checked when built).
 
     Attributes:
         direction: ``denoise`` or ``noise`` (as for AtP).
         metric: metric name.
         rules: the LRP rules (default: norm, identity and half rules; attention pattern not frozen).
+
+    Raises:
+        ConfigError: an unknown direction or metric, or ``rules`` that are not :class:`LRPRules`.
     """
 
     direction: Direction = "denoise"
     metric: str = "logit_diff"
     rules: LRPRules = field(default_factory=lambda: LRPRules(attention=False))
+
+    def __post_init__(self) -> None:
+        check_direction(self)
+        check_metric(self)
+        check_instance(self, "rules", LRPRules)
 
 
 def _relp_group(model: Model, g: Group, rules: LRPRules) -> GroupResult:
@@ -74,17 +86,21 @@ def _relp_group(model: Model, g: Group, rules: LRPRules) -> GroupResult:
 
 
 def run_many(
-    model: Model, task: Task | TokenizedTask, sites: Sequence[SiteSpec], config: RelPConfig | None = None
+    model: Model, task: Task | TokenizedTask, sites: Sequence[SiteSpec], config: RelPConfig | None = None,
+    *, on_progress: Progress | None = None,
 ) -> list[Scores]:
     """RelP over several grids sharing one source forward, one LRP base forward and one backward."""
     cfg = config or RelPConfig()
     return estimate(
-        model, task, sites, method="relp", config=cfg, direction=cfg.direction, metric=cfg.metric,
-        group_fn=lambda g: _relp_group(model, g, cfg.rules),
+        model, task, sites, method="relp", config=cfg, group_fn=lambda g: _relp_group(model, g, cfg.rules),
+        on_progress=on_progress,
     )
 
 
-def run(model: Model, task: Task | TokenizedTask, sites: SiteSpec, config: RelPConfig | None = None) -> Scores:
+def run(
+    model: Model, task: Task | TokenizedTask, sites: SiteSpec, config: RelPConfig | None = None,
+    *, on_progress: Progress | None = None,
+) -> Scores:
     """Relevance patching of every cell of ``sites``.
 
     Args:
@@ -92,8 +108,18 @@ def run(model: Model, task: Task | TokenizedTask, sites: SiteSpec, config: RelPC
         task: a task or tokenized task.
         sites: the grid.
         config: :class:`RelPConfig`.
+        on_progress: ``on_progress(done, total)`` in example groups (:mod:`patchtrace.progress`).
 
     Returns:
         :class:`Scores` of signed effect estimates (``value_name='attribution'``).
     """
-    return single(run_many(model, task, [sites], config))
+    return single(run_many(model, task, [sites], config, on_progress=on_progress))
+
+
+register_method(
+    "relp", RelPConfig, run, result=Scores, sweep=False, estimates="activation_patching", run_many=run_many,
+    description="relevance patching: AtP with LRP propagation rules in place of the plain gradient",
+    tiny_config=RelPConfig, tiny_inputs=tiny_inputs(SiteSpec("mlp_out", positions="last")),
+    plain_baselines=("clean", "corrupt"),
+    invalid_configs=({"direction": "sideways"}, {"metric": "accuracy"}, {"rules": "lrp"}),
+)
