@@ -47,6 +47,7 @@ from patchtrace.methods.gradients import (
 )
 from patchtrace.methods.registry import register_method
 from patchtrace.methods.validate import check_bool, check_direction, check_metric
+from patchtrace.models.attention import visible
 from patchtrace.models.load import Model
 from patchtrace.progress import Progress
 from patchtrace.results import Scores
@@ -81,13 +82,9 @@ class AtPStarConfig:
         check_bool(self, "grad_drop")
 
 
-def _causal(T: int, device: torch.device) -> Tensor:
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
-
-
 def qk_fix(
     kind: str, A: Tensor, G: Tensor, q_base: Tensor, k_base: Tensor, q_src: Tensor, k_src: Tensor, scale: float,
-    *, max_elems: int = 1 << 24,
+    *, window: int | None = None, max_elems: int = 1 << 24,
 ) -> tuple[Tensor, Tensor | None]:
     """Exact-softmax estimates for query or key sites of one layer.
 
@@ -96,6 +93,8 @@ def qk_fix(
         A: base attention pattern ``[B, H, T, T]``; G: ``∂M/∂A`` at the base run, same shape.
         q_base, q_src: queries ``[B, T, H, d]``; k_base, k_src: keys ``[B, T, K, d]``.
         scale: the attention scale (``1/√d`` for most families).
+        window: the layer's sliding window (None: global causal attention); see
+            :func:`patchtrace.models.attention.visible`.
         max_elems: chunk the key fix so no intermediate exceeds this many elements.
 
     Returns:
@@ -107,7 +106,7 @@ def qk_fix(
     K = k_base.shape[2]
     rep = H // K
     A, G = A.float(), G.float()
-    mask = _causal(T, A.device)
+    mask = visible(0, T, window, A.device)  # [query t, key j]
     neg = torch.finfo(torch.float32).min
     D = (A * G).sum(-1)  # [B, H, T]
     kb = k_base.float().repeat_interleave(rep, dim=2)
@@ -131,7 +130,7 @@ def qk_fix(
         X = torch.where(eye[None, None, :, None, :], col, S[:, :, None])  # [B, H, S, t, j]
         X = X.masked_fill(~mask[None, None, None], neg)
         fix = (torch.softmax(X, -1) * G[:, :, None]).sum(-1) - D[:, :, None]  # [B, H, S, t]
-        fix = fix * (ar[None, :] >= ss[:, None])  # only queries that can see key s
+        fix = fix * mask[:, ss].T  # only queries that can see key s
         per_s[:, :, ss] = fix.sum(-1)
     R = per_s.view(B, K, rep, T).sum(2).transpose(1, 2)  # [B, T, K]
     Aj = torch.softmax(Sn.masked_fill(~mask, neg), -1)
@@ -178,7 +177,7 @@ def _atp_star_group(model: Model, g: Group, cfg: AtPStarConfig) -> GroupResult:
                 r, j = qk_fix(
                     p.kind, base.acts[HookPoint("pattern", li)].detach(), Gx[HookPoint("pattern", li)],
                     base.acts[HookPoint("q", li)].detach(), base.acts[HookPoint("k", li)].detach(),
-                    src.acts[HookPoint("q", li)], src.acts[HookPoint("k", li)], scale,
+                    src.acts[HookPoint("q", li)], src.acts[HookPoint("k", li)], scale, window=model.dims.window(li),
                 )
                 R[p] = r
                 if j is not None:

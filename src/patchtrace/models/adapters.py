@@ -196,9 +196,9 @@ class Dims:
     layer_types: tuple[str, ...] = ()
     final_softcap: float | None = None
 
-    def window(self, layer: int) -> int | None:
-        """The attention window of ``layer`` (None: global causal attention)."""
-        return self.layer_windows[layer] if self.layer_windows else None
+    def window(self, layer: int | None) -> int | None:
+        """The attention window of ``layer`` (None: global causal attention, or no layer)."""
+        return self.layer_windows[layer] if self.layer_windows and layer is not None else None
 
 
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
