@@ -274,3 +274,52 @@ def test_config_frozen_keyword_only_and_checked_when_built(name):
         with pytest.raises(PatchtraceError) as e:
             spec.config(**bad)
         assert any(repr(v) in str(e.value) for v in bad.values()), f"{bad} → {e.value}"
+
+
+# -- the checks themselves can fail ---------------------------------------------------------------------
+
+
+def test_the_untouched_check_sees_patches_hooks_and_edits(smol_tokenizer):
+    model = make_tiny("llama", seed=0, tokenizer=smol_tokenizer)
+    before = snapshot(model)
+    mlp_cls = type(model.hf.model.layers[0].mlp)
+    original = mlp_cls.forward
+    mlp_cls.forward = lambda self, x: original(self, x)  # a process-wide monkey-patch
+    try:
+        assert f"{mlp_cls.__qualname__}.forward" in changes(before, model)
+    finally:
+        mlp_cls.forward = original
+    handle = model.hf.model.layers[1].register_forward_hook(lambda *a: None)
+    assert changes(before, model) == ["hooks model.layers.1"]
+    handle.remove()
+    attn = model.hf.model.layers[0].self_attn
+    attn.forward = attn.forward  # an instance-level patch
+    assert changes(before, model) == ["attrs model.layers.0.self_attn"]
+    del attn.forward
+    w = model.hf.model.norm.weight
+    old = w.detach().clone()
+    with torch.no_grad():
+        w[0] += 1e-3
+    assert changes(before, model) == ["weight model.norm.weight"]
+    with torch.no_grad():
+        w.copy_(old)
+    assert changes(before, model) == []
+
+
+def test_the_bitwise_comparison_sees_one_ulp_and_one_json_field():
+    x = torch.randn(4)
+    y = x.clone()
+    y[1] = torch.nextafter(y[1], torch.tensor(math.inf))
+    assert differences({"v": x, "p": {"k": [1, 2]}}, {"v": x.clone(), "p": {"k": (1, 2)}}) == []
+    assert differences({"v": x}, {"v": y}) == ["result['v']: tensor bytes differ"]
+    assert differences({"v": x, "p": {"k": 1}}, {"v": x, "p": {"k": 2}}) == ["result['p']['k']: 1 vs 2"]
+    assert differences({"v": x}, {"v": x.double()}) != []
+    assert differences({"created": 1}, {"created": 2}, skip=frozenset(VOLATILE)) == []
+
+
+def test_expected_sites_follow_the_spec(smol_tokenizer):
+    cfg = make_tiny("llama", seed=0, tokenizer=smol_tokenizer).hf.config  # 3 layers, 4 heads, 2 KV heads
+    got = expected_sites(SiteSpec("k", per_unit=True, positions=[0, -1], layers=(2,)), cfg, T=5)
+    assert [str(s) for s in got] == ["k[2].h0@0", "k[2].h0@-1", "k[2].h1@0", "k[2].h1@-1"]
+    assert [str(s) for s in expected_sites(SiteSpec("mlp_out", positions="last"), cfg, T=5)] == [
+        "mlp_out[0]@-1", "mlp_out[1]@-1", "mlp_out[2]@-1"]

@@ -18,12 +18,13 @@ Example:
 
 from __future__ import annotations
 
-# The built-in methods, in listing order; each module registers itself on import.
+# The built-in methods; each module registers itself on import (listed in this order).
 from patchtrace.methods import (  # noqa: F401
     activation_patching,
     atp,
     atp_star,
     causal_tracing,
+    dbm,
     ig,
     relp,
 )
@@ -36,6 +37,7 @@ from patchtrace.methods.registry import (
     register_method,
     unregister_method,
 )
+from patchtrace.qa import circuit as _qa_circuit  # noqa: F401  (registers "qa_circuit")
 
 __all__ = [
     "MethodRegistryError",

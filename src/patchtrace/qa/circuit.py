@@ -35,28 +35,42 @@ from dataclasses import dataclass, replace
 
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as patch_run
+from patchtrace.methods.registry import register_method
+from patchtrace.methods.validate import check_bool, check_metric
 from patchtrace.models.load import Model
+from patchtrace.progress import Progress, offset
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import SiteSpec
-from patchtrace.tasks.base import Task
+from patchtrace.tasks.base import Example, Task
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QACircuitConfig:
-    """Settings of the QA circuit sweep.
+    """Settings of the QA circuit sweep (keyword-only; checked when built).
 
     Attributes:
         metric: patching metric (``logit_diff`` of context vs memory answer by default).
         fast: use the engine's fast path (exact; see the engine's tests).
         memory: also compute the memory-use effects (one more sweep).
+
+    Raises:
+        ConfigError: an unknown metric, or a flag that is not a bool.
     """
 
     metric: str = "logit_diff"
     fast: bool = True
     memory: bool = True
 
+    def __post_init__(self) -> None:
+        check_metric(self)
+        check_bool(self, "fast")
+        check_bool(self, "memory")
 
-def run(model: Model, task: Task, sites: SiteSpec, config: QACircuitConfig | None = None) -> Scores:
+
+def run(
+    model: Model, task: Task, sites: SiteSpec, config: QACircuitConfig | None = None,
+    *, on_progress: Progress | None = None,
+) -> Scores:
     """Context-use effects of every cell of ``sites`` (memory-use in ``extras['memory_effect']``).
 
     Args:
@@ -64,17 +78,28 @@ def run(model: Model, task: Task, sites: SiteSpec, config: QACircuitConfig | Non
         task: a context-variant QA patching task (clean = context run, answer = context answer).
         sites: the grid (e.g. ``SiteSpec("head", per_unit=True)`` or ``SiteSpec("mlp_out")``).
         config: :class:`QACircuitConfig`.
+        on_progress: ``on_progress(done, total)`` in patches of both sweeps (:mod:`patchtrace.progress`).
 
     Returns:
         A new :class:`Scores` with its own provenance (``method == 'qa_circuit'``, this config); the
         provenance of the activation-patching sweeps it ran is nested under ``sweeps``, unchanged.
     """
     cfg = config or QACircuitConfig()
-    ctx = patch_run(model, task, sites, PatchingConfig(direction="denoise", metric=cfg.metric, fast=cfg.fast))
+    sweeps_n = 2 if cfg.memory else 1
+    seen = [0]  # patches per sweep, learnt from the first sweep's total
+
+    def first(done: int, total: int) -> None:
+        seen[0] = total
+        if on_progress is not None:
+            on_progress(done, sweeps_n * total)
+
+    ctx = patch_run(model, task, sites, PatchingConfig(direction="denoise", metric=cfg.metric, fast=cfg.fast),
+                    on_progress=first)
     extras = dict(ctx.extras)
     sweeps = {"context_use": ctx.provenance}
     if cfg.memory:
-        noi = patch_run(model, task, sites, PatchingConfig(direction="noise", metric=cfg.metric, fast=cfg.fast))
+        noi = patch_run(model, task, sites, PatchingConfig(direction="noise", metric=cfg.metric, fast=cfg.fast),
+                        on_progress=offset(on_progress, seen[0], 2 * seen[0]))
         extras["memory_effect"] = -noi.values
         extras["memory_per_example"] = -noi.per_example if noi.per_example is not None else -noi.values[None]
         sweeps["memory_use"] = noi.provenance
@@ -111,3 +136,32 @@ def extract(model: Model, task: Task, config: QACircuitConfig | None = None) -> 
     heads = run(model, task, SiteSpec("head", per_unit=True, positions="last"), config)
     mlps = run(model, task, SiteSpec("mlp_out", positions="last"), config)
     return QACircuit(heads, mlps)
+
+
+def _tiny_inputs(model: Model) -> tuple[Task, SiteSpec]:
+    """Two conflict items of one prompt length (plain format, single-token answers), unfiltered by the
+    model (a tiny random model knows no capitals), and the heads of two layers at the last position."""
+    from patchtrace.qa.generators import make_qa_items
+    from patchtrace.qa.patching import same_length_distractor
+    from patchtrace.qa.prompts import render
+
+    tok = model.tokenizer
+    by_len: dict[int, list[Example]] = {}
+    for it in make_qa_items("conflict", 12, 0, tok, n_sentences=(3, 3)):
+        alt = same_length_distractor(it, tok, "plain")
+        if alt is None or it.memory is None:
+            continue
+        if any(len(tok(a, add_special_tokens=False).input_ids) != 1 for a in (it.answer, it.memory)):
+            continue
+        ctx, mem = render(it, tok, "plain").text, render(alt, tok, "plain").text
+        by_len.setdefault(len(tok(ctx).input_ids), []).append(Example(ctx, mem, it.answer, it.memory))
+    exs = max(by_len.values(), key=len)[:2]
+    return Task("extractive_qa_context", exs), SiteSpec("head", per_unit=True, positions="last", layers=(0, 2))
+
+
+register_method(
+    "qa_circuit", QACircuitConfig, run, result=Scores, sweep=True,
+    description="extractive QA: context-use (denoise) and memory-use (noise) effects of each site",
+    tiny_config=QACircuitConfig, tiny_inputs=_tiny_inputs, plain_baselines=("clean", "corrupt"),
+    invalid_configs=({"metric": "accuracy"}, {"fast": "yes"}, {"memory": 0}),
+)

@@ -24,7 +24,9 @@ from patchtrace.methods.dbm.data import DesiderataSource, as_desiderata
 from patchtrace.methods.dbm.evaluate import evaluate_site_sets, exact_patching_ranking
 from patchtrace.methods.dbm.result import HISTORY_KEYS, Mask
 from patchtrace.methods.dbm.train import TrainedMask, train_mask
+from patchtrace.methods.registry import register_method
 from patchtrace.models.load import Model
+from patchtrace.progress import Progress
 from patchtrace.results import make_provenance
 from patchtrace.sites import Site, SiteSpec
 
@@ -37,6 +39,7 @@ def run(
     *,
     heldout: Sequence[Desideratum] | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> Mask:
     """Learn a mask, binarize it and evaluate it exactly on held-out tuples.
 
@@ -46,7 +49,8 @@ def run(
         sites: site kinds, e.g. ``"head,mlp_out"`` or SiteSpecs (positions default to the last token).
         config: :class:`~patchtrace.methods.dbm.config.DBMConfig`.
         heldout: held-out desiderata; default: split ``task`` by ``config.train_fraction``.
-        on_step: progress callback ``on_step(step, loss, n_above_threshold)``.
+        on_step: DBM's own telemetry, ``on_step(step, loss, n_above_threshold)`` after each step.
+        on_progress: ``on_progress(done, config.steps)`` in training steps (:mod:`patchtrace.progress`).
 
     Returns:
         :class:`~patchtrace.methods.dbm.result.Mask`: the relaxed and binary mask over the
@@ -71,7 +75,8 @@ def run(
     train_t = tokenize_desiderata(train, model.tokenizer)
     test_t = tokenize_desiderata(test, model.tokenizer)
     runs = RunStore({c.point for c in comps})  # one cache: training, ranking and evaluation share every run
-    trained = train_mask(model, train_t, comps, cfg, on_step=on_step, prepared=prepare(model, train_t, comps, runs))
+    steps = _steps_callback(on_step, on_progress, cfg.steps)
+    trained = train_mask(model, train_t, comps, cfg, on_step=steps, prepared=prepare(model, train_t, comps, runs))
     ranking = exact_patching_ranking(model, train_t, specs, max_memory=cfg.max_memory, runs=runs) if cfg.baseline else []
     evaluation = _evaluate(model, train_t, test_t, trained, ranking, cfg, runs)
     kept = set(trained.kept)
@@ -91,6 +96,22 @@ def run(
         specs=tuple(str(s) for s in specs),
         baseline_score=torch.tensor([scores.get(s, 0.0) for s in comps]) if ranking else None,
     )
+
+
+def _steps_callback(
+    on_step: Callable[[int, float, int], None] | None, on_progress: Progress | None, total: int
+) -> Callable[[int, float, int], None] | None:
+    """One ``on_step`` for training that feeds both DBM's telemetry and the shared progress protocol."""
+    if on_step is None and on_progress is None:
+        return None
+
+    def fn(step: int, loss: float, n_above: int) -> None:
+        if on_step is not None:
+            on_step(step, loss, n_above)
+        if on_progress is not None:
+            on_progress(step + 1, total)
+
+    return fn
 
 
 def _evaluate(
@@ -125,3 +146,19 @@ def _evaluate(
         ev["topk_per_desideratum"] = dict(zip(names, acc[2].tolist(), strict=True))
         ev["topk_sites"] = [str(s) for s in site_sets[2]]
     return ev
+
+
+def _tiny_inputs(model: Model) -> tuple[Any, SiteSpec]:
+    """Four IOI examples read as one value desideratum (half held out), and the heads of two layers."""
+    from patchtrace.tasks import make_task
+
+    return make_task("ioi", n=4, seed=0), SiteSpec("head", per_unit=True, positions="last", layers=(1, 2))
+
+
+register_method(
+    "dbm", DBMConfig, run, result=Mask, sweep=False,
+    description="desiderata-based masking: learn a sparse mask of components, evaluate the kept set exactly",
+    tiny_config=lambda: DBMConfig(lam=0.05, steps=3, lr=0.1), tiny_inputs=_tiny_inputs,
+    invalid_configs=({"lam": -1.0}, {"steps": -1}, {"lr": 0.0}, {"parametrization": "magic"},
+                     {"threshold": 1.5}, {"train_fraction": 0.0}),
+)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from patchtrace.errors import PatchtraceError
+from patchtrace.methods.validate import ConfigError, check_bool, check_choice, check_float, check_int
 
 Parametrization = Literal["clamp", "sigmoid", "hard_concrete"]
 PARAMETRIZATIONS: tuple[str, ...] = ("clamp", "sigmoid", "hard_concrete")
@@ -21,9 +22,14 @@ class DBMError(PatchtraceError, ValueError):
     """A mask request that cannot be honoured (names the site, desideratum or setting)."""
 
 
-@dataclass(frozen=True)
+class DBMConfigError(DBMError, ConfigError):
+    """A DBM setting of the wrong type or out of range: both a :class:`DBMError` and a
+    :class:`~patchtrace.methods.validate.ConfigError`."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class DBMConfig:
-    """Settings of mask learning.
+    """Settings of mask learning (keyword-only; checked when built).
 
     Attributes:
         lam: sparsity strength λ.
@@ -42,7 +48,9 @@ class DBMConfig:
         100
 
     Raises:
-        DBMError: an unknown parametrization, or ``lam < 0``, ``steps < 0`` or ``lr <= 0``.
+        DBMConfigError: a field of the wrong type or out of range (an unknown parametrization,
+            ``lam < 0``, ``steps < 0``, ``lr <= 0``, a threshold outside [0, 1], a train fraction
+            outside (0, 1] ...).
     """
 
     lam: float = 0.1
@@ -56,7 +64,15 @@ class DBMConfig:
     max_memory: int | None = None
 
     def __post_init__(self) -> None:
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise DBMError(f"unknown parametrization {self.parametrization!r}; use clamp, sigmoid or hard_concrete")
-        if self.lam < 0 or self.steps < 0 or self.lr <= 0:
-            raise DBMError(f"need lam ≥ 0, steps ≥ 0, lr > 0 (got {self.lam}, {self.steps}, {self.lr})")
+        try:
+            check_float(self, "lam", low=0.0)
+            check_int(self, "steps", low=0)
+            check_float(self, "lr", low=0.0, open_low=True)
+            check_choice(self, "parametrization", PARAMETRIZATIONS)
+            check_float(self, "threshold", low=0.0, high=1.0)
+            check_float(self, "train_fraction", low=0.0, high=1.0, open_low=True)
+            check_int(self, "seed", low=0)
+            check_bool(self, "baseline")
+            check_int(self, "max_memory", low=1, optional=True)
+        except ConfigError as e:
+            raise DBMConfigError(str(e)) from None
