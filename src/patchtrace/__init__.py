@@ -9,6 +9,7 @@ The public API in one screen::
     scores = activation_patching(model, task, SiteSpec("head", per_unit=True, positions="last"))
     scores.top_k(5)                                       # [(Site('head', 23, 3, -1), 4.30), ...]
     scores.save("runs/ioi-heads")                         # safetensors + JSON, no pickle
+    [m.name for m in list_methods()]                      # every method: run(model, task, sites, config)
 
 Importing patchtrace has no side effects: nothing is loaded, downloaded or patched until called.
 """

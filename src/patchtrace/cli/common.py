@@ -11,8 +11,8 @@ spellings and fail the same way:
 * :func:`parse_sites` — ``head,resid_pre`` → one :class:`~patchtrace.sites.SiteSpec` per kind;
 * :func:`parse_layers` — ``0-3,7`` → ``(0, 1, 2, 3, 7)``;
 * :func:`parse_memory` — ``4GB``, ``512MiB``, ``1e9`` → bytes;
-* :func:`progress` — a rich progress bar whose ``update(done, total)`` fits every method's
-  ``on_progress`` callback;
+* :func:`progress` — a rich progress bar whose ``update(done, total)`` is the one progress protocol
+  (:mod:`patchtrace.progress`) that every registered method's ``on_progress`` accepts;
 * :func:`scores_table`, :func:`print_baselines` — the standard rich renderings of :class:`Scores`;
 * :func:`fail` — print one red line and exit with code 2.
 
@@ -221,17 +221,21 @@ class _Bar:
         self._id = progress.add_task(description, total=None)
 
     def update(self, done: int, total: int) -> None:
-        """An ``on_progress(done, total)`` callback."""
+        """A :data:`patchtrace.progress.Progress` callback: ``on_progress(done, total)``, in whatever
+        unit the method counts (patches, example groups, training steps)."""
         self._p.update(self._id, completed=done, total=total)
 
 
 @contextmanager
 def progress(description: str, *, quiet: bool = False) -> Iterator[_Bar]:
-    """A rich progress bar; ``bar.update`` is an ``on_progress(done, total)`` callback.
+    """A rich progress bar; ``bar.update`` is an ``on_progress(done, total)`` callback
+    (:mod:`patchtrace.progress`), so it fits every registered method.
 
     Example:
         >>> with progress("patching head") as bar:                  # doctest: +SKIP
         ...     scores = activation_patching(model, task, spec, on_progress=bar.update)
+        >>> with progress("tracing") as bar:                        # doctest: +SKIP
+        ...     result = get_method(name).run(model, task, sites, None, on_progress=bar.update)
     """
     p = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
