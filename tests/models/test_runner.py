@@ -196,6 +196,9 @@ def test_runner_errors_are_patchtrace_errors_naming_the_item():
         (lambda: model.runner.forward(resid=h, start_layer=2, stop_layer=5), "2..5"),
         (lambda: model.runner.forward(resid=h, start_layer=2, joins={("pre", 1): h}), r"\('pre', 1\)"),
         (lambda: neox.runner.forward(ids, joins={("mid", 1): h}), "parallel"),
+        (lambda: neox.runner.add_attn(h, h), "parallel"),
+        (lambda: neox.runner.resid_post(h, h), "needs attn_out"),
+        (lambda: model.runner.resid_post(h, h, h), "sequential"),
     ]
     with torch.no_grad():
         full = model.runner.forward(ids, keep_kv=True)
@@ -207,3 +210,20 @@ def test_runner_errors_are_patchtrace_errors_naming_the_item():
             with pytest.raises(RunnerError, match=msg) as e:
                 fn()
             assert isinstance(e.value, PatchtraceError) and isinstance(e.value, ValueError)
+
+
+def test_the_engines_memory_plan_is_the_runners_estimate(monkeypatch):
+    """plan_sweep and the chunking ask the runner what a row and a recorded run allocate."""
+    from patchtrace.engine.sweep import EngineError, Patch, patches_per_chunk, plan_sweep
+    from patchtrace.sites import Site
+
+    model = make_tiny("gemma3", vocab=VOCAB)
+    asked = []
+    monkeypatch.setattr(model.runner, "row_bytes", lambda n, T, ncols, dtype: asked.append((n, T)) or 1000)
+    monkeypatch.setattr(model.runner, "cache_bytes", lambda n_rows, T, dtype: 7_000_000 * n_rows)
+    plan = plan_sweep(model, [Patch((Site("resid_pre", 1, None, 5),))], 4, 14, max_memory=10**9)
+    assert (9, 14) in asked  # positions 5..13 of a 14-token prompt
+    assert plan.peak_bytes == 2 * 4 * 7_000_000 + 4 * 1000  # base + source caches, 4 rows of 1000
+    assert patches_per_chunk(model, 9, 14, None, 4, budget=8000) == 2
+    with pytest.raises(EngineError, match="memory budget"):
+        patches_per_chunk(model, 9, 14, None, 4, budget=3999)
