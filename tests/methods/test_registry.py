@@ -209,3 +209,18 @@ def test_cli_compare_refuses_bad_settings_before_loading(args, needle):
     res = runner.invoke(build_app(strict=True), ["compare", "--model", "./no-such-model", *args])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert needle in res.output
+
+
+def test_causal_tracing_takes_sites_like_every_method(smol_tokenizer):
+    from patchtrace.methods.causal_tracing import TracingConfig
+    from patchtrace.sites import SiteError
+
+    spec = get_method("causal_tracing")
+    model = make_tiny("llama", seed=0, tokenizer=smol_tokenizer)
+    task, _ = spec.tiny_inputs(model)
+    with pytest.raises(SiteError, match="config was passed as sites"):
+        spec.run(model, task, TracingConfig())
+    for bad in (SiteSpec("head", per_unit=True, positions="all"), SiteSpec("mlp_out"),
+                SiteSpec("resid_post", positions="all", layers=(0,))):
+        with pytest.raises(SiteError, match="positions='all'"):
+            spec.run(model, task, bad)
