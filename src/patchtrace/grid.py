@@ -234,7 +234,7 @@ class Grid:
             layers = tuple(spec.layers) if spec.layers is not None else tuple(range(dims.n_layers))
             bad = [x for x in layers if not 0 <= x < dims.n_layers]
             if bad:
-                raise GridError(f"sites {spec.kind!r}: layer {bad[0]} out of range (the model has {dims.n_layers} layers)")
+                raise GridError(f"site {spec.kind}[{bad[0]}]: layer {bad[0]} out of range (the model has {dims.n_layers} layers)")
             axes.append("layer")
             coords.append(layers)
         if spec.per_unit:
@@ -243,7 +243,10 @@ class Grid:
             units = tuple(spec.units) if spec.units is not None else tuple(range(n))
             bad = [u for u in units if not 0 <= u < n]
             if bad:
-                raise GridError(f"sites {spec.kind!r}: {info.unit_axis} {bad[0]} out of range (the model has {n})")
+                raise GridError(
+                    f"site {spec.kind}[·].{info.unit_letter}{bad[0]}: {info.unit_axis} {bad[0]} out of range "
+                    f"(the model has {n})"
+                )
             axes.append(info.unit_axis)
             coords.append(units)
         if spec.positions == "last":

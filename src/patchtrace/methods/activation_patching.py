@@ -1,4 +1,4 @@
-"""Exact activation patching (methods.md §1), over any grid of sites, on the sweep engine.
+"""Exact activation patching, over any grid of sites, as a sweep job of the engine.
 
 Denoising (default) runs the corrupt prompt and restores one clean activation at a time: it asks
 whether a component is *sufficient* to bring the behaviour back. Noising runs the clean prompt and
@@ -21,17 +21,19 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from patchtrace.engine.checkpoint import Checkpoint, guard_finished, run_key
+from patchtrace.engine.checkpoint import run_key
+from patchtrace.engine.job import Block, execute
 from patchtrace.engine.sweep import (
     EngineError,
     Patch,
+    RunCache,
     Scorer,
     base_points,
     collect,
@@ -40,6 +42,8 @@ from patchtrace.engine.sweep import (
     run_patches,
 )
 from patchtrace.grid import Grid, GridError
+from patchtrace.methods.registry import register_method
+from patchtrace.methods.validate import check_bool, check_direction, check_int, check_metric
 from patchtrace.metrics import Metric, warn_zero_gap
 from patchtrace.models.load import Model
 from patchtrace.results import Scores, make_provenance
@@ -52,9 +56,9 @@ Direction = Literal["denoise", "noise"]
 ROWS_PER_BLOCK = 2048
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PatchingConfig:
-    """Settings of an activation-patching sweep.
+    """Settings of an activation-patching sweep (keyword-only; checked when built).
 
     Attributes:
         direction: ``denoise`` (clean into corrupt) or ``noise`` (corrupt into clean).
@@ -63,6 +67,9 @@ class PatchingConfig:
         max_memory: working-memory budget in bytes (None: a quarter of available memory).
         sanity_check: patch clean into clean at a few sites and record the largest change.
         block_rows: batch rows (patches × examples) per checkpointed block.
+
+    Raises:
+        ConfigError: a field of the wrong type or out of range (e.g. ``direction="sideways"``).
     """
 
     direction: Direction = "denoise"
@@ -71,6 +78,14 @@ class PatchingConfig:
     max_memory: int | None = None
     sanity_check: bool = True
     block_rows: int = ROWS_PER_BLOCK
+
+    def __post_init__(self) -> None:
+        check_direction(self)
+        check_metric(self)
+        check_bool(self, "fast")
+        check_int(self, "max_memory", low=1, optional=True)
+        check_bool(self, "sanity_check")
+        check_int(self, "block_rows", low=1)
 
 
 def build_grid(model: Model, spec: SiteSpec, tok: TokenizedTask) -> Grid:
@@ -135,119 +150,143 @@ def run(
     """
     cfg = config or PatchingConfig()
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
-    grid = build_grid(model, sites, tok)
-    key = run_key(
-        {"model": model.weights_hash(), "task": tok.task.hash(), "sites": str(sites), "config": asdict(cfg), "m": "ap"}
-    )
-    ckpt = Checkpoint(out_dir, key, overwrite) if out_dir is not None else None  # takes the folder's lock
-    try:
-        if out_dir is not None:
-            guard_finished(out_dir, key, overwrite)
-        return _sweep(model, tok, sites, cfg, grid, key, ckpt, on_progress, out_dir)
-    finally:
-        if ckpt is not None:
-            ckpt.close()
+    job = PatchingJob(model, tok, sites, cfg)
+    return execute(job, out_dir=out_dir, overwrite=overwrite, on_progress=on_progress)
 
 
-def _sweep(
-    model: Model,
-    tok: TokenizedTask,
-    sites: SiteSpec,
-    cfg: PatchingConfig,
-    grid: Grid,
-    key: str,
-    ckpt: Checkpoint | None,
-    on_progress: Callable[[int, int], None] | None,
-    out_dir: str | Path | None,
-) -> Scores:
-    """The body of :func:`run` once the grid is built and the folder is held."""
-    metric = Metric(cfg.metric)
-    N = len(tok)
-    n_cells = len(grid)
-    patched = torch.zeros(N, n_cells)
-    clean_metric = torch.zeros(N)
-    corrupt_metric = torch.zeros(N)
-    sites_list = grid.sites()
-    points = {s.point for s in sites_list}
-    sanity = 0.0
-    done = 0
-    groups = tok.groups()
-    total = n_cells * len(groups)
-    cols = metric.columns(tok.answer, tok.wrong)
-    # one patch per cell and example group (positions resolved against that group's length)
-    group_patches_all = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in sites_list] for g in groups]
-    plans = [
-        plan_sweep(
-            model, gp, len(g), tok.lengths[g[0]], fast=cfg.fast, max_memory=cfg.max_memory,
-            ncols=None if cols is None else len(cols),
+@dataclass
+class _GroupState:
+    """One equal-length group's recorded runs and scorer (kept for one group at a time)."""
+
+    base_ids: torch.Tensor
+    runs: dict[str, RunCache]
+    scorer: Scorer
+
+
+class PatchingJob:
+    """Activation patching as an engine sweep job: blocks of cells per equal-length example group.
+
+    Each block is up to ``config.block_rows`` batch rows (cells × examples) of one group: large enough
+    that the engine's staggered batches stay efficient, small enough that an interrupted sweep loses
+    little. The plan (every group's memory plan included) is made in the constructor, before any
+    compute, so a refused budget or a bad site fails at once.
+    """
+
+    def __init__(self, model: Model, tok: TokenizedTask, sites: SiteSpec, cfg: PatchingConfig) -> None:
+        self.model, self.tok, self.sites, self.cfg = model, tok, sites, cfg
+        self.grid = build_grid(model, sites, tok)
+        self.metric = Metric(cfg.metric)
+        self.key = run_key(
+            {"model": model.weights_hash(), "task": tok.task.hash(), "sites": str(sites), "config": asdict(cfg),
+             "m": "ap"}
         )
-        for g, gp in zip(groups, group_patches_all, strict=True)
-    ]  # raises before any compute if the memory budget cannot hold a patch
-    # checkpoint blocks of ~ROWS_PER_BLOCK batch rows: large enough that the engine's staggered
-    # batches stay efficient, small enough that an interrupted sweep loses little
-    block_size = max(1, cfg.block_rows // max(1, N))
+        self.groups = tok.groups()
+        cells = self.grid.sites()
+        self.points = {s.point for s in cells}
+        self.patches = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in cells] for g in self.groups]
+        cols = self.metric.columns(tok.answer, tok.wrong)
+        self.plans = [
+            plan_sweep(model, gp, len(g), tok.lengths[g[0]], fast=cfg.fast, max_memory=cfg.max_memory,
+                       ncols=None if cols is None else len(cols))
+            for g, gp in zip(self.groups, self.patches, strict=True)
+        ]  # raises before any compute if the memory budget cannot hold a patch
+        per = max(1, cfg.block_rows // max(1, len(tok)))
+        self._blocks: list[Block] = []
+        self._where: list[tuple[int, int, int]] = []
+        for gi in range(len(self.groups)):
+            for b0 in range(0, len(cells), per):
+                b1 = min(len(cells), b0 + per)
+                self._where.append((gi, b0, b1))
+                self._blocks.append(Block(len(self._blocks), b1 - b0, f"group {gi}, cells {b0}-{b1 - 1}"))
+        self._state: tuple[int, _GroupState] | None = None
+        self._baselines: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
-    def tick(k: int) -> None:
-        nonlocal done
-        done += k
-        if on_progress:
-            on_progress(done, total)
+    def blocks(self) -> list[Block]:
+        return self._blocks
 
-    for gi, idx in enumerate(groups):
-        ids_c, ids_k = tok.ids("clean", idx).to(model.device), tok.ids("corrupt", idx).to(model.device)
-        group_patches = group_patches_all[gi]
-        need = points | (base_points(group_patches, model) if cfg.fast else set())
-        clean, corrupt = collect(model, ids_c, need), collect(model, ids_k, need)
-        ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
-        scorer = Scorer(metric, tok.answer[idx].to(model.device), tok.wrong[idx].to(model.device), ref)
-        clean_metric[idx] = scorer(clean.logits, 1, False)[0].cpu()
-        corrupt_metric[idx] = scorer(corrupt.logits, 1, False)[0].cpu()
-        base, source, base_ids = (corrupt, clean, ids_k) if cfg.direction == "denoise" else (clean, corrupt, ids_c)
+    def _group(self, gi: int) -> _GroupState:
+        """The runs of group ``gi`` (recorded once; the previous group's are dropped)."""
+        if self._state is not None and self._state[0] == gi:
+            return self._state[1]
+        self._state = None
+        m, tok, cfg, idx = self.model, self.tok, self.cfg, self.groups[gi]
+        ids_c, ids_k = tok.ids("clean", idx).to(m.device), tok.ids("corrupt", idx).to(m.device)
+        need = self.points | (base_points(self.patches[gi], m) if cfg.fast else set())
+        clean, corrupt = collect(m, ids_c, need), collect(m, ids_k, need)
+        ref = torch.log_softmax(clean.logits, -1) if self.metric.name == "kl" else None
+        scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref)
+        c_m, k_m = scorer(clean.logits, 1, False)[0].cpu(), scorer(corrupt.logits, 1, False)[0].cpu()
+        sanity = 0.0
         if cfg.sanity_check:
-            some = group_patches[:: max(1, len(group_patches) // 3)][:3]
+            some = self.patches[gi][:: max(1, len(self.patches[gi]) // 3)][:3]
             # clean into clean: every patch is a no-op, so force the engine to compute them
-            same = run_patches(
-                model, ids_c, clean, clean, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory, skip_noops=False
-            )
-            sanity = max(sanity, float((same - clean_metric[idx][None]).abs().max()))
-        for b0 in range(0, n_cells, block_size):
-            bkey = gi * 100000 + b0 // block_size
-            cached = ckpt.load(bkey) if ckpt is not None else None
-            if cached is not None:
-                vals = cached["patched"]
-                tick(vals.shape[0])
-            else:
-                vals = run_patches(
-                    model, base_ids, base, source, group_patches[b0 : b0 + block_size], scorer,
-                    fast=cfg.fast, max_memory=cfg.max_memory, on_chunk=tick,
-                ).cpu()
-                if ckpt is not None:
-                    ckpt.save(bkey, {"patched": vals})
-            patched[idx, b0 : b0 + block_size] = vals.T
-    warn_zero_gap(clean_metric, corrupt_metric, f"task {tok.task.name!r}")
-    base_metric = corrupt_metric if cfg.direction == "denoise" else clean_metric
-    effects = (patched - base_metric[:, None]).view(N, *grid.shape)
-    patched_mean = patched.mean(0).view(grid.shape)
-    values = effects.mean(0)
-    prov = make_provenance(model, tok.task, "activation_patching", cfg)
-    prov["sites"] = str(sites)
-    prov["run_key"] = key
-    prov["sanity_max_abs"] = sanity
-    prov["direction"] = cfg.direction
-    prov["plan"] = [pl.describe() for pl in plans]
-    scores = Scores(
-        values=values,
-        axes=grid.axes,
-        site_kind=sites.kind,
-        value_name="effect",
-        metric=cfg.metric,
-        baselines={"clean": float(clean_metric.mean()), "corrupt": float(corrupt_metric.mean())},
-        labels=result_labels(grid, tok),
-        per_example=effects,
-        extras={"patched": patched_mean, "clean_per_example": clean_metric, "corrupt_per_example": corrupt_metric},
-        provenance=prov,
-    )
-    if ckpt is not None:
-        scores.save(out_dir)  # type: ignore[arg-type]
-        ckpt.clear()
-    return scores
+            same = run_patches(m, ids_c, clean, clean, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory,
+                               skip_noops=False)
+            sanity = float((same - c_m[None]).abs().max())
+        self._baselines[gi] = (c_m, k_m, sanity)
+        if cfg.direction == "denoise":
+            st = _GroupState(ids_k, {"base": corrupt, "source": clean}, scorer)
+        else:
+            st = _GroupState(ids_c, {"base": clean, "source": corrupt}, scorer)
+        self._state = (gi, st)
+        return st
+
+    def run_block(self, block: Block, on_progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+        gi, b0, b1 = self._where[block.index]
+        st = self._group(gi)
+        vals = run_patches(
+            self.model, st.base_ids, st.runs["base"], st.runs["source"], self.patches[gi][b0:b1], st.scorer,
+            fast=self.cfg.fast, max_memory=self.cfg.max_memory, on_chunk=on_progress,
+        )
+        return {"patched": vals.cpu()}
+
+    def merge(self, results: Sequence[dict[str, torch.Tensor]]) -> Scores:
+        tok, cfg, grid = self.tok, self.cfg, self.grid
+        N, n_cells = len(tok), len(grid)
+        patched = torch.zeros(N, n_cells)
+        for (gi, b0, b1), r in zip(self._where, results, strict=True):
+            patched[self.groups[gi], b0:b1] = r["patched"].T
+        clean_metric, corrupt_metric = torch.zeros(N), torch.zeros(N)
+        sanity = 0.0
+        for gi, idx in enumerate(self.groups):
+            if gi not in self._baselines:  # every block of this group was resumed from disk
+                self._group(gi)
+            c_m, k_m, san = self._baselines[gi]
+            clean_metric[idx], corrupt_metric[idx] = c_m, k_m
+            sanity = max(sanity, san)
+        self._state = None
+        warn_zero_gap(clean_metric, corrupt_metric, f"task {tok.task.name!r}")
+        base_metric = corrupt_metric if cfg.direction == "denoise" else clean_metric
+        effects = (patched - base_metric[:, None]).view(N, *grid.shape)
+        prov = make_provenance(self.model, tok.task, "activation_patching", cfg)
+        prov.update({"sites": str(self.sites), "run_key": self.key, "sanity_max_abs": sanity,
+                     "direction": cfg.direction, "plan": [pl.describe() for pl in self.plans]})
+        return Scores(
+            values=effects.mean(0),
+            axes=grid.axes,
+            site_kind=self.sites.kind,
+            value_name="effect",
+            metric=cfg.metric,
+            baselines={"clean": float(clean_metric.mean()), "corrupt": float(corrupt_metric.mean())},
+            labels=result_labels(grid, tok),
+            per_example=effects,
+            extras={"patched": patched.mean(0).view(grid.shape), "clean_per_example": clean_metric,
+                    "corrupt_per_example": corrupt_metric},
+            provenance=prov,
+        )
+
+
+def _tiny_inputs(model: Model) -> tuple[Task, SiteSpec]:
+    """Two IOI examples and the heads of two layers at the last position (for the contract tests)."""
+    from patchtrace.tasks import make_task
+
+    return make_task("ioi", n=2, seed=0), SiteSpec("head", per_unit=True, positions="last", layers=(0, 2))
+
+
+register_method(
+    "activation_patching", PatchingConfig, run, result=Scores, sweep=True,
+    description="exact effect of patching each site (denoise: clean into corrupt; noise: the reverse)",
+    tiny_config=lambda: PatchingConfig(sanity_check=False), tiny_inputs=_tiny_inputs,
+    plain_baselines=("clean", "corrupt"),
+    invalid_configs=({"direction": "sideways"}, {"metric": "accuracy"}, {"max_memory": 0}, {"block_rows": 0}),
+)

@@ -1,4 +1,4 @@
-"""ROME causal tracing (Meng et al. 2022; methods.md §1), on the exact sweep engine.
+"""ROME causal tracing (Meng et al. 2022), as a sweep job of the exact engine.
 
 The idea: corrupt a prompt by adding Gaussian noise to the embeddings of its *subject* tokens
 ("The capital of **France** is"), which wrecks the model's recall, then restore the clean value of
@@ -29,38 +29,46 @@ baselines ``clean`` and ``corrupt`` (= noisy). Subject positions come from ``exa
 (the ``factual`` generator sets it), located with the tokenizer's offset mapping.
 
 Example:
-    >>> from patchtrace import load_model, make_task                        # doctest: +SKIP
+    >>> from patchtrace import SiteSpec, load_model, make_task              # doctest: +SKIP
     >>> from patchtrace.methods.causal_tracing import TracingConfig, run     # doctest: +SKIP
     >>> m = load_model()                                                     # doctest: +SKIP
-    >>> s = run(m, make_task("factual", n=8, model=m), TracingConfig(kind="mlp"))  # doctest: +SKIP
+    >>> s = run(m, make_task("factual", n=8, model=m), SiteSpec("mlp_out", positions="all"))  # doctest: +SKIP
     >>> s.top_k(3)                                                           # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from patchtrace.engine.apply import base_interventions_hooks
+from patchtrace.engine.checkpoint import run_key
+from patchtrace.engine.job import Block, execute
 from patchtrace.engine.sweep import Patch, RunCache, Scorer, collect, resolve, run_patches
+from patchtrace.grid import Grid
+from patchtrace.interventions import Add, Intervention
+from patchtrace.methods.registry import register_method
+from patchtrace.methods.validate import check_bool, check_choice, check_float, check_int, check_metric
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
-from patchtrace.models.runner import HookFn, RunCtx
+from patchtrace.progress import Progress
 from patchtrace.results import Scores, make_provenance
-from patchtrace.sites import HookPoint, Site, SiteKind
+from patchtrace.sites import HookPoint, Site, SiteError, SiteKind, SiteSpec
 from patchtrace.tasks.base import Task, TaskError, TokenizedTask
 
 TraceKind = Literal["resid", "mlp", "attn"]
 _SITE_OF_KIND: dict[str, SiteKind] = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TracingConfig:
-    """Settings of a causal trace.
+    """Settings of a causal trace (keyword-only; checked when built).
 
     Attributes:
         noise_scale: noise std as a multiple of the subject embeddings' std (ROME: 3).
@@ -73,6 +81,9 @@ class TracingConfig:
         target: ``top1`` scores the clean run's top-1 next token (ROME), ``answer`` the task's answer.
         fast: use the engine's fast path (same numbers as plain full forwards).
         max_memory: working-memory budget in bytes (None: engine default).
+
+    Raises:
+        ConfigError: a field of the wrong type or out of range.
     """
 
     noise_scale: float = 3.0
@@ -86,15 +97,35 @@ class TracingConfig:
     max_memory: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in _SITE_OF_KIND:
-            raise ValueError(f"causal tracing kind {self.kind!r}: use one of {', '.join(_SITE_OF_KIND)}")
-        if self.window < 1:
-            raise ValueError(f"causal tracing window must be ≥ 1 (got {self.window})")
-        if self.samples < 1:
-            raise ValueError(f"causal tracing needs ≥ 1 noise sample (got {self.samples})")
-        if self.target not in ("top1", "answer"):
-            raise ValueError(f"causal tracing target {self.target!r}: use 'top1' or 'answer'")
-        Metric(self.metric)  # validates the name (MetricError)
+        check_float(self, "noise_scale", low=0.0, open_low=True)
+        check_int(self, "samples", low=1)
+        check_int(self, "seed", low=0)
+        check_choice(self, "kind", _SITE_OF_KIND)
+        check_int(self, "window", low=1)
+        check_metric(self)
+        check_choice(self, "target", ("top1", "answer"))
+        check_bool(self, "fast")
+        check_int(self, "max_memory", low=1, optional=True)
+
+
+def _for_sites(cfg: TracingConfig, sites: SiteSpec | None) -> TracingConfig:
+    """The config with ``kind`` taken from ``sites`` (None keeps ``cfg.kind``).
+
+    Raises:
+        SiteError: sites that are not a whole ``(layer, pos)`` grid of resid_post, mlp_out or attn_out.
+    """
+    if sites is None:
+        return cfg
+    if isinstance(sites, TracingConfig):
+        raise SiteError("causal tracing is run(model, task, sites, config): the config was passed as sites")
+    kinds: dict[str, TraceKind] = {"resid_post": "resid", "mlp_out": "mlp", "attn_out": "attn"}
+    kind = kinds.get(sites.kind)
+    if kind is None or sites.per_unit or sites.positions != "all" or sites.layers is not None:
+        raise SiteError(
+            f"causal tracing restores every (layer, token) of resid_post, mlp_out or attn_out; got {sites} "
+            "(use e.g. SiteSpec('mlp_out', positions='all'), or None for the config's kind)"
+        )
+    return replace(cfg, kind=kind)
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
@@ -161,37 +192,28 @@ def make_noise(
     return noise.to(device=model.device, dtype=model.dtype), sigma
 
 
-def noise_hook(noise: Tensor) -> HookFn:
-    """An ``embed`` hook adding ``noise`` ``[R, T, D]`` at this call's absolute positions.
-
-    Works in the noisy base run (``R`` rows) and in batched patched runs (``k × R`` rows, tiled
-    patch-major, row ``r`` ↔ noise row ``r % R``), and in suffix-only runs through ``ctx.pos_offset``.
-    """
-    R = noise.shape[0]
-
-    def fn(x: Tensor, ctx: RunCtx) -> Tensor:
-        n = x.shape[1]
-        part = noise[:, ctx.pos_offset : ctx.pos_offset + n]
-        reps = x.shape[0] // R
-        return x + (part.repeat(reps, 1, 1) if reps > 1 else part)
-
-    return fn
-
-
 def run(
     model: Model,
     task: Task | TokenizedTask,
+    sites: SiteSpec | None = None,
     config: TracingConfig | None = None,
     *,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Scores:
     """Causal trace of every (layer, token) of the task's prompts.
 
     Args:
         model: a loaded model.
         task: examples with ``meta['subject']``, all of one token length (the position axis is shared).
+        sites: what to restore: ``SiteSpec(kind, positions="all")`` with kind ``resid_post``,
+            ``mlp_out`` or ``attn_out`` (overrides ``config.kind``); None uses ``config.kind``.
         config: :class:`TracingConfig`.
-        on_progress: called as ``on_progress(done, total)`` in patches.
+        on_progress: called as ``on_progress(done, total)`` in patches (:mod:`patchtrace.progress`).
+        out_dir: if given, finished blocks are checkpointed there, a rerun resumes, and the result is
+            saved there.
+        overwrite: replace another run's result in ``out_dir`` (otherwise refused).
 
     Returns:
         :class:`Scores` with axes ``(layer, pos)`` of indirect effects (``value_name='effect'``),
@@ -200,8 +222,9 @@ def run(
 
     Raises:
         TaskError: missing/unlocatable subjects, or prompts of different token lengths.
+        SiteError: ``sites`` that causal tracing cannot restore.
     """
-    cfg = config or TracingConfig()
+    cfg = _for_sites(config or TracingConfig(), sites)
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
     T = tok.uniform_length()
     if T is None:
@@ -210,96 +233,144 @@ def run(
             f"causal tracing shares one position axis, so all clean prompts must have the same token length "
             f"(got lengths {lens}); use task.subset(...) with equal-length examples or a single template"
         )
-    subj = subject_positions(tok.task, model.tokenizer, tok)
-    N, S, L = len(tok), cfg.samples, model.dims.n_layers
-    dev = model.device
-    metric = Metric(cfg.metric)
-    ids = tok.ids("clean", range(N)).to(dev)
-    site_kind = _SITE_OF_KIND[cfg.kind]
+    job = TracingJob(model, tok, cfg)
+    return execute(job, out_dir=out_dir, overwrite=overwrite, on_progress=on_progress)
 
-    # patches: one per (layer, token), a window of sites for mlp/attn
-    cells: list[Patch] = []
-    for layer in range(L):
-        layers = [layer] if cfg.kind == "resid" else window_layers(layer, cfg.window, L)
-        for t in range(T):
-            cells.append(Patch(tuple(resolve(Site(site_kind, j, None, t), model, T) for j in layers)))
-    points = {HookPoint(site_kind, j) for j in range(L)}
 
-    # clean run (source), expanded to the noisy rows (example-major)
-    clean = collect(model, ids, points)
-    if cfg.target == "top1":
-        target = clean.logits.argmax(-1)[:, None]
-    else:
-        target = tok.answer[:, :1].to(dev)
-    wrong = tok.wrong.to(dev)
-    ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
-    clean_scorer = Scorer(metric, target, wrong, ref)
-    clean_metric = clean_scorer(clean.logits, 1, False)[0].cpu()
-    source = RunCache(
-        {hp: a.repeat_interleave(S, 0) for hp, a in clean.acts.items()},
-        [(k.repeat_interleave(S, 0), v.repeat_interleave(S, 0)) for k, v in clean.kv],
-        clean.logits.repeat_interleave(S, 0),
-    )
+#: Batch rows (cells × examples × noise samples) per checkpointed block.
+ROWS_PER_BLOCK = 2048
 
-    # noisy run (base)
-    noise, sigma = make_noise(model, tok, subj, cfg)
-    hooks: dict[HookPoint, list[HookFn]] = {HookPoint("embed", None): [noise_hook(noise)]}
-    rows = ids.repeat_interleave(S, 0)
-    base = collect(model, rows, (), hooks=hooks)
-    scorer = Scorer(
-        metric,
-        target.repeat_interleave(S, 0),
-        wrong.repeat_interleave(S, 0),
-        ref.repeat_interleave(S, 0) if ref is not None else None,
-    )
-    noisy_metric = scorer(base.logits, 1, False)[0].view(N, S).mean(1).cpu()
 
-    done = 0
+class TracingJob:
+    """Causal tracing as an engine sweep job: blocks of (layer, token) cells, noise as an intervention.
 
-    def tick(k: int) -> None:
-        nonlocal done
-        done += k
-        if on_progress is not None:
-            on_progress(done, len(cells))
+    The noisy base run is the clean prompt with an :class:`~patchtrace.interventions.Add` of the noise
+    on the embeddings, applied to every row (the base run's and every restored run's); each cell
+    restores the clean value at one (layer, token) — or a window of sublayers — from the clean run.
+    """
 
-    restored = run_patches(
-        model, rows, base, source, cells, scorer, fast=cfg.fast, base_hooks=hooks, max_memory=cfg.max_memory,
-        on_chunk=tick,
-    ).cpu()  # [P, N*S]
-    restored = restored.view(L, T, N, S).mean(-1).permute(2, 0, 1)  # [N, L, T]
-    effects = restored - noisy_metric[:, None, None]
-    mask = torch.zeros(N, T)
-    for i, p in enumerate(subj):
-        mask[i, p] = 1.0
-    prov = make_provenance(model, tok.task, "causal_tracing", cfg, seeds={"noise": cfg.seed})
-    prov.update(
-        {
-            "sigma_emb": sigma,
-            "noise_std": cfg.noise_scale * sigma,
-            "subject_positions": subj,
-            "site": f"{site_kind} (window {cfg.window})" if cfg.kind != "resid" else site_kind,
+    def __init__(self, model: Model, tok: TokenizedTask, cfg: TracingConfig) -> None:
+        self.model, self.tok, self.cfg = model, tok, cfg
+        T = tok.uniform_length()
+        assert T is not None
+        self.T, self.N, self.S, self.L = T, len(tok), cfg.samples, model.dims.n_layers
+        self.subj = subject_positions(tok.task, model.tokenizer, tok)
+        self.site_kind = _SITE_OF_KIND[cfg.kind]
+        self.cells: list[Patch] = []
+        for layer in range(self.L):
+            layers = [layer] if cfg.kind == "resid" else window_layers(layer, cfg.window, self.L)
+            for t in range(T):
+                self.cells.append(Patch(tuple(resolve(Site(self.site_kind, j, None, t), model, T) for j in layers)))
+        self.key = run_key({"model": model.weights_hash(), "task": tok.task.hash(), "config": asdict(cfg),
+                            "m": "causal_tracing"})
+        per = max(1, ROWS_PER_BLOCK // (self.N * self.S))
+        self._where = [(b0, min(len(self.cells), b0 + per)) for b0 in range(0, len(self.cells), per)]
+        self._blocks = [Block(i, b1 - b0, f"cells {b0}-{b1 - 1}") for i, (b0, b1) in enumerate(self._where)]
+        self._runs: dict[str, Any] | None = None
+
+    def blocks(self) -> list[Block]:
+        return self._blocks
+
+    def _prepare(self) -> dict[str, Any]:
+        """The clean (source) and noisy (base) runs, their metrics and the noise (computed once)."""
+        if self._runs is not None:
+            return self._runs
+        model, tok, cfg, N, S = self.model, self.tok, self.cfg, self.N, self.S
+        dev = model.device
+        metric = Metric(cfg.metric)
+        ids = tok.ids("clean", range(N)).to(dev)
+        clean = collect(model, ids, {HookPoint(self.site_kind, j) for j in range(self.L)})
+        target = clean.logits.argmax(-1)[:, None] if cfg.target == "top1" else tok.answer[:, :1].to(dev)
+        wrong = tok.wrong.to(dev)
+        ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
+        clean_metric = Scorer(metric, target, wrong, ref)(clean.logits, 1, False)[0].cpu()
+        source = RunCache(
+            {hp: a.repeat_interleave(S, 0) for hp, a in clean.acts.items()},
+            [(k.repeat_interleave(S, 0), v.repeat_interleave(S, 0)) for k, v in clean.kv],
+            clean.logits.repeat_interleave(S, 0),
+        )
+        noise, sigma = make_noise(model, tok, self.subj, cfg)
+        noise_iv = Intervention(Site("embed"), Add(noise))  # per noisy row, every position's share
+        rows = ids.repeat_interleave(S, 0)
+        hooks = base_interventions_hooks([noise_iv], {}, rows.shape[0])
+        base = collect(model, rows, (), hooks=hooks)
+        scorer = Scorer(metric, target.repeat_interleave(S, 0), wrong.repeat_interleave(S, 0),
+                        ref.repeat_interleave(S, 0) if ref is not None else None)
+        noisy_metric = scorer(base.logits, 1, False)[0].view(N, S).mean(1).cpu()
+        self._runs = {"rows": rows, "base": base, "source": source, "hooks": hooks, "scorer": scorer,
+                      "clean_metric": clean_metric, "noisy_metric": noisy_metric, "sigma": sigma, "target": target}
+        return self._runs
+
+    def run_block(self, block: Block, on_progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+        r = self._prepare()
+        b0, b1 = self._where[block.index]
+        vals = run_patches(
+            self.model, r["rows"], r["base"], r["source"], self.cells[b0:b1], r["scorer"], fast=self.cfg.fast,
+            base_hooks=r["hooks"], max_memory=self.cfg.max_memory, on_chunk=on_progress,
+        )
+        return {"restored": vals.cpu()}
+
+    def merge(self, results: Sequence[dict[str, Tensor]]) -> Scores:
+        r = self._prepare()
+        model, tok, cfg = self.model, self.tok, self.cfg
+        N, S, L, T = self.N, self.S, self.L, self.T
+        restored = torch.cat([x["restored"] for x in results], 0)  # [P, N*S]
+        restored = restored.view(L, T, N, S).mean(-1).permute(2, 0, 1)  # [N, L, T]
+        noisy_metric, clean_metric, target = r["noisy_metric"], r["clean_metric"], r["target"]
+        effects = restored - noisy_metric[:, None, None]
+        mask = torch.zeros(N, T)
+        for i, p in enumerate(self.subj):
+            mask[i, p] = 1.0
+        prov = make_provenance(model, tok.task, "causal_tracing", cfg, seeds={"noise": cfg.seed})
+        prov.update({
+            "sigma_emb": r["sigma"],
+            "noise_std": cfg.noise_scale * r["sigma"],
+            "subject_positions": self.subj,
+            "site": f"{self.site_kind} (window {cfg.window})" if cfg.kind != "resid" else self.site_kind,
             "target_tokens": model.tokenizer.convert_ids_to_tokens(target[:, 0].tolist()),
-        }
-    )
-    return Scores(
-        values=effects.mean(0),
-        axes=("layer", "pos"),
-        site_kind=site_kind,
-        value_name="effect",
-        metric=cfg.metric,
-        baselines={"clean": float(clean_metric.mean()), "corrupt": float(noisy_metric.mean())},
-        labels={
-            "layer_index": [str(x) for x in range(L)],
-            "pos_index": [str(t) for t in range(T)],
-            "pos": list(tok.tokens[0]),
-        },
-        per_example=effects,
-        extras={
-            "patched": restored.mean(0),
-            "clean_per_example": clean_metric,
-            "corrupt_per_example": noisy_metric,
-            "subject_mask": mask,
-            "target": target[:, 0].cpu().float(),
-        },
-        provenance=prov,
-    )
+            "run_key": self.key,
+        })
+        grid = Grid(self.site_kind, ("layer", "pos"), (tuple(range(L)), tuple(range(T))))
+        return Scores(
+            values=effects.mean(0),
+            axes=grid.axes,
+            site_kind=self.site_kind,
+            value_name="effect",
+            metric=cfg.metric,
+            baselines={"clean": float(clean_metric.mean()), "corrupt": float(noisy_metric.mean())},
+            labels={**grid.labels(), "pos": list(tok.tokens[0])},
+            per_example=effects,
+            extras={
+                "patched": restored.mean(0),
+                "clean_per_example": clean_metric,
+                "corrupt_per_example": noisy_metric,
+                "subject_mask": mask,
+                "target": target[:, 0].cpu().float(),
+            },
+            provenance=prov,
+        )
+
+
+def _tiny_inputs(model: Model) -> tuple[Task, SiteSpec]:
+    """Two factual prompts of one token length with single-token answers, and the MLP windows."""
+    from patchtrace.tasks.factual import factual
+
+    tokz = model.tokenizer
+    def single(text: Any) -> bool:
+        return len(tokz(text, add_special_tokens=False).input_ids) == 1
+
+    exs = [e for e in factual(n=30, seed=0).examples if single(e.answer) and single(e.wrong)]
+    lengths = [len(tokz(e.clean).input_ids) for e in exs]
+    common = max(set(lengths), key=lengths.count)
+    chosen = [e for e, n in zip(exs, lengths, strict=True) if n == common][:2]
+    return Task("factual", chosen), SiteSpec("mlp_out", positions="all")
+
+
+register_method(
+    "causal_tracing", TracingConfig, run, result=Scores, sweep=True,
+    description="ROME: noise the subject's embeddings, restore one (layer, token) state at a time",
+    tiny_config=lambda: TracingConfig(samples=2, window=2, metric="logprob", target="answer"),
+    tiny_inputs=_tiny_inputs, plain_baselines=("clean",),
+    invalid_configs=({"noise_scale": 0.0}, {"samples": 0}, {"kind": "mlp_out"}, {"window": 0},
+                     {"metric": "accuracy"}, {"target": "second"}),
+)
