@@ -87,15 +87,16 @@ def register(app: typer.Typer) -> None:
             bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                            TextColumn("loss {task.fields[loss]:.4f} · {task.fields[kept]} above threshold"),
                            console=common.err_console(), disable=quiet)
+            folder = Path(out) if out else Path("runs") / f"mask-{name}"
             with bar:
                 tid = bar.add_task("training mask", total=steps, loss=float("nan"), kept=0)
                 result = dbm.run(
                     m, ds, specs, cfg,
                     on_step=lambda i, loss, k: bar.update(tid, completed=i + 1, loss=loss, kept=k),
+                    out_dir=folder,  # the exact-patching ranking checkpoints there and resumes
                 )
         except (DesiderataError, dbm.DBMError) as e:
             common.fail(str(e))
-        folder = Path(out) if out else Path("runs") / f"mask-{name}"
         result.save(folder)
         save_desiderata(ds, folder / "desiderata.jsonl")
         _print_result(con, result, baseline)

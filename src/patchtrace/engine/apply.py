@@ -123,8 +123,14 @@ def new_value(iv: Intervention, cur: Tensor, src: Tensor | None, off: int = 0) -
 
 
 def _vectorizable(iv: Intervention) -> bool:
+    """Replace or Mix from the target site of a run, at one position (and one unit where the kind has
+    units): one advanced-indexing write serves all of them."""
     info = kind_info(iv.target.kind)
-    return iv.same_site_replace and iv.target.pos is not None and (iv.target.unit is not None or not info.has_units)
+    same_site = iv.source is not None and iv.source.site in (None, iv.target)
+    return (
+        same_site and isinstance(iv.op, (Replace, Mix)) and iv.target.pos is not None
+        and (iv.target.unit is not None or not info.has_units)
+    )
 
 
 def intervention_hook(
@@ -153,12 +159,12 @@ def intervention_hook(
             raise ApplyError(f"internal: {iv} is not at {point}")
     fast = [(i, iv) for i, iv in entries if _vectorizable(iv)]
     slow = [(i, iv, source_value(iv, runs, N)) for i, iv in entries if not _vectorizable(iv)]
-    by_run: dict[str, list[tuple[int, Intervention]]] = {}
+    by_run: dict[tuple[str, bool], list[tuple[int, Intervention]]] = {}
     for i, iv in fast:
         assert iv.source is not None
-        by_run.setdefault(iv.source.run, []).append((i, iv))
-    tables = []
-    for run_name, ivs in by_run.items():
+        by_run.setdefault((iv.source.run, isinstance(iv.op, Mix)), []).append((i, iv))
+    tables: list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
+    for (run_name, mix), ivs in by_run.items():
         run = runs.get(run_name)
         if run is None or point not in run.acts:
             raise ApplyError(f"{ivs[0][1]}: the {run_name!r} run did not record {point}")
@@ -166,7 +172,8 @@ def intervention_hook(
         ii = torch.tensor([i for i, _ in ivs], device=dev)
         tt = torch.tensor([iv.target.pos for _, iv in ivs], device=dev)
         uu = torch.tensor([iv.target.unit for _, iv in ivs], device=dev) if ivs[0][1].target.unit is not None else None
-        tables.append((_canon(run.acts[point], point.kind), ii, tt, uu))
+        w = _stack_weights([iv.op for _, iv in ivs], dev) if mix else None  # type: ignore[misc]
+        tables.append((_canon(run.acts[point], point.kind), ii, tt, uu, w))
 
     def fn(x: Tensor, ctx: RunCtx) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -176,18 +183,26 @@ def intervention_hook(
         xv = xv.unflatten(0, (P, N))
         off, n = ctx.pos_offset, xv.shape[2]
         ar = torch.arange(N, device=x.device)
-        for s, ii, tt, uu in tables:
-            if uu is None:
-                xv[ii[:, None], ar[None, :], (tt - off)[:, None]] = s[ar[None, :], tt[:, None]].to(x.dtype)
-            else:
-                xv[ii[:, None], ar[None, :], (tt - off)[:, None], uu[:, None]] = (
-                    s[ar[None, :], tt[:, None], uu[:, None]].to(x.dtype)
-                )
-        for i, iv, src in slow:
-            _write(xv, i, iv, src, off, n)
+        for s, ii, tt, uu, w in tables:
+            where = (ii[:, None], ar[None, :], (tt - off)[:, None]) + (() if uu is None else (uu[:, None],))
+            val = s[(ar[None, :], tt[:, None]) + (() if uu is None else (uu[:, None],))].to(x.dtype)
+            if w is not None:  # mix: cur + w · (val − cur), w per intervention (may require grad)
+                cur = xv[where]
+                val = cur + w.to(x.dtype).view(-1, *([1] * (cur.dim() - 1))) * (val - cur)
+            xv[where] = val
+        for i, iv, sv in slow:
+            _write(xv, i, iv, sv, off, n)
         return x
 
     return fn
+
+
+def _stack_weights(ops: Sequence[Mix], device: torch.device) -> Tensor:
+    """Mix weights as one ``[E]`` tensor (a stack of tensor weights keeps their autograd graph)."""
+    ws = [o.weight for o in ops]
+    if all(isinstance(w, Tensor) for w in ws):
+        return torch.stack([w.reshape(()) for w in ws]).to(device)  # type: ignore[union-attr]
+    return torch.tensor([float(w) for w in ws], device=device)
 
 
 def _write(xv: Tensor, i: int, iv: Intervention, src: Tensor | None, off: int, n: int) -> None:

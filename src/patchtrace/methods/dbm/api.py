@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ def run(
     heldout: Sequence[Desideratum] | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     on_progress: Progress | None = None,
+    out_dir: str | Path | None = None,
 ) -> Mask:
     """Learn a mask, binarize it and evaluate it exactly on held-out tuples.
 
@@ -51,6 +53,8 @@ def run(
         heldout: held-out desiderata; default: split ``task`` by ``config.train_fraction``.
         on_step: DBM's own telemetry, ``on_step(step, loss, n_above_threshold)`` after each step.
         on_progress: ``on_progress(done, config.steps)`` in training steps (:mod:`patchtrace.progress`).
+        out_dir: checkpoint the exact-patching ranking's sweep blocks in ``<out_dir>/ranking`` (a rerun
+            resumes it); the caller saves the returned Mask.
 
     Returns:
         :class:`~patchtrace.methods.dbm.result.Mask`: the relaxed and binary mask over the
@@ -77,7 +81,11 @@ def run(
     runs = RunStore({c.point for c in comps})  # one cache: training, ranking and evaluation share every run
     steps = _steps_callback(on_step, on_progress, cfg.steps)
     trained = train_mask(model, train_t, comps, cfg, on_step=steps, prepared=prepare(model, train_t, comps, runs))
-    ranking = exact_patching_ranking(model, train_t, specs, max_memory=cfg.max_memory, runs=runs) if cfg.baseline else []
+    ranking = (
+        exact_patching_ranking(model, train_t, specs, max_memory=cfg.max_memory, runs=runs,
+                               out_dir=None if out_dir is None else Path(out_dir) / "ranking")
+        if cfg.baseline else []
+    )
     evaluation = _evaluate(model, train_t, test_t, trained, ranking, cfg, runs)
     kept = set(trained.kept)
     prov = make_provenance(model, None, "dbm", cfg)

@@ -7,9 +7,10 @@ last position by default. :func:`components` enumerates them in a fixed order: t
 mask's order everywhere (training, the saved :class:`~patchtrace.methods.dbm.result.Mask`, the views).
 
 **Mixing.** With mask ``m ∈ [0, 1]^C`` the original run's activation of component ``c`` becomes
-``m_c · alternate + (1 − m_c) · original``. Every activation is viewed as ``[B, n, U, r]`` (``U``
-units of ``r`` values: one unit for a stream, heads for ``head``/``q``/``k``/``v``, single values
-for ``neuron``) so one hook (:func:`mix_hook`) serves every kind.
+``m_c · alternate + (1 − m_c) · original``: one :class:`~patchtrace.interventions.Intervention` per
+component with operation ``Mix(m_c)`` and the alternate run as source, applied by the engine's
+intervention hooks (:mod:`patchtrace.engine.apply`) — the same writes every other method uses, with
+the mask's gradient flowing through them.
 
 **Speed.** Components live at a few positions (usually only the last). Nothing before the first
 masked position changes and nothing below the lowest masked layer, so :func:`masked_logits` runs only
@@ -20,8 +21,8 @@ step needs (the original's residual stream entering that layer, its earlier keys
 alternate's activations at the masked points). This is exact: the tests compare it with a full
 forward doing the same mixing through Hugging Face module hooks.
 
-This module is the only place in DBM that knows how site kinds differ (which are maskable, how many
-units a kind has, how its activation is laid out, how a kind's grid is named).
+What a kind means (maskable or not, its units, its layout, its grid axes) comes from the kind table
+(:mod:`patchtrace.kinds`) and :class:`~patchtrace.grid.Grid`; nothing here branches on kind names.
 """
 
 from __future__ import annotations
@@ -35,15 +36,20 @@ import torch
 from torch import Tensor
 
 from patchtrace.desiderata import TokenizedDesideratum
+from patchtrace.engine.apply import intervention_hook
+from patchtrace.engine.cache import RunCache
 from patchtrace.engine.sweep import resolve
+from patchtrace.grid import Grid
+from patchtrace.interventions import Intervention, Mix, SourceRef
+from patchtrace.kinds import KINDS, kind_info
 from patchtrace.methods.dbm.cache import RunStore
 from patchtrace.methods.dbm.config import DBMError
 from patchtrace.models.load import Model
-from patchtrace.models.runner import HookFn, RunCtx
-from patchtrace.sites import HEADED_KINDS, KV_KINDS, STREAM_KINDS, HookPoint, Site, SiteSpec
+from patchtrace.models.runner import HookFn
+from patchtrace.sites import HookPoint, Site, SiteSpec
 
-#: Site kinds a mask can gate (``embed`` and ``pattern`` cannot).
-MASKABLE_KINDS = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "q", "k", "v", "neuron"})
+#: Site kinds a mask can gate (from the kind table: ``embed`` and ``pattern`` cannot).
+MASKABLE_KINDS = frozenset(k for k, info in KINDS.items() if info.maskable)
 
 
 def parse_specs(sites: str | SiteSpec | Sequence[SiteSpec | str], positions: Any = "last") -> list[SiteSpec]:
@@ -63,14 +69,7 @@ def parse_specs(sites: str | SiteSpec | Sequence[SiteSpec | str], positions: Any
 
 def n_units(model: Model, kind: str) -> int:
     """Units of one activation of ``kind``: neurons, KV heads, query heads, or 1 for a stream."""
-    d = model.dims
-    if kind == "neuron":
-        return d.d_mlp
-    if kind in KV_KINDS:
-        return d.n_kv_heads
-    if kind in HEADED_KINDS:
-        return d.n_heads
-    return 1
+    return kind_info(kind).units(model.dims) or 1
 
 
 def components(model: Model, specs: Sequence[SiteSpec]) -> list[Site]:
@@ -101,24 +100,6 @@ def components(model: Model, specs: Sequence[SiteSpec]) -> list[Site]:
     return out
 
 
-def as_units(x: Tensor, kind: str) -> Tensor:
-    """View an activation as ``[B, n, U, r]`` (U units of r values each)."""
-    if kind in STREAM_KINDS:
-        return x.unsqueeze(2)
-    if kind == "neuron":
-        return x.unsqueeze(-1)
-    return x
-
-
-def from_units(x: Tensor, kind: str) -> Tensor:
-    """Inverse of :func:`as_units`."""
-    if kind in STREAM_KINDS:
-        return x.squeeze(2)
-    if kind == "neuron":
-        return x.squeeze(-1)
-    return x
-
-
 @dataclass
 class MaskedGroup:
     """One equal-length batch of one desideratum, prepared for masked runs.
@@ -130,9 +111,8 @@ class MaskedGroup:
         p: first computed position.
         resid: ``[B, T-p, D]`` original residual stream entering ``start_layer``.
         past: per layer, the original's keys/values of positions ``< p`` (None when ``p == 0``).
-        alt: per masked hook point, the alternate's activation ``[B, T-p, ...]``.
-        index: per hook point, ``(component index, relative position, unit)`` per mixed entry.
-        n_units: per hook point, its number of units.
+        alternate: the alternate run (its activations at the masked points are the mix's source).
+        sites: the components with absolute positions, in mask order.
     """
 
     name: str
@@ -142,24 +122,8 @@ class MaskedGroup:
     p: int
     resid: Tensor
     past: list[tuple[Tensor, Tensor] | None] | None
-    alt: dict[HookPoint, Tensor]
-    index: dict[HookPoint, tuple[Tensor, Tensor, Tensor]]
-    n_units: dict[HookPoint, int]
-
-
-def _index(model: Model, res: Sequence[Site], p: int, T: int, points: Sequence[HookPoint]) -> dict[HookPoint, tuple[Tensor, Tensor, Tensor]]:
-    """Per hook point, the ``(component, relative position, unit)`` of every mixed entry."""
-    per: dict[HookPoint, list[tuple[int, int, int]]] = defaultdict(list)
-    nu = {hp: n_units(model, hp.kind) for hp in points}
-    for ci, s in enumerate(res):
-        ps = range(T - p) if s.pos is None else [s.pos - p]
-        us = range(nu[s.point]) if s.unit is None else [s.unit]
-        per[s.point] += [(ci, t, u) for t in ps for u in us]
-    out: dict[HookPoint, tuple[Tensor, Tensor, Tensor]] = {}
-    for hp, ents in per.items():
-        cols = [torch.tensor([e[j] for e in ents], device=model.device) for j in range(3)]
-        out[hp] = (cols[0], cols[1], cols[2])
-    return out
+    alternate: RunCache
+    sites: list[Site]
 
 
 def prepare(
@@ -195,30 +159,20 @@ def prepare(
                     past[li] = (k[:, :, :p], v[:, :, :p])
             groups.append(MaskedGroup(
                 td.name, td.desideratum.weight, td.target[idx].to(model.device), start_layer, p,
-                orig.acts[HookPoint("resid_pre", start_layer)][:, p:], past,
-                {hp: alt.acts[hp][:, p:] for hp in points}, _index(model, res, p, T, points),
-                {hp: n_units(model, hp.kind) for hp in points},
+                orig.acts[HookPoint("resid_pre", start_layer)][:, p:], past, alt, res,
             ))
     return groups
 
 
-def mix_hook(alt: Tensor, m: Tensor, index: tuple[Tensor, Tensor, Tensor], units: int, kind: str) -> HookFn:
-    """A runner hook mixing ``alt`` into the activation with weights ``m[component]`` at ``index``."""
-    ci, tt, uu = index
-
-    def fn(x: Tensor, ctx: RunCtx) -> Tensor:
-        xu, au = as_units(x, kind), as_units(alt, kind)
-        w = torch.zeros(xu.shape[1], units, dtype=m.dtype, device=m.device).index_put((tt, uu), m[ci])
-        w = w.to(x.dtype)[None, :, :, None]
-        return from_units(xu + w * (au - xu), kind)
-
-    return fn
-
-
 def masked_logits(model: Model, group: MaskedGroup, m: Tensor) -> Tensor:
     """Last-position logits ``[B, V]`` of the original run with mask ``m`` ``[C]`` mixing in the alternate."""
+    by_point: dict[HookPoint, list[tuple[int, Intervention]]] = defaultdict(list)
+    for ci, site in enumerate(group.sites):
+        by_point[site.point].append((0, Intervention(site, Mix(m[ci]), SourceRef("alternate"))))
+    runs = {"alternate": group.alternate}
+    B = group.resid.shape[0]
     hooks: dict[HookPoint, list[HookFn]] = {
-        hp: [mix_hook(group.alt[hp], m, group.index[hp], group.n_units[hp], hp.kind)] for hp in group.index
+        hp: [intervention_hook(hp, ents, runs, B, n_patches=1)] for hp, ents in by_point.items()
     }
     out = model.runner.forward(
         resid=group.resid, start_layer=group.start_layer, pos_offset=group.p, past_kv=group.past,
@@ -228,43 +182,29 @@ def masked_logits(model: Model, group: MaskedGroup, m: Tensor) -> Tensor:
     return out.logits[:, -1].float()
 
 
-def unit_axis(kind: str) -> str:
-    """The name of ``kind``'s unit axis in a grid: ``neuron``, ``kv_head`` or ``head``."""
-    return "neuron" if kind == "neuron" else "kv_head" if kind in KV_KINDS else "head"
-
-
 def kind_grid(kind: str, comps: Sequence[Site], values: Tensor) -> tuple[Tensor, tuple[str, ...], dict[str, list[str]]]:
     """Lay the entries of ``values`` ``[C]`` that belong to ``kind`` out on a grid.
 
     Returns:
-        ``(grid, axes, labels)``: axes ``layer`` (+ the unit axis when per unit, + ``pos`` when several
-        positions), ``labels['<axis>_index']`` the model indices along each axis, and
-        ``labels['fixed_pos']`` the position when there is exactly one.
+        ``(grid values, axes, labels)``: the :class:`~patchtrace.grid.Grid` spanned by the kind's
+        components — axes ``layer`` (+ the unit axis when per unit, + ``pos`` when several positions),
+        with a single position fixed — and its labels (model indices along each axis).
     """
     sel = [i for i, s in enumerate(comps) if s.kind == kind]
-    layers = sorted({int(comps[i].layer) for i in sel if comps[i].layer is not None})  # type: ignore[arg-type]
-    units = sorted({int(comps[i].unit) for i in sel if comps[i].unit is not None})  # type: ignore[arg-type]
-    poss = sorted({int(comps[i].pos) for i in sel if comps[i].pos is not None})  # type: ignore[arg-type]
-    axes, shape = ["layer"], [len(layers)]
-    labels: dict[str, list[str]] = {"layer_index": [str(x) for x in layers]}
-    if units:
-        ax = unit_axis(kind)
-        axes.append(ax)
-        shape.append(len(units))
-        labels[f"{ax}_index"] = [str(u) for u in units]
+    layers = tuple(sorted({int(comps[i].layer) for i in sel if comps[i].layer is not None}))  # type: ignore[arg-type]
+    units = tuple(sorted({int(comps[i].unit) for i in sel if comps[i].unit is not None}))  # type: ignore[arg-type]
+    poss = tuple(sorted({int(comps[i].pos) for i in sel if comps[i].pos is not None}))  # type: ignore[arg-type]
+    axes: list[str] = ["layer"]
+    coords: list[tuple[int, ...]] = [layers]
+    info = kind_info(kind)
+    if units and info.unit_axis is not None:
+        axes.append(info.unit_axis)
+        coords.append(units)
     if len(poss) > 1:
         axes.append("pos")
-        shape.append(len(poss))
-        labels["pos_index"] = [str(p) for p in poss]
-    elif len(poss) == 1:
-        labels["fixed_pos"] = [str(poss[0])]
-    grid = torch.zeros(shape)
+        coords.append(poss)
+    grid = Grid(kind, tuple(axes), tuple(coords), {"pos": poss[0]} if len(poss) == 1 else {})
+    out = torch.zeros(grid.shape)
     for i in sel:
-        s = comps[i]
-        key = [layers.index(s.layer)]  # type: ignore[arg-type]
-        if units:
-            key.append(units.index(s.unit))  # type: ignore[arg-type]
-        if len(poss) > 1:
-            key.append(poss.index(s.pos))  # type: ignore[arg-type]
-        grid[tuple(key)] = values[i]
-    return grid, tuple(axes), labels
+        out[grid.index_of(comps[i])] = values[i]
+    return out, grid.axes, grid.labels()

@@ -19,12 +19,15 @@ same tuples twice, or ranking and then evaluating them, runs each base and sourc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from patchtrace.desiderata import TokenizedDesideratum
+from patchtrace.engine.checkpoint import run_key
+from patchtrace.engine.job import Block, execute
 from patchtrace.engine.sweep import Patch, Scorer, resolve, run_patches
 from patchtrace.methods.dbm.cache import RunStore
 from patchtrace.methods.dbm.components import components
@@ -139,6 +142,56 @@ def contrasts(model: Model, td: TokenizedDesideratum, runs: RunStore) -> Tensor:
     return out
 
 
+def _data_key(tds: Sequence[TokenizedDesideratum]) -> list[dict[str, object]]:
+    return [{"name": td.name, "original": td.original, "alternate": td.alternate, "target": td.target.tolist(),
+             "contrast": td.contrast.tolist()} for td in tds]
+
+
+class RankingJob:
+    """The exact-patching ranking as an engine sweep job: one block per (desideratum, length group),
+    each running one noising patch per component, so a long ranking checkpoints and resumes."""
+
+    def __init__(self, model: Model, tds: Sequence[TokenizedDesideratum], specs: Sequence[SiteSpec],
+                 max_memory: int | None, runs: RunStore | None) -> None:
+        self.model, self.tds, self.max_memory = model, list(tds), max_memory
+        self.comps = components(model, specs)
+        self.store = runs if runs is not None else RunStore({c.point for c in self.comps})
+        self.key = run_key({"model": model.weights_hash(), "data": _data_key(tds), "specs": [str(s) for s in specs],
+                            "m": "dbm_ranking"})
+        self._where = [(di, idx) for di, td in enumerate(self.tds) for idx in td.groups()]
+        self._blocks = [Block(i, len(self.comps), f"{self.tds[di].name}, {len(idx)} tuples")
+                        for i, (di, idx) in enumerate(self._where)]
+        self._contrast: dict[int, Tensor] = {}
+
+    def blocks(self) -> list[Block]:
+        return self._blocks
+
+    def run_block(self, block: Block, on_progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+        model, (di, idx) = self.model, self._where[block.index]
+        td = self.tds[di]
+        if di not in self._contrast:
+            self._contrast[di] = contrasts(model, td, self.store)
+        contrast = self._contrast[di]
+        points = {c.point for c in self.comps}
+        ids_o = td.ids("original", idx).to(model.device)
+        T = ids_o.shape[1]
+        base = self.store.get(model, td, "original", idx, points)
+        source = self.store.get(model, td, "alternate", idx, points)
+        scorer = Scorer(Metric("logit_diff"), td.target[idx, None].to(model.device), contrast[idx, None].to(model.device))
+        patched = run_patches(
+            model, ids_o, base, source, [Patch((resolve(c, model, T),)) for c in self.comps], scorer,
+            max_memory=self.max_memory, on_chunk=on_progress,
+        ).cpu()
+        return {"patched": patched, "base": scorer(base.logits, 1, False)[0].cpu()}
+
+    def merge(self, results: Sequence[dict[str, Tensor]]) -> list[tuple[Site, float]]:
+        total = torch.zeros(len(self.comps))
+        for (di, _), r in zip(self._where, results, strict=True):
+            total += (r["patched"] - r["base"][None]).sum(1) / len(self.tds[di])
+        order = torch.argsort(total, descending=True, stable=True).tolist()
+        return [(self.comps[i], float(total[i])) for i in order]
+
+
 def exact_patching_ranking(
     model: Model,
     tds: Sequence[TokenizedDesideratum],
@@ -146,6 +199,7 @@ def exact_patching_ranking(
     *,
     max_memory: int | None = None,
     runs: RunStore | None = None,
+    out_dir: str | Path | None = None,
 ) -> list[tuple[Site, float]]:
     """Rank components by exact single-site activation patching on the given tuples.
 
@@ -153,29 +207,11 @@ def exact_patching_ranking(
     :func:`patchtrace.methods.activation_patching.run` with ``direction="noise"``: base = original,
     source = alternate), one patch per component, with ``logit_diff`` of target vs contrast
     (:func:`contrasts` fills missing contrast tokens). A component's score is the sum over
-    desiderata of its mean effect ``M(patched) − M(original)``.
+    desiderata of its mean effect ``M(patched) − M(original)``. It runs as a :class:`RankingJob`:
+    with ``out_dir``, finished blocks are checkpointed there and a rerun resumes.
 
     Returns:
         ``(site, score)`` for every component, best first.
     """
-    comps = components(model, specs)
-    points = {c.point for c in comps}
-    store = runs if runs is not None else RunStore(points)
-    total = torch.zeros(len(comps))
-    for td in tds:
-        contrast = contrasts(model, td, store)
-        eff = torch.zeros(len(comps))
-        for idx in td.groups():
-            ids_o = td.ids("original", idx).to(model.device)
-            T = ids_o.shape[1]
-            base, source = store.get(model, td, "original", idx, points), store.get(model, td, "alternate", idx, points)
-            scorer = Scorer(Metric("logit_diff"), td.target[idx, None].to(model.device), contrast[idx, None].to(model.device))
-            patched = run_patches(
-                model, ids_o, base, source, [Patch((resolve(c, model, T),)) for c in comps], scorer,
-                max_memory=max_memory,
-            ).cpu()
-            base_m = scorer(base.logits, 1, False)[0].cpu()
-            eff += (patched - base_m[None]).sum(1)
-        total += eff / len(td)
-    order = torch.argsort(total, descending=True, stable=True).tolist()
-    return [(comps[i], float(total[i])) for i in order]
+    job = RankingJob(model, tds, specs, max_memory, runs)
+    return execute(job, out_dir=out_dir, save=lambda result, path: None)
