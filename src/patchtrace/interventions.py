@@ -16,7 +16,13 @@ operation           new value of the target                                    n
 :class:`Zero`       ``0``                                                      no
 :class:`Mean`       a mean over a reference set (precomputed tensor)           no
 :class:`Resample`   the source's value from another example (``order[i]``)     yes
+:class:`LogitBias`  attention probabilities as if ``bias`` were added to the   no
+                    logits (``pattern`` sites only; exact: ``p·eᵇ / Σ p·eᵇ``)
 ==================  =========================================================  ===============
+
+A negative position counts from the end of the sequence *in the call that runs the hook*, so
+``pos=-1`` keeps addressing the newest token while a model generates (attribution-guided steering
+biases the last query's attention this way at every generated token).
 
 Shapes: a value for a site with a position is ``[N, *feature]`` (``N`` examples; ``feature`` =
 ``D``, ``d`` for one head, ``[H, d]`` for all heads ...); a value for all positions is
@@ -102,7 +108,18 @@ class Resample:
         return "resample"
 
 
-Op = Replace | Mix | Add | Zero | Mean | Resample
+@dataclass(frozen=True, eq=False)
+class LogitBias:
+    """Re-weight a ``pattern`` row as if ``bias`` (``[K]``, over the first ``K`` key positions; later
+    keys get 0) were added to the attention logits before the softmax."""
+
+    bias: Tensor
+
+    def __str__(self) -> str:
+        return "logit_bias"
+
+
+Op = Replace | Mix | Add | Zero | Mean | Resample | LogitBias
 _NEEDS_SOURCE = (Replace, Mix, Resample)
 
 
@@ -140,6 +157,8 @@ class Intervention:
             raise InterventionError(f"{self.target}: source {s} must address a unit exactly when the target does")
         if s is not None and (s.pos is None) != (self.target.pos is None):
             raise InterventionError(f"{self.target}: source {s} must have a position exactly when the target does")
+        if isinstance(self.op, LogitBias) and self.target.kind != "pattern":
+            raise InterventionError(f"{self.target}: a logit bias applies to attention patterns only")
         if isinstance(self.op, Resample) and any(i < 0 for i in self.op.order):
             raise InterventionError(f"{self.target}: resample order {self.op.order} has a negative index")
 
@@ -172,6 +191,7 @@ __all__ = [
     "Add",
     "Intervention",
     "InterventionError",
+    "LogitBias",
     "Mean",
     "Mix",
     "Op",

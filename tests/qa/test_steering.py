@@ -15,7 +15,7 @@ from patchtrace.qa.attnattrib import AttnAttribConfig, attribute
 from patchtrace.qa.generation import GenerationError
 from patchtrace.qa.generators import make_qa_items
 from patchtrace.qa.prompts import render
-from patchtrace.qa.steering import SteeringConfig, boost, gate_open, relative_margin, steer
+from patchtrace.qa.steering import SteeringConfig, gate_open, relative_margin, steer
 from patchtrace.results import Scores
 
 
@@ -24,12 +24,19 @@ def tiny(smol_tokenizer):
     return make_tiny("llama", seed=1, tokenizer=smol_tokenizer)
 
 
-def test_boost_equals_adding_to_logits():
+def test_logit_bias_equals_adding_to_logits():
+    """The steering intervention on probabilities equals a softmax of biased logits (keys past the
+    bias's length get no bias, as generated tokens do)."""
+    from patchtrace.engine.apply import new_value
+    from patchtrace.interventions import Intervention, LogitBias
+    from patchtrace.sites import Site
+
     torch.manual_seed(0)
-    logits = torch.randn(2, 7)
-    mask = torch.tensor([False, True, True, False, False, False, True])
-    got = boost(torch.softmax(logits, -1), mask, 3.0)
-    want = torch.softmax(logits + 3.0 * mask.float(), -1)
+    logits = torch.randn(2, 9)
+    mask = torch.tensor([False, True, True, False, False, False, True])  # 7 prompt keys of 9
+    iv = Intervention(Site("pattern", 0, 1, -1), LogitBias(3.0 * mask.float()))
+    got = new_value(iv, torch.softmax(logits, -1), None)
+    want = torch.softmax(logits + 3.0 * torch.cat([mask.float(), torch.zeros(2)]), -1)
     torch.testing.assert_close(got, want)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.errors import PatchtraceError
-from patchtrace.interventions import Add, Intervention, Mean, Mix, Replace, Resample, Zero
+from patchtrace.interventions import Add, Intervention, LogitBias, Mean, Mix, Replace, Resample, Zero
 from patchtrace.kinds import kind_info
 from patchtrace.models.runner import HookFn, RunCtx
 from patchtrace.sites import HookPoint, Site
@@ -119,6 +119,14 @@ def new_value(iv: Intervention, cur: Tensor, src: Tensor | None, off: int = 0) -
         return cur + _fit(op.vector, cur, has_pos, off, n, "add", iv)
     if isinstance(op, Mean):
         return _fit(op.reference, cur, has_pos, off, n, "mean", iv).expand_as(cur)
+    if isinstance(op, LogitBias):
+        b = op.bias.to(device=cur.device, dtype=torch.float32)
+        K = cur.shape[-1]
+        if b.shape[-1] > K:
+            raise ApplyError(f"{iv}: bias over {b.shape[-1]} keys but the pattern has {K}")
+        b = torch.nn.functional.pad(b, (0, K - b.shape[-1]))
+        w = cur.float() * b.exp()
+        return (w / w.sum(-1, keepdim=True)).to(cur.dtype)
     raise ApplyError(f"{iv}: unknown operation {op!r}")
 
 
@@ -128,7 +136,7 @@ def _vectorizable(iv: Intervention) -> bool:
     info = kind_info(iv.target.kind)
     same_site = iv.source is not None and iv.source.site in (None, iv.target)
     return (
-        same_site and isinstance(iv.op, (Replace, Mix)) and iv.target.pos is not None
+        same_site and isinstance(iv.op, (Replace, Mix)) and iv.target.pos is not None and iv.target.pos >= 0
         and (iv.target.unit is not None or not info.has_units)
     )
 
@@ -191,7 +199,7 @@ def intervention_hook(
                 val = cur + w.to(x.dtype).view(-1, *([1] * (cur.dim() - 1))) * (val - cur)
             xv[where] = val
         for i, iv, sv in slow:
-            _write(xv, i, iv, sv, off, n)
+            _write(xv, i, iv, sv, off, n)  # (vectorized entries carry absolute positions: resolved upstream)
         return x
 
     return fn
@@ -206,8 +214,11 @@ def _stack_weights(ops: Sequence[Mix], device: torch.device) -> Tensor:
 
 
 def _write(xv: Tensor, i: int, iv: Intervention, src: Tensor | None, off: int, n: int) -> None:
-    """Apply one intervention to patch ``i`` of ``xv`` ``[P, N, n, (U,) ...]``."""
+    """Apply one intervention to patch ``i`` of ``xv`` ``[P, N, n, (U,) ...]`` (a negative position
+    counts from the end of this call's sequence, ``off + n``)."""
     t, u = iv.target.pos, iv.target.unit
+    if t is not None and t < 0:
+        t += off + n
     block = xv[i]
     if t is not None:
         if not off <= t < off + n:

@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,13 +43,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from patchtrace.engine.apply import intervention_hook
+from patchtrace.interventions import Intervention, LogitBias
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
 from patchtrace.qa.attnattrib import Agg, Attribution, context_mask, finish, sentence_scores
 from patchtrace.qa.generation import AttentionRecorder, Generation, GenerationError, Head, HookFn, check_heads
 from patchtrace.qa.items import QAItem
 from patchtrace.qa.prompts import Fmt, QAPrompt, render
-from patchtrace.sites import HookPoint
+from patchtrace.sites import HookPoint, Site
 
 Gate = Literal["always", "not_in_context", "not_in_sentence"]
 GATES: tuple[str, ...] = ("always", "not_in_context", "not_in_sentence")
@@ -88,41 +89,27 @@ class SteeringConfig:
     min_margin: float = 0.0
 
 
-def boost(row: Tensor, mask: Tensor, strength: float) -> Tensor:
-    """Attention row(s) ``[..., P]`` re-weighted as if ``strength`` were added to the logits on ``mask``."""
-    w = torch.where(mask, torch.full_like(row, math.exp(strength)), torch.ones_like(row))
-    out = row * w
-    return out / out.sum(-1, keepdim=True)
-
-
-def bias_hooks(steer_heads: Sequence[Head], target: Tensor, strength: float) -> dict[HookPoint, list[HookFn]]:
-    """``pattern`` hooks that add ``strength`` to ``steer_heads``' attention logits on ``target``.
+def bias_interventions(steer_heads: Sequence[Head], target: Tensor, strength: float) -> list[Intervention]:
+    """The steering as interventions: ``strength`` added to ``steer_heads``' attention logits on
+    ``target`` at the last query position (``pos=-1``: the newest token of every call, so it keeps
+    steering while the answer is generated).
 
     Args:
         steer_heads: ``(layer, head)`` pairs.
         target: ``[P]`` boolean mask over the first ``P`` key positions (the prompt); keys beyond
             ``P`` (generated tokens) are never boosted.
         strength: the logit bias.
-
-    Only the last query row is changed (the query that predicts the next token).
     """
-    by_layer: dict[int, list[int]] = {}
-    for layer, h in steer_heads:
-        by_layer.setdefault(layer, []).append(h)
-    P = target.shape[0]
+    bias = target.float() * strength
+    return [Intervention(Site("pattern", layer, h, -1), LogitBias(bias)) for layer, h in steer_heads]
 
-    def make(heads: list[int]) -> HookFn:
-        def fn(pattern: Tensor, ctx: RunCtx) -> Tensor:
-            full = torch.zeros(pattern.shape[-1], dtype=torch.bool, device=pattern.device)
-            full[:P] = target.to(pattern.device)
-            out = pattern.clone()
-            for h in heads:
-                out[:, h, -1] = boost(pattern[:, h, -1].float(), full, strength).to(pattern.dtype)
-            return out
 
-        return fn
-
-    return {HookPoint("pattern", layer): [make(hs)] for layer, hs in by_layer.items()}
+def bias_hooks(steer_heads: Sequence[Head], target: Tensor, strength: float) -> dict[HookPoint, list[HookFn]]:
+    """Runner hooks applying :func:`bias_interventions` (one per steered layer)."""
+    by_point: dict[HookPoint, list[tuple[int, Intervention]]] = {}
+    for iv in bias_interventions(steer_heads, target, strength):
+        by_point.setdefault(iv.target.point, []).append((0, iv))
+    return {hp: [intervention_hook(hp, ents, {}, 1, n_patches=1)] for hp, ents in by_point.items()}
 
 
 def relative_margin(scores: Tensor) -> float:
@@ -230,14 +217,3 @@ def steer(model: Model, item: QAItem, config: SteeringConfig) -> Attribution:
     res = finish(prompt, row, config.agg, 2, "steered" if on else "attnattrib", gen, model.tokenizer, t0)
     res.extras.update({"steered": on, "margin": margin, "unsteered_token": plain_tok, "target_sentence": top})
     return res
-
-
-def context_faithful_rate(results: Sequence[Attribution], items: Sequence[QAItem], tokenizer: object) -> float:
-    """Fraction of results whose first generated token is the item's context answer token."""
-    if not items:
-        return float("nan")
-    hits = 0
-    for r, it in zip(results, items, strict=True):
-        a = tokenizer(it.answer, add_special_tokens=False).input_ids[0]  # type: ignore[operator]
-        hits += bool(r.answer_tokens) and r.answer_tokens[0] == a
-    return hits / len(items)
