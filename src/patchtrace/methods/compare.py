@@ -290,13 +290,11 @@ def run(
 
 def scatter(exact: list[Scores], est: list[Scores], specs: Sequence[SiteSpec], name: str, path: Path) -> Path:
     """One panel per site kind: exact (x) against the estimate (y), with the identity line and r."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a standalone figure: pyplot and the caller's backend untouched
 
     n = len(specs)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.6 * n, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, spec, e, s in zip(axes[0], specs, exact, est, strict=True):
         x, y = reference_for(e, s).flatten().numpy(), s.values.flatten().numpy()
         ax.scatter(x, y, s=8, alpha=0.6)
@@ -307,5 +305,4 @@ def scatter(exact: list[Scores], est: list[Scores], specs: Sequence[SiteSpec], n
         ax.set_ylabel(name, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -5,8 +5,9 @@ prompt's tokens as tick labels) for a residual-stream sweep. The colour map is d
 at 0 (red = the patch moves the metric up, blue = down), with symmetric limits so that equal colours
 mean equal magnitudes. The title names the method, site kind, metric, direction and baselines.
 
-matplotlib is imported and switched to the non-interactive ``Agg`` backend inside
-:func:`heatmap_png`, never at import time, so importing this module changes nothing.
+matplotlib is imported inside :func:`heatmap_png`, never at import time, and the figure is a
+standalone :class:`matplotlib.figure.Figure` rendered straight to a file: pyplot's global state and
+the caller's backend are never touched (a notebook keeps its inline backend).
 """
 
 from __future__ import annotations
@@ -62,10 +63,7 @@ def heatmap_png(
     Returns:
         the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     m = as_matrix(scores, values)
     v = m.values.numpy()
@@ -75,28 +73,26 @@ def heatmap_png(
     lim = lim if lim > 0 else 1.0
     width = min(24.0, 3.0 + 0.38 * C)
     height = min(24.0, 2.4 + 0.24 * R)
-    fig, ax = plt.subplots(figsize=(max(width, 5.0), max(height, 3.0)))
-    try:
-        im = ax.imshow(v, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        cbar = fig.colorbar(im, ax=ax, shrink=0.9)
-        cbar.set_label(_mpl_text("normalized recovery" if normalized else f"{scores.value_name} ({scores.metric})"))
-        step_r = max(1, R // 40)
-        ax.set_yticks(range(0, R, step_r))
-        ax.set_yticklabels([_mpl_text(m.rows[i]) for i in range(0, R, step_r)], fontsize=7)
-        step_c = max(1, C // 60)
-        ax.set_xticks(range(0, C, step_c))
-        rot = 90 if any(len(c) > 3 for c in m.cols) else 0
-        ax.set_xticklabels([_mpl_text(m.cols[j]) for j in range(0, C, step_c)], fontsize=7, rotation=rot)
-        ax.set_ylabel(m.row_axis)
-        xl = m.col_axis + (" (tokens of example 0)" if "pos" in scores.axes and "pos" in scores.labels else "")
-        ax.set_xlabel(_mpl_text(xl))
-        ax.set_title(_mpl_text(title) if title is not None else heatmap_title(scores, normalized), fontsize=9)
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(max(width, 5.0), max(height, 3.0)))
+    ax = fig.subplots()
+    im = ax.imshow(v, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, shrink=0.9)
+    cbar.set_label(_mpl_text("normalized recovery" if normalized else f"{scores.value_name} ({scores.metric})"))
+    step_r = max(1, R // 40)
+    ax.set_yticks(range(0, R, step_r))
+    ax.set_yticklabels([_mpl_text(m.rows[i]) for i in range(0, R, step_r)], fontsize=7)
+    step_c = max(1, C // 60)
+    ax.set_xticks(range(0, C, step_c))
+    rot = 90 if any(len(c) > 3 for c in m.cols) else 0
+    ax.set_xticklabels([_mpl_text(m.cols[j]) for j in range(0, C, step_c)], fontsize=7, rotation=rot)
+    ax.set_ylabel(m.row_axis)
+    xl = m.col_axis + (" (tokens of example 0)" if "pos" in scores.axes and "pos" in scores.labels else "")
+    ax.set_xlabel(_mpl_text(xl))
+    ax.set_title(_mpl_text(title) if title is not None else heatmap_title(scores, normalized), fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
     return out
 
 

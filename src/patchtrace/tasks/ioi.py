@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from patchtrace.tasks.base import Example, Task
+from patchtrace.tasks.base import Example, Task, TaskError
 
 NAMES = (
     "Mary John Tom James Dan Sarah Paul Mike Kate Anna Lisa David Emma Alice Bob Jack Sam Ben Max "
@@ -31,7 +31,7 @@ def ioi(n: int = 16, seed: int = 0) -> Task:
         seed: RNG seed; the same (n, seed) always gives the same task.
     """
     if n < 1:
-        raise ValueError(f"ioi: n must be ≥ 1 (got {n})")
+        raise TaskError(f"ioi: n must be ≥ 1 (got {n})")
     rng = random.Random(seed)
     out = []
     for i in range(n):
