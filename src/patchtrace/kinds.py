@@ -72,6 +72,8 @@ class KindInfo:
         maskable: whether a DBM mask can gate it (a mix of two runs' values is meaningful).
         reduce: how a gradient estimate reduces ``diff ⊙ grad`` (see :func:`gradient_product`).
         sequential_only: the kind exists only in sequential (not parallel) blocks.
+        explicit_attention: reading or writing it needs the attention probabilities computed
+            explicitly (not by a fused kernel).
         doc: one line on what it is.
     """
 
@@ -86,6 +88,7 @@ class KindInfo:
     reduce: Reduce
     sequential_only: bool
     doc: str
+    explicit_attention: bool = False
 
     @property
     def has_units(self) -> bool:
@@ -105,7 +108,8 @@ def _row(name: str, unit_axis: UnitAxis | None, join: Join, reduce: Reduce, doc:
          pos_dim: int = 1, maskable: bool = True, sequential_only: bool = False) -> KindInfo:
     n = {"head": _heads, "kv_head": _kv_heads, "neuron": _neurons, None: None}[unit_axis]
     unit_dim = None if unit_axis is None else (1 if pos_dim == 2 else 2)
-    return KindInfo(name, layer, unit_axis, n, pos_dim, unit_dim, join, maskable, reduce, sequential_only, doc)
+    return KindInfo(name, layer, unit_axis, n, pos_dim, unit_dim, join, maskable, reduce, sequential_only, doc,
+                    explicit_attention=pos_dim == 2)
 
 
 #: The table: one row per site kind, in the vocabulary's order.
@@ -141,6 +145,11 @@ def kind_info(kind: str) -> KindInfo:
     return info
 
 
+def needs_explicit_attention(kinds: object) -> bool:
+    """Whether any of these kinds (an iterable of kind names) needs explicit attention probabilities."""
+    return any(kind_info(k).explicit_attention for k in kinds)  # type: ignore[attr-defined]
+
+
 def gradient_product(kind: str, diff: Tensor, grad: Tensor) -> Tensor:
     """``diff ⊙ grad`` reduced to ``[B, T, U]`` (U = 1 for whole-stream kinds, heads or neurons).
 
@@ -158,4 +167,4 @@ def gradient_product(kind: str, diff: Tensor, grad: Tensor) -> Tensor:
     return p.sum(-1, keepdim=True)
 
 
-__all__ = ["KINDS", "Join", "KindError", "KindInfo", "Reduce", "UnitAxis", "gradient_product", "kind_info"]
+__all__ = ["KINDS", "Join", "KindError", "KindInfo", "Reduce", "UnitAxis", "gradient_product", "kind_info", "needs_explicit_attention"]

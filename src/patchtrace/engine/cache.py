@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from patchtrace.kinds import needs_explicit_attention
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx
 from patchtrace.sites import HookPoint
@@ -64,7 +65,7 @@ def collect(
 
     for hp in want:
         all_hooks[hp].append(rec(hp))
-    explicit = any(hp.kind == "pattern" for hp in want)
+    explicit = needs_explicit_attention(hp.kind for hp in want)
     with torch.no_grad():
         out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit)
     assert out.logits is not None and out.kv is not None

@@ -50,6 +50,7 @@ from patchtrace.engine.plan import (
     plan_sweep,
     row_bytes,
 )
+from patchtrace.kinds import needs_explicit_attention
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunOutput
 from patchtrace.sites import HookPoint
@@ -195,7 +196,7 @@ def _run_chunk_fast(
     N, T = base_ids.shape
     keys = [join_key(pt, model) for pt in chunk]
     cols = scorer.cols if use_cols else None
-    explicit = any(s.kind == "pattern" for pt in chunk for s in pt.sites)
+    explicit = needs_explicit_attention(s.kind for pt in chunk for s in pt.sites)
     blocks: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
         if i and key < keys[i - 1]:
@@ -232,7 +233,7 @@ def _run_chunk_plain(
     """Reference path inside the library: one full forward per patch (patches batched)."""
     P, N = len(chunk), base_ids.shape[0]
     hooks = _hooks_for(chunk, runs, N, P, lambda i: False, base_hooks)
-    explicit = any(s.kind == "pattern" for pt in chunk for s in pt.sites)
+    explicit = needs_explicit_attention(s.kind for pt in chunk for s in pt.sites)
     with torch.no_grad():
         res = model.runner.forward(base_ids.repeat(P, 1), hooks=hooks, last_only=True, explicit_attention=explicit)
     assert res.logits is not None

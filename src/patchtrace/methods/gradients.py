@@ -40,7 +40,7 @@ from torch import Tensor
 
 from patchtrace.engine.sweep import EngineError, resolve
 from patchtrace.grid import Grid
-from patchtrace.kinds import gradient_product
+from patchtrace.kinds import gradient_product, needs_explicit_attention
 from patchtrace.methods.activation_patching import build_grid, result_labels
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
@@ -124,7 +124,7 @@ def traced_forward(
 
     for hp in pts:
         all_hooks[hp].append(recorder(hp))
-    explicit = explicit or any(hp.kind == "pattern" for hp in pts)
+    explicit = explicit or needs_explicit_attention(hp.kind for hp in pts)
     out = model.runner.forward(
         ids, resid=resid, start_layer=start_layer, hooks=all_hooks, last_only=True, unembed_cols=cols,
         lrp=lrp, explicit_attention=explicit,

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from patchtrace.kinds import kind_info
 from patchtrace.methods.gradients import (
     EMBED,
     AttributionError,
@@ -132,7 +133,7 @@ def _site_group(model: Model, g: Group, cfg: IGConfig) -> GroupResult:
     for p in pts:
         b, s = base.acts[p], src.acts[p]
         pos = g.cells.positions(p)
-        pos_ax = 2 if p.kind == "pattern" else 1
+        pos_ax = kind_info(p.kind).pos_dim
         sel = torch.zeros(T, dtype=torch.bool, device=b.device)
         sel[pos if pos is not None else slice(None)] = True
         shape = [1] * b.dim()
