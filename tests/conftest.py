@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-init models of every supported family, and the bundled SmolLM2.
 
-Tiers: tests under ``tests/unit`` run on tiny random models in seconds; tests marked ``smollm2``
+Tiers: tests mirror ``src/patchtrace`` (``tests/engine`` for ``engine/`` ...) and run on tiny random models in seconds; tests marked ``smollm2``
 (``tests/integration``) load the real SmolLM2-135M-Instruct weights.
 """
 

@@ -3,7 +3,7 @@
 A toy job checks the machinery itself (resumed blocks are not recomputed, progress reaches its
 total, merge sees blocks in plan order whatever order an executor finishes them in). Then every
 sweep-type method that checkpoints — causal tracing and DBM's exact-patching ranking (activation
-patching: tests/unit/test_checkpoint.py) — is interrupted after some blocks and resumed, and must
+patching: tests/engine/test_checkpoint.py) — is interrupted after some blocks and resumed, and must
 equal the uninterrupted result bit for bit.
 """
 
