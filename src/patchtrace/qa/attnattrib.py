@@ -26,10 +26,12 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -128,6 +130,50 @@ class Attribution:
     def hit(self, gold: int, k: int = 1) -> bool:
         """Whether ``gold`` is among the top ``k`` sentences."""
         return gold in self.ranking[:k]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``attribution.safetensors`` (the score and logit tensors) and ``attribution.json``
+        (everything else, the rendered prompt included) into the folder ``path``; nothing is pickled."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        tensors = {"token_scores": self.token_scores.detach().cpu().contiguous(),
+                   "sentence_scores": self.sentence_scores.detach().cpu().contiguous()}
+        if self.logits is not None:
+            tensors["logits"] = self.logits.detach().cpu().contiguous()
+        save_file(tensors, str(p / "attribution.safetensors"))
+        meta = {
+            "format_version": 1, "answer_tokens": self.answer_tokens, "answer_text": self.answer_text,
+            "ranking": self.ranking, "span": list(self.span), "seconds": self.seconds, "method": self.method,
+            "prompt": {"text": self.prompt.text, "ids": self.prompt.ids,
+                       "sentence_spans": [list(x) for x in self.prompt.sentence_spans],
+                       "token_sentence": self.prompt.token_sentence},
+            "extras": {k: v for k, v in self.extras.items() if isinstance(v, (bool, int, float, str, list, type(None)))},
+        }
+        (p / "attribution.json").write_text(json.dumps(meta, indent=1))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        """Read a folder written by :meth:`save`.
+
+        Raises:
+            GenerationError: a missing or malformed file (named).
+        """
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        try:
+            meta = json.loads((p / "attribution.json").read_text())
+            t = load_file(str(p / "attribution.safetensors"))
+        except Exception as e:
+            raise GenerationError(f"{p} is not a readable attribution folder ({type(e).__name__}: {e})") from None
+        pr = meta["prompt"]
+        prompt = QAPrompt(pr["text"], pr["ids"], [tuple(x) for x in pr["sentence_spans"]], pr["token_sentence"])
+        return cls(meta["answer_tokens"], meta["answer_text"], t["token_scores"], t["sentence_scores"],
+                   meta["ranking"], tuple(meta["span"]), meta["seconds"], meta["method"], prompt,  # type: ignore[arg-type]
+                   t.get("logits"), dict(meta["extras"]))
 
 
 def finish(
