@@ -327,27 +327,32 @@ def estimate(
         (corrupt_m if direction == "denoise" else clean_m)[idx] = b
         (clean_m if direction == "denoise" else corrupt_m)[idx] = s
         tick(1)
+    return _assemble(model, tok, specs, grids, per_ex, extras, (clean_m, corrupt_m), method, config, value_name)
+
+
+def _assemble(
+    model: Model, tok: TokenizedTask, specs: Sequence[SiteSpec], grids: Sequence[Grid], per_ex: Tensor,
+    extras: dict[str, Tensor], baselines: tuple[Tensor, Tensor], method: str, config: Any, value_name: str,
+) -> list[Scores]:
+    """Cut the concatenated per-example cell values back into one :class:`Scores` per grid."""
+    clean_m, corrupt_m = baselines
+    N = len(tok)
     out = []
     c0 = 0
-    for spec, grid, n in zip(specs, grids, sizes, strict=True):
+    for spec, grid in zip(specs, grids, strict=True):
+        n = len(grid)
         pe = per_ex[:, c0 : c0 + n].reshape(N, *grid.shape)
         ex = {k: v[:, c0 : c0 + n].reshape(N, *grid.shape).mean(0) for k, v in extras.items()}
         ex.update({"clean_per_example": clean_m, "corrupt_per_example": corrupt_m})
         prov = make_provenance(model, tok.task, method, config)
         prov["sites"] = str(spec)
-        prov["direction"] = direction
+        prov["direction"] = config.direction
         out.append(
             Scores(
-                values=pe.mean(0),
-                axes=grid.axes,
-                site_kind=spec.kind,
-                value_name=value_name,
-                metric=metric,
+                values=pe.mean(0), axes=grid.axes, site_kind=spec.kind, value_name=value_name,
+                metric=config.metric,
                 baselines={"clean": float(clean_m.mean()), "corrupt": float(corrupt_m.mean())},
-                labels=result_labels(grid, tok),
-                per_example=pe,
-                extras=ex,
-                provenance=prov,
+                labels=result_labels(grid, tok), per_example=pe, extras=ex, provenance=prov,
             )
         )
         c0 += n
