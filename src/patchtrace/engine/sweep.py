@@ -4,8 +4,10 @@ A *patch* is a tuple of interventions (:mod:`patchtrace.interventions`) applied 
 run — most often sites replaced by their values in a *source* run (denoising: base = corrupt,
 source = clean; noising: the reverse), but also ablations, mixes, added vectors, and values read
 from another layer, position or prompt. For every patch the engine returns the metric per example.
-It is the one place where patched forwards happen; activation patching, causal tracing, mask
-evaluation and back-patching all call it, through sweep jobs (:mod:`patchtrace.engine.job`).
+It is the one place where patched forwards happen; activation patching, causal tracing and DBM's
+exact evaluation call it through sweep jobs (:mod:`patchtrace.engine.job`), and a cross-layer or
+cross-prompt write (back-patching, a Patchscopes-style readout) is an intervention it runs like any
+other (``tests/engine/test_interventions.py`` checks both against an independent reference).
 
 The engine's pieces: recorded runs (:mod:`~patchtrace.engine.cache`), patches and their resolution
 (:mod:`~patchtrace.engine.patch`), the writes themselves (:mod:`~patchtrace.engine.apply`), where
