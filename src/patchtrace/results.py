@@ -59,8 +59,8 @@ class Scores:
 
     Example:
         >>> s = Scores(torch.tensor([[0.1, 0.9]]), ("layer", "head"), "head")
-        >>> s.top_k(1)
-        [(Site(kind='head', layer=0, unit=1, pos=None), 0.8999999761581421)]
+        >>> [(str(site), round(v, 2)) for site, v in s.top_k(1)]
+        [('head[0].h1', 0.9)]
     """
 
     values: Tensor

@@ -228,10 +228,15 @@ def progress(description: str, *, quiet: bool = False) -> Iterator[_Bar]:
     (:mod:`patchtrace.progress`), so it fits every registered method.
 
     Example:
-        >>> with progress("patching head") as bar:                  # doctest: +SKIP
-        ...     scores = activation_patching(model, task, spec, on_progress=bar.update)
-        >>> with progress("tracing") as bar:                        # doctest: +SKIP
-        ...     result = get_method(name).run(model, task, sites, None, on_progress=bar.update)
+        Any registered method reports into the same bar (``quiet=True`` hides it, as ``-q`` does):
+
+        >>> from patchtrace import SiteSpec, get_method, load_model, make_task
+        >>> spec = get_method("activation_patching")
+        >>> heads = SiteSpec("head", per_unit=True, layers=(23,))
+        >>> with progress("patching head", quiet=True) as bar:
+        ...     scores = spec.run(load_model(), make_task("ioi", n=2), heads, None, on_progress=bar.update)
+        >>> tuple(scores.values.shape)
+        (1, 9)
     """
     p = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

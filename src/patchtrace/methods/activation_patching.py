@@ -13,10 +13,18 @@ A built-in sanity check patches the clean run into itself at a few sites and rec
 change (it must be ~0) as ``provenance['sanity_max_abs']``.
 
 Example:
-    >>> from patchtrace import load_model, make_task, SiteSpec           # doctest: +SKIP
-    >>> m = load_model()                                                  # doctest: +SKIP
-    >>> s = run(m, make_task("ioi", n=16), SiteSpec("head", per_unit=True))  # doctest: +SKIP
-    >>> s.top_k(3)                                                        # doctest: +SKIP
+    Denoise the nine heads of layer 23 on two IOI prompts (the bundled SmolLM2):
+
+    >>> from patchtrace import load_model, make_task, SiteSpec
+    >>> m = load_model()
+    >>> s = run(m, make_task("ioi", n=2), SiteSpec("head", per_unit=True, layers=(23,)))
+    >>> s.axes, tuple(s.values.shape)
+    (('layer', 'head'), (1, 9))
+    >>> s.baselines["clean"] > 0 > s.baselines["corrupt"]   # the corrupt prompt names the wrong person
+    True
+    >>> site, effect = s.top_k(1)[0]
+    >>> str(site), effect > 0                               # L23.H3, a name mover, restores the most
+    ('head[23].h3@-1', True)
 """
 
 from __future__ import annotations

@@ -13,8 +13,15 @@ metric is far from linear in a site (attention saturation, cancelling paths) AtP
 negatives; :mod:`patchtrace.methods.atp_star` fixes the two main modes.
 
 Example:
-    >>> from patchtrace import load_model, make_task, SiteSpec          # doctest: +SKIP
-    >>> s = run(load_model(), make_task("ioi"), SiteSpec("head", per_unit=True))  # doctest: +SKIP
+    One backward pass scores every head of layer 23; the estimate ranks the same head first as exact
+    patching does (:mod:`patchtrace.methods.activation_patching`):
+
+    >>> from patchtrace import load_model, make_task, SiteSpec
+    >>> s = run(load_model(), make_task("ioi", n=2), SiteSpec("head", per_unit=True, layers=(23,)))
+    >>> s.value_name, tuple(s.values.shape)
+    ('attribution', (1, 9))
+    >>> str(s.top_k(1)[0][0])
+    'head[23].h3@-1'
 """
 
 from __future__ import annotations

@@ -20,9 +20,15 @@ two ways, and AtP* fixes each:
   each run only through the layers below ``l`` (about L/2 backward passes in all).
 
 Example:
-    >>> from patchtrace import load_model, make_task, SiteSpec          # doctest: +SKIP
-    >>> s = run(load_model(), make_task("ioi"), SiteSpec("k", per_unit=True), AtPStarConfig())  # doctest: +SKIP
-    >>> s.extras["signed"]                                              # doctest: +SKIP
+    Keys of layer 23 (three KV heads under GQA): the QK fix applies, GradDrop gives magnitudes, and the
+    signed estimate is kept alongside:
+
+    >>> from patchtrace import load_model, make_task, SiteSpec
+    >>> s = run(load_model(), make_task("ioi", n=2), SiteSpec("k", per_unit=True, layers=(23,)), AtPStarConfig())
+    >>> s.value_name, s.axes, tuple(s.extras["signed"].shape)
+    ('contribution', ('layer', 'kv_head'), (1, 3))
+    >>> bool((s.values >= 0).all())                      # magnitudes, to compare with E|effect|
+    True
 """
 
 from __future__ import annotations

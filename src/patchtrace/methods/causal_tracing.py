@@ -29,11 +29,20 @@ baselines ``clean`` and ``corrupt`` (= noisy). Subject positions come from ``exa
 (the ``factual`` generator sets it), located with the tokenizer's offset mapping.
 
 Example:
-    >>> from patchtrace import SiteSpec, load_model, make_task              # doctest: +SKIP
-    >>> from patchtrace.methods.causal_tracing import TracingConfig, run     # doctest: +SKIP
-    >>> m = load_model()                                                     # doctest: +SKIP
-    >>> s = run(m, make_task("factual", n=8, model=m), SiteSpec("mlp_out", positions="all"))  # doctest: +SKIP
-    >>> s.top_k(3)                                                           # doctest: +SKIP
+    Restore windows of 10 MLP outputs, at every token, on two facts the model knows (two noise
+    samples each, to keep it quick; ROME uses ten):
+
+    >>> from patchtrace import SiteSpec, load_model, make_task
+    >>> m = load_model()
+    >>> task = make_task("factual", n=2, model=m)             # keeps facts the model recalls
+    >>> task.examples[0].clean, task.examples[0].meta["subject"]
+    ('The capital of Spain is', 'Spain')
+    >>> s = run(m, task, SiteSpec("mlp_out", positions="all"), TracingConfig(samples=2))
+    >>> s.axes, tuple(s.values.shape)                         # 30 layers × 5 tokens
+    (('layer', 'pos'), (30, 5))
+    >>> site, effect = s.top_k(1)[0]
+    >>> s.labels["pos"][site.pos], site.layer < 15            # early MLPs at the subject's last token
+    ('ĠSpain', True)
 """
 
 from __future__ import annotations

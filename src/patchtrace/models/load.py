@@ -108,9 +108,16 @@ class Model:
                 twice (the message names it); the model is then untouched.
 
         Example:
-            >>> w = m.hf.model.layers[0].mlp.down_proj.weight            # doctest: +SKIP
-            >>> with m.override_weights({"model.layers.0.mlp.down_proj.weight": w * 0}):  # doctest: +SKIP
-            ...     ablated = activation_patching(m, task, spec)
+            Zero layer 0's MLP output projection (a weight ablation) for one prediction:
+
+            >>> m = load_model()
+            >>> ids = m.tokenizer("The capital of France is", return_tensors="pt").input_ids
+            >>> top = lambda: m.tokenizer.decode(m.hf(ids).logits[0, -1].argmax())
+            >>> name = "model.layers.0.mlp.down_proj.weight"
+            >>> with m.override_weights({name: torch.zeros_like(m.hf.get_parameter(name))}):
+            ...     ablated = top()
+            >>> ablated != " Paris", top()                   # the original weights are back
+            (True, ' Paris')
         """
         with override(self.hf, values):
             yield self
@@ -253,9 +260,11 @@ def load_model(
         UnsupportedModelError: the architecture is not one patchtrace implements.
 
     Example:
-        >>> m = load_model()                     # bundled SmolLM2-135M-Instruct  # doctest: +SKIP
-        >>> m.dims.n_layers, m.dims.n_heads      # doctest: +SKIP
-        (30, 9)
+        >>> m = load_model()                     # the bundled SmolLM2-135M-Instruct, float32 on CPU
+        >>> m.dims.n_layers, m.dims.n_heads, m.dims.n_kv_heads     # grouped-query attention
+        (30, 9, 3)
+        >>> m.family.name, m.device.type
+        ('llama', 'cpu')
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

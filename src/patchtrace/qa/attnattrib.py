@@ -20,8 +20,20 @@ pass. The steps here:
    ``sum``); the top sentence is the attribution; the arg-max token ± ``window`` is the span.
 
 Example:
-    >>> res = attribute(model, item, AttnAttribConfig(heads=((21, 4),)))   # doctest: +SKIP
-    >>> res.top_sentence, res.answer_text                                 # doctest: +SKIP
+    One generated conflict item (the context says Poland's capital is Hamburg), attributed with head
+    L23.H2:
+
+    >>> from patchtrace import load_model
+    >>> from patchtrace.qa.generators import make_qa_items
+    >>> m = load_model()
+    >>> item = make_qa_items("conflict", 1, tokenizer=m.tokenizer)[0]
+    >>> item.question, item.answer, item.memory
+    ('What is the capital of Poland?', ' Hamburg', ' Warsaw')
+    >>> res = attribute(m, item, AttnAttribConfig(heads=((23, 2),)))
+    >>> res.answer_text, len(res.sentence_scores) == len(item.sentences)
+    (' Hamburg', True)
+    >>> res.top_sentence == item.gold                          # the sentence the answer came from
+    True
 """
 
 from __future__ import annotations

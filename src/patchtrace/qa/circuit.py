@@ -24,9 +24,18 @@ directions took ~20 s (``benchmarks/qa.py``); 8 examples of 8 different lengths 
 same day (one batch per example, under heavier load, so the ratio is only indicative).
 
 Example:
-    >>> task = qa_patching_task(16, 0, model)                          # doctest: +SKIP
-    >>> heads = run(model, task, SiteSpec("head", per_unit=True))       # doctest: +SKIP
-    >>> heads.top_k(5), heads.extras["memory_effect"].shape            # doctest: +SKIP
+    Both directions over the heads of layer 23, on the counterfactual-context task:
+
+    >>> from patchtrace import load_model
+    >>> from patchtrace.qa.patching import qa_patching_task
+    >>> m = load_model()
+    >>> task = qa_patching_task(2, 0, m, n_sentences=(4, 4))
+    >>> heads = run(m, task, SiteSpec("head", per_unit=True, layers=(23,)))
+    >>> tuple(heads.values.shape), tuple(heads.extras["memory_effect"].shape)
+    ((1, 9), (1, 9))
+    >>> site, effect = heads.top_k(1)[0]
+    >>> str(site), effect > 0                                    # the strongest context-use head here
+    ('head[23].h2@-1', True)
 """
 
 from __future__ import annotations

@@ -7,8 +7,12 @@ batched pass: :func:`~patchtrace.tasks.filtering.greedy_next_tokens`) and keeps 
 recording per kind how many were generated and kept.
 
 Example:
-    >>> ds = qa_dataset(8, seed=0, model=model)                     # doctest: +SKIP
-    >>> ds.counts["conflict"]["kept"], len(ds.of_kind("agree"))     # doctest: +SKIP
+    >>> from patchtrace import load_model
+    >>> ds = qa_dataset(2, seed=0, model=load_model())
+    >>> sorted(ds.counts), ds.counts["conflict"]["generated"]      # twice as many generated as wanted
+    (['agree', 'conflict', 'nomemory'], 4)
+    >>> all(0 < c["kept"] <= 2 for c in ds.counts.values()), len(ds.of_kind("conflict")) <= 2
+    (True, True)
 """
 
 from __future__ import annotations

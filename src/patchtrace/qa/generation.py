@@ -12,8 +12,16 @@ Steering (see :mod:`patchtrace.qa.steering`) plugs in as extra hooks that run af
 recorder, so within one forward a later layer can use what an earlier layer's head attended to.
 
 Example:
-    >>> g = generate(model, ids, max_new_tokens=3, recorder=AttentionRecorder([(20, 3)], len(ids)))  # doctest: +SKIP
-    >>> g.tokens, g.attention.shape   # [3], [3, 1, len(ids)]                                    # doctest: +SKIP
+    Three greedy tokens, recording head L20.H3's attention over the prompt at each of them:
+
+    >>> from patchtrace import load_model
+    >>> m = load_model()
+    >>> ids = m.tokenizer("The capital of France is").input_ids
+    >>> g = generate(m, ids, max_new_tokens=3, recorder=AttentionRecorder([(20, 3)], len(ids)))
+    >>> len(g.tokens), tuple(g.attention.shape) == (3, 1, len(ids))      # [steps, heads, prompt]
+    (3, True)
+    >>> m.tokenizer.decode(g.tokens[:1])
+    ' Paris'
 """
 
 from __future__ import annotations

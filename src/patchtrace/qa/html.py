@@ -7,8 +7,20 @@ plus a small table of per-sentence scores. Every prompt-derived string goes thro
 assets: the file opens offline.
 
 Example:
-    >>> from patchtrace.qa.html import render_html                  # doctest: +SKIP
-    >>> Path("attr.html").write_text(render_html([(item, attribution)]))    # doctest: +SKIP
+    An item whose context holds a script tag: the page shows it as text.
+
+    >>> import tempfile
+    >>> from patchtrace import AttnAttribConfig, load_model, qa_attribute
+    >>> from patchtrace.qa.items import QAItem
+    >>> m = load_model()
+    >>> item = QAItem(("The capital of France is Lyon.", "<script>alert(1)</script> is not a city."),
+    ...               "What is the capital of France?", "The capital of France is", " Lyon", 0)
+    >>> res = qa_attribute(m, item, AttnAttribConfig(heads=((23, 2),)))
+    >>> page = render_html([(item, res)])
+    >>> "<script>alert" in page, "&lt;script&gt;alert(1)" in page
+    (False, True)
+    >>> write_html([(item, res)], Path(tempfile.mkdtemp()) / "attr.html").name
+    'attr.html'
 """
 
 from __future__ import annotations

@@ -9,8 +9,14 @@ Patching then localizes context use (and, with the roles swapped, memory use):
 (:func:`patchtrace.tasks.make_task`).
 
 Example:
-    >>> task = qa_patching_task(8, seed=0, model=model, n_sentences=(4, 4))   # doctest: +SKIP
-    >>> task.params["kept"], task.examples[0].answer                        # doctest: +SKIP
+    >>> from patchtrace import load_model
+    >>> m = load_model()
+    >>> task = qa_patching_task(2, seed=0, model=m, n_sentences=(4, 4))
+    >>> task.params["candidates"], task.params["kept"] == len(task) > 0   # contrastive items kept
+    (6, True)
+    >>> ex = task.examples[0]
+    >>> ex.answer in ex.clean, ex.answer in ex.corrupt   # the context answer is only in the clean context
+    (True, False)
 """
 
 from __future__ import annotations

@@ -14,10 +14,16 @@ sentence it overlaps most (a token like ``" The"`` that straddles the joining sp
 sentence it starts). Nothing is found by searching the text, so repeated or odd sentences are safe.
 
 Example:
-    >>> p = render(item, tokenizer)                                   # doctest: +SKIP
-    >>> s, e = p.sentence_spans[item.gold]                             # doctest: +SKIP
-    >>> tokenizer.decode(p.ids[s:e]).strip() == item.sentences[item.gold]   # doctest: +SKIP
+    >>> from patchtrace import load_model
+    >>> from patchtrace.qa.generators import make_qa_items
+    >>> tokenizer = load_model().tokenizer
+    >>> item = make_qa_items("conflict", 1, tokenizer=tokenizer)[0]
+    >>> p = render(item, tokenizer)
+    >>> s, e = p.sentence_spans[item.gold]
+    >>> tokenizer.decode(p.ids[s:e]).strip() == item.sentences[item.gold]
     True
+    >>> tokenizer.decode(p.ids[-3:])                      # the prefilled answer lead-in ends the prompt
+    ' of Poland is'
 """
 
 from __future__ import annotations

@@ -29,8 +29,20 @@ prompt and answer again, a second generation); it costs no extra full pass. ``st
 closed gate returns the plain pass, bit-identical to an unsteered :func:`attribute`.
 
 Example:
-    >>> cfg = SteeringConfig(attrib_heads=((23, 2),), steer_heads=((23, 2), (29, 1)), strength=4.0)  # doctest: +SKIP
-    >>> res = steer(model, item, cfg); res.extras["steered"]                                         # doctest: +SKIP
+    The model already copies this item's context answer, so the default gate leaves it alone;
+    ``gate="always"`` steers anyway:
+
+    >>> from dataclasses import replace
+    >>> from patchtrace import load_model
+    >>> from patchtrace.qa.generators import make_qa_items
+    >>> m = load_model()
+    >>> item = make_qa_items("conflict", 1, tokenizer=m.tokenizer)[0]
+    >>> cfg = SteeringConfig(attrib_heads=((23, 2),), steer_heads=((23, 2), (29, 1)), strength=4.0)
+    >>> res = steer(m, item, cfg)
+    >>> res.answer_text, res.extras["steered"]
+    (' Hamburg', False)
+    >>> steer(m, item, replace(cfg, gate="always")).extras["steered"]
+    True
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """Reports of :class:`~patchtrace.results.Scores`: PNG heatmaps and one self-contained HTML page.
 
->>> from patchtrace.report import write_report                 # doctest: +SKIP
->>> write_report("runs/ioi")                                     # doctest: +SKIP
-[PosixPath('runs/ioi/heatmap.png'), PosixPath('runs/ioi/report.html')]
+>>> import tempfile, torch
+>>> from patchtrace import Scores
+>>> from patchtrace.report import write_report
+>>> d = tempfile.mkdtemp()
+>>> _ = Scores(torch.tensor([[0.1, 0.9], [0.4, -0.2]]), ("layer", "head"), "head").save(d)
+>>> [p.name for p in write_report(d)]
+['heatmap.png', 'report.html']
 
 * :func:`~patchtrace.report.heatmap.heatmap_png` — one matplotlib heatmap (layers × heads, layers ×
   positions with the prompt's tokens), diverging colours centred at 0;

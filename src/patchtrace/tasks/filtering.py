@@ -17,9 +17,14 @@ Both are the same computation as one greedy forward per prompt; ``tests/tasks/te
 checks the results against one-at-a-time Hugging Face forwards on a tiny model.
 
 Example:
-    >>> from patchtrace.tasks.filtering import greedy_next_tokens        # doctest: +SKIP
-    >>> greedy_next_tokens(model, [tok("The capital of France is").input_ids])  # doctest: +SKIP
-    [7042]
+    Two prompts of different lengths: two batches, one greedy next token each.
+
+    >>> from patchtrace import load_model
+    >>> m = load_model()
+    >>> tok = m.tokenizer
+    >>> top = greedy_next_tokens(m, [tok(p).input_ids for p in ("The capital of France is", "The capital of Japan is the city of")])
+    >>> [tok.decode(t) for t in top]
+    [' Paris', ' Tokyo']
 """
 
 from __future__ import annotations

@@ -65,11 +65,18 @@ def run(
         DBMError, DesiderataError: bad sites, settings or data (before any compute).
 
     Example:
-        >>> from patchtrace import load_model                                      # doctest: +SKIP
-        >>> from patchtrace.tasks.variable_binding import variable_binding_task     # doctest: +SKIP
-        >>> m = load_model()                                                        # doctest: +SKIP
-        >>> mask = run(m, variable_binding_task(64, 0, m), "head,mlp_out", DBMConfig(lam=0.1))  # doctest: +SKIP
-        >>> mask.kept, mask.evaluation["accuracy"]                                  # doctest: +SKIP
+        Sites as a string of kinds (here every layer's MLP output at the last position), training
+        progress through ``on_progress``, and no exact-patching baseline:
+
+        >>> from patchtrace import load_model, make_task
+        >>> m = load_model()
+        >>> seen = []
+        >>> mask = run(m, make_task("ioi", n=4), "mlp_out", DBMConfig(steps=5, baseline=False),
+        ...            on_progress=lambda done, total: seen.append((done, total)))
+        >>> len(mask.sites), seen[-1]                    # 30 components; 5 of 5 steps done
+        (30, (5, 5))
+        >>> set(mask.binary.tolist()) <= {0.0, 1.0}, len(mask.kept) == int(mask.binary.sum())
+        (True, True)
     """
     cfg = config or DBMConfig()
     ds = as_desiderata(task)
