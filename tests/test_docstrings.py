@@ -8,8 +8,8 @@ that cannot run here is prose, not an example.
 
 Examples that call ``load_model()`` get the bundled SmolLM2 of the session (the ``smollm2`` fixture
 of ``conftest.py``), loaded once and shared: ``load_model`` is replaced, for the duration of the
-module's examples, by a function that returns that instance for the default arguments (any other
-model or setting still goes to the real loader). Those modules are in the ``smollm2`` tier. The task
+module's examples, by one that returns that instance for the default arguments (any other model or
+setting still goes to the real loader; ``tests/shared_model.py``). Those modules are in the ``smollm2`` tier. The task
 and method registries are restored after each module, so an example that registers something leaves
 no trace in other tests.
 
@@ -24,18 +24,16 @@ import importlib
 import io
 import pkgutil
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
 
 import patchtrace
 import patchtrace.methods.registry as method_registry
-import patchtrace.models.load as load_module
 import patchtrace.tasks as task_registry
+from shared_model import REAL_LOAD_MODEL, share_model
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-REAL_LOAD_MODEL = load_module.load_model
 
 
 def _walk() -> tuple[dict[str, list[doctest.DocTest]], dict[str, str]]:
@@ -76,19 +74,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def _shared_loader(model: Any):
-    """``load_model`` that hands out the session's SmolLM2 for the default arguments."""
-
-    def load_model(spec: str = load_module.DEFAULT_MODEL, **kwargs: Any):
-        defaults = kwargs.get("dtype", "float32") == "float32" and kwargs.get("device", "cpu") in ("cpu", None)
-        if spec == load_module.DEFAULT_MODEL and defaults and not kwargs.get("revision"):
-            return model
-        return REAL_LOAD_MODEL(spec, **kwargs)
-
-    load_model.__doc__ = REAL_LOAD_MODEL.__doc__
-    return load_model
-
-
 def test_every_module_imports():
     assert not IMPORT_ERRORS, IMPORT_ERRORS
 
@@ -111,9 +96,7 @@ def test_docstring_examples(module: str, request: pytest.FixtureRequest, monkeyp
     tests = DOCTESTS[module]
     loader = None
     if _needs_model(tests):
-        loader = _shared_loader(request.getfixturevalue("smollm2"))
-        monkeypatch.setattr(patchtrace, "load_model", loader)
-        monkeypatch.setattr(load_module, "load_model", loader)
+        loader = share_model(monkeypatch, request.getfixturevalue("smollm2"))
     # examples may register tasks or methods: each module starts from, and leaves, the same registries
     monkeypatch.setattr(task_registry, "_REGISTRY", dict(task_registry._REGISTRY))
     monkeypatch.setattr(method_registry, "_REGISTRY", dict(method_registry._REGISTRY))
