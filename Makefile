@@ -26,13 +26,14 @@ lint: venv
 	$(BIN)/mypy
 
 test-fast: venv
-	$(BIN)/pytest -q -m "not smollm2" tests
+	$(BIN)/pytest -q -n auto --dist loadfile -m "not smollm2" tests
 
 test-smollm2: venv
 	$(BIN)/pytest -q -m smollm2 tests
 
+# the suite runs on every core (pytest-xdist), one test file per worker at a time (module fixtures built once)
 test: venv lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n auto --dist loadfile tests
 
 bench: venv
 	bash benchmarks/setup_peers.sh

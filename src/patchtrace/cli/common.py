@@ -65,12 +65,16 @@ LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def console() -> Console:
-    """The stdout console (a new one per call: no module-level state; rich adapts to the terminal)."""
-    return Console(highlight=False)
+    """The stdout console (a new one per call: no module-level state; rich adapts to the terminal).
+
+    Printed lines never wrap (``soft_wrap``): a path or a number is not split across lines when the
+    output is a file or a narrow terminal; tables still fit the width."""
+    return Console(highlight=False, soft_wrap=True)
 
 
 def err_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    """The stderr console (errors, warnings, progress bars); lines never wrap either."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:

@@ -183,6 +183,19 @@ def _materialize_bundled(name: str) -> Path:
     target = cache_dir() / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one process de-quantizes; others (parallel test workers, two commands) wait and reuse its result
+    with (target.parent / f".{name}.lock").open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+            return target
+        return _dequantize(name, target)
+
+
+def _dequantize(name: str, target: Path) -> Path:
+    """Write the bundled GGUF as a safetensors directory at ``target`` (atomically: temp dir, rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf(name)
