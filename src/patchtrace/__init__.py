@@ -7,7 +7,7 @@ The public API in one screen::
     model = load_model()                                  # bundled SmolLM2-135M-Instruct
     task = make_task("ioi", n=16)                         # clean / corrupt / answer / wrong
     scores = activation_patching(model, task, SiteSpec("head", per_unit=True, positions="last"))
-    scores.top_k(5)                                       # [(Site('head', 23, 3, -1), 4.30), ...]
+    scores.top_k(5)                                       # [(Site(kind='head', layer=23, unit=3, pos=-1), 4.23...), ...]
     scores.save("runs/ioi-heads")                         # safetensors + JSON, no pickle
     [m.name for m in list_methods()]                      # every method: run(model, task, sites, config)
 

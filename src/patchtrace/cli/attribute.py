@@ -3,7 +3,7 @@
 Example::
 
     patchtrace attribute --kind conflict --n 8 --heads 21.4 --html runs/attr.html
-    patchtrace attribute --data my_qa.jsonl --circuit runs/qa-circuit/heads --out runs/attr
+    patchtrace attribute --data my_qa.jsonl --circuit runs/qa/circuit/heads --out runs/attr
     patchtrace attribute --kind conflict --heads 23.2 --steer 4 --steer-heads 23.2,29.1,23.1 --gate not_in_context
 
 Heads come from ``--heads`` (``layer.head`` pairs) or from a saved circuit (``--circuit``, a head
