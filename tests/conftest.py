@@ -11,6 +11,16 @@ import torch
 
 from patchtrace.models.load import Model, load_model, wrap_model
 
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one torch thread: two workers with two threads each on a
+    2-core machine oversubscribe the cores and every tensor op slows down many times over."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 TINY_VOCAB = 49152  # the SmolLM2 tokenizer's vocabulary, so tiny models can run real tasks
 
 
