@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def _render(r: dict, png: Path) -> str:
         "",
         _verdict(r),
         "",
-        f"Plot: `{png.relative_to(ROOT)}`. Times (shared 2-core box, ~7 agents, so inflated): task generation "
+        f"Plot: `{png.relative_to(ROOT)}`. Times (2-core box; load average {os.getloadavg()[0]:.1f} at the end): task generation "
         f"{ts['task']:.0f} s, exact-patching ranking {ts['rank']:.0f} s, caching the training runs {ts['prepare']:.0f} s, "
         f"{ts['step_mean']:.2f} s per training step (all training tuples, forward + backward over the last "
         f"token only), exact evaluation {ts['eval']:.0f} s; total {ts['total']:.0f} s.",

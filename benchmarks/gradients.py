@@ -27,7 +27,7 @@ from patchtrace.models.runner import LRPRules
 
 BEGIN = "<!-- BEGIN gradients -->"
 END = "<!-- END gradients -->"
-COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gradients.py --out BENCHMARKS.md"
+COMMAND = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} .venv/bin/python benchmarks/gradients.py --out BENCHMARKS.md"
 KINDS = ("resid_pre", "attn_out", "mlp_out", "head")
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import statistics
@@ -311,7 +312,7 @@ def main() -> None:
         "## Extractive QA: ATTNATTRIB and steering (issue 6)",
         "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qa.py {' '.join(sys.argv[1:])}` (SmolLM2-135M-Instruct, "
-        "CPU float32, shared 2-core box: absolute seconds are inflated by other jobs; every ratio below is measured in the "
+        f"CPU float32, 2-core box (load average {os.getloadavg()[0]:.1f} at the end); every ratio below is measured in the "
         f"same process). Total run {total:.0f} s, circuit included.",
         "",
         "Data (prompt: chat template + system line 'Answer the question using only the context.' + prefilled "
