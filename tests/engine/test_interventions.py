@@ -30,14 +30,29 @@ SITES = {
 }
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def setup(request, smol_tokenizer):
+FAMILIES = ("llama", "gpt2")  # grouped-query attention with rotary; fused Conv1D with learned positions
+
+
+@pytest.fixture(scope="module")
+def build(smol_tokenizer):
+    """``build(family)`` → (model, tokenized task, clean ids, corrupt ids), made once per family."""
     from conftest import make_tiny
 
-    model = make_tiny(request.param, seed=11, tokenizer=smol_tokenizer)
-    tok = make_task("ioi", n=3, seed=4).tokenize(model.tokenizer)
-    ids_c, ids_k = tok.ids("clean", [0, 1, 2]), tok.ids("corrupt", [0, 1, 2])
-    return model, tok, ids_c, ids_k
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = make_tiny(family, seed=11, tokenizer=smol_tokenizer)
+            tok = make_task("ioi", n=3, seed=4).tokenize(model.tokenizer)
+            cache[family] = (model, tok, tok.ids("clean", [0, 1, 2]), tok.ids("corrupt", [0, 1, 2]))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def setup(request, build):
+    return build(request.param)
 
 
 def _engine(model, tok, base_ids, src_ids, iv, fast, runs_extra=None):
@@ -58,15 +73,16 @@ def _ref(model, tok, base_ids, site, full):
 
 
 OPS = ["zero", "mean", "resample", "mix", "add"]
-# every kind × op on the fast path of both families; the plain path on two kinds (it shares the writes)
-CASES = [(k, o, True) for k in SITES for o in OPS] + [(k, o, False) for k in ("head", "resid_pre") for o in OPS]
+# every kind × op on the fast path of both families; the plain path (which shares the writes) on two
+# kinds of llama
+CASES = [(f, k, o, True) for f in FAMILIES for k in SITES for o in OPS] + [
+    ("llama", k, o, False) for k in ("head", "resid_pre") for o in OPS
+]
 
 
-@pytest.mark.parametrize(("kind", "op", "fast"), CASES)
-def test_operation_matches_reference(setup, kind, op, fast):
-    model, tok, ids_c, ids_k = setup
-    if not fast and model.family.name != "llama":
-        pytest.skip("the plain path is checked on llama; gpt2 runs the fast path only (time)")
+@pytest.mark.parametrize(("family", "kind", "op", "fast"), CASES)
+def test_operation_matches_reference(build, family, kind, op, fast):
+    model, tok, ids_c, ids_k = build(family)
     T = ids_k.shape[1]
     L = 1
     site = SITES[kind](L, T)
