@@ -74,6 +74,10 @@ class KindInfo:
         sequential_only: the kind exists only in sequential (not parallel) blocks.
         explicit_attention: reading or writing it needs the attention probabilities computed
             explicitly (not by a fused kernel).
+        feeds: the sublayer output (``attn_out`` / ``mlp_out``) that the runner's stage of that name
+            computes from this kind's tensor (``head`` → o_proj (+ post-norm) → ``attn_out``;
+            ``neuron`` → down projection (+ post-norm) → ``mlp_out``), so the fast path can rebuild
+            that output from a patched value; None for other kinds.
         doc: one line on what it is.
     """
 
@@ -89,6 +93,7 @@ class KindInfo:
     sequential_only: bool
     doc: str
     explicit_attention: bool = False
+    feeds: str | None = None
 
     @property
     def has_units(self) -> bool:
@@ -105,11 +110,11 @@ class KindInfo:
 
 
 def _row(name: str, unit_axis: UnitAxis | None, join: Join, reduce: Reduce, doc: str, *, layer: bool = True,
-         pos_dim: int = 1, maskable: bool = True, sequential_only: bool = False) -> KindInfo:
+         pos_dim: int = 1, maskable: bool = True, sequential_only: bool = False, feeds: str | None = None) -> KindInfo:
     n = {"head": _heads, "kv_head": _kv_heads, "neuron": _neurons, None: None}[unit_axis]
     unit_dim = None if unit_axis is None else (1 if pos_dim == 2 else 2)
     return KindInfo(name, layer, unit_axis, n, pos_dim, unit_dim, join, maskable, reduce, sequential_only, doc,
-                    explicit_attention=pos_dim == 2)
+                    explicit_attention=pos_dim == 2, feeds=feeds)
 
 
 #: The table: one row per site kind, in the vocabulary's order.
@@ -122,13 +127,14 @@ KINDS: dict[str, KindInfo] = {
         _row("resid_post", None, "resid_post", "stream", "residual stream leaving the layer"),
         _row("attn_out", None, "attn", "stream", "attention sublayer output, as added to the stream"),
         _row("mlp_out", None, "mlp", "stream", "MLP sublayer output, as added to the stream"),
-        _row("head", "head", "attn", "per_unit", "one head's output before the output projection"),
+        _row("head", "head", "attn", "per_unit", "one head's output before the output projection", feeds="attn_out"),
         _row("q", "head", "generic", "per_unit", "queries after q-norm and rotary"),
         _row("k", "kv_head", "generic", "per_unit", "keys per KV head, after k-norm and rotary"),
         _row("v", "kv_head", "generic", "per_unit", "values per KV head"),
         _row("pattern", "head", "generic", "pattern", "attention probabilities (query, key)", pos_dim=2,
              maskable=False),
-        _row("neuron", "neuron", "mlp", "identity", "MLP hidden activation (act(gate) * up when gated)"),
+        _row("neuron", "neuron", "mlp", "identity", "MLP hidden activation (act(gate) * up when gated)",
+             feeds="mlp_out"),
     )
 }
 

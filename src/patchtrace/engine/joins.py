@@ -30,7 +30,7 @@ from torch import Tensor
 from patchtrace.engine.apply import intervention_hook
 from patchtrace.engine.cache import RunCache
 from patchtrace.engine.patch import Patch
-from patchtrace.kinds import kind_info
+from patchtrace.kinds import KINDS, kind_info
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
 from patchtrace.sites import HookPoint
@@ -74,18 +74,19 @@ def base_points(patches: Sequence[Patch], model: Model) -> set[HookPoint]:
 
 
 def patch_base_points(patch: Patch, model: Model) -> set[HookPoint]:
-    """Base-run activations the fast path reads to build one patch's joining rows."""
+    """Base-run activations the fast path reads to build one patch's joining rows: the sublayer
+    output it rebuilds, the kinds that feed it (from the kind table) and the stream it is added to."""
     key = join_key(patch, model)
     if not is_shortcut(key):
         return set()
     L = patch.start_layer
     rules = {kind_info(s.kind).join for s in patch.sites}
-    if key[1] == 1:
-        return {HookPoint("head", L), HookPoint("attn_out", L)}
     if rules == {"resid_post"}:
         return {HookPoint("resid_post", L)}
-    pts = {HookPoint("neuron", L), HookPoint("mlp_out", L)}
-    pts.add(HookPoint("attn_out", L) if model.dims.parallel_residual else HookPoint("resid_mid", L))
+    out = "attn_out" if key[1] == 1 else "mlp_out"
+    pts = {HookPoint(out, L)} | {HookPoint(k, L) for k in KINDS if KINDS[k].feeds == out}
+    if out == "mlp_out":
+        pts.add(HookPoint("attn_out", L) if model.dims.parallel_residual else HookPoint("resid_mid", L))
     return pts
 
 
@@ -120,20 +121,23 @@ def joining_rows(
     def patched(x: Tensor, kind: str, layer: int) -> Tensor:
         return _apply(x, block, HookPoint(kind, layer), runs, N, ctx)
 
-    if stage == 1:  # head / attn_out at layer L: rebuild attn_out, join at resid_mid
-        if "head" in kinds:
-            attn_out = runner.attn_out(L, patched(cached("head", L), "head", L))
+    def sublayer(out: str, layer: int) -> Tensor:
+        """The sublayer output ``out`` with the block's interventions: rebuilt by the runner's stage of
+        that name from a patched feeding kind (the kind table's ``feeds``), or the cached one."""
+        feeding = [k for k in kinds if kind_info(k).feeds == out]
+        if feeding:
+            (k,) = feeding
+            x = getattr(runner, out)(layer, patched(cached(k, layer), k, layer))
         else:
-            attn_out = cached("attn_out", L)
-        return runner.add_attn(cached("resid_pre", L), patched(attn_out, "attn_out", L))
+            x = cached(out, layer)
+        return patched(x, out, layer)
+
+    if stage == 1:  # attention side of layer L: rebuild attn_out, join entering its MLP
+        return runner.add_attn(cached("resid_pre", L), sublayer("attn_out", L))
     Lp = L - 1
-    if kinds == {"resid_post"}:
+    if {kind_info(k).join for k in kinds} == {"resid_post"}:
         return patched(cached("resid_post", Lp), "resid_post", Lp)
-    if "neuron" in kinds:
-        mlp_out = runner.mlp_out(Lp, patched(cached("neuron", Lp), "neuron", Lp))
-    else:
-        mlp_out = cached("mlp_out", Lp)
-    mlp_out = patched(mlp_out, "mlp_out", Lp)
+    mlp_out = sublayer("mlp_out", Lp)
     if model.dims.parallel_residual:
         return runner.resid_post(cached("resid_pre", Lp), mlp_out, cached("attn_out", Lp))
     return runner.resid_post(cached("resid_mid", Lp), mlp_out)
