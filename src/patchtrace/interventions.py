@@ -182,11 +182,6 @@ class Intervention:
         return f"{self.target} ← {self.op}({self.source.run}:{where})"
 
 
-def patch_of(*sites: Site, run: str = "source") -> tuple[Intervention, ...]:
-    """The classic patch: each site replaced by its value in ``run``."""
-    return tuple(Intervention(s, Replace(), SourceRef(run)) for s in sites)
-
-
 __all__ = [
     "Add",
     "Intervention",
@@ -199,5 +194,4 @@ __all__ = [
     "Resample",
     "SourceRef",
     "Zero",
-    "patch_of",
 ]

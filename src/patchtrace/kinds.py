@@ -28,7 +28,7 @@ join            meaning
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -151,9 +151,9 @@ def kind_info(kind: str) -> KindInfo:
     return info
 
 
-def needs_explicit_attention(kinds: object) -> bool:
-    """Whether any of these kinds (an iterable of kind names) needs explicit attention probabilities."""
-    return any(kind_info(k).explicit_attention for k in kinds)  # type: ignore[attr-defined]
+def needs_explicit_attention(kinds: Iterable[str]) -> bool:
+    """Whether any of these kinds needs the attention probabilities computed explicitly."""
+    return any(kind_info(k).explicit_attention for k in kinds)
 
 
 def gradient_product(kind: str, diff: Tensor, grad: Tensor) -> Tensor:

@@ -112,6 +112,13 @@ class Scores:
         """A cell's name for tables: the site string, or the axis coordinates for non-site grids."""
         return self.grid.label(index)
 
+    @property
+    def direction(self) -> str | None:
+        """``denoise`` / ``noise`` as recorded in provenance (top level or in the config), if any."""
+        p = self.provenance
+        cfg = p.get("config")
+        return p.get("direction") or (cfg.get("direction") if isinstance(cfg, dict) else None)
+
     def importance_sign(self) -> int:
         """+1 if a larger value means a more important site, −1 if a more negative one does.
 
@@ -122,10 +129,8 @@ class Scores:
         """
         if self.value_name not in ("effect", "attribution"):
             return 1
-        cfg = self.provenance.get("config") if isinstance(self.provenance.get("config"), dict) else {}
-        direction = self.provenance.get("direction") or (cfg or {}).get("direction") or "denoise"
         higher_is_clean = self.metric != "kl"
-        return 1 if (direction == "denoise") == higher_is_clean else -1
+        return 1 if ((self.direction or "denoise") == "denoise") == higher_is_clean else -1
 
     def ranking(self, by: str = "importance") -> tuple[Tensor, str]:
         """Sort keys over ``values.flatten()`` (larger = ranked first) and a phrase saying what the order is.
@@ -143,9 +148,7 @@ class Scores:
             if self.value_name not in ("effect", "attribution"):
                 what = f"by importance: largest {self.value_name} first"
             else:
-                direction = self.provenance.get("direction") or (
-                    (self.provenance.get("config") or {}).get("direction") if isinstance(
-                        self.provenance.get("config"), dict) else None) or "denoise"
+                direction = self.direction or "denoise"
                 what = {
                     (True, 1): "by importance: largest recovery first",
                     (False, -1): "by importance: largest damage first",
@@ -163,6 +166,18 @@ class Scores:
             raise ResultsError(f"rank by {by!r}: use 'importance', 'value', 'abs' or 'neg'")
         return torch.nan_to_num(key, nan=-math.inf), what
 
+    def top_indices(self, k: int = 10, by: str = "importance") -> list[tuple[int, ...]]:
+        """Multi-indices into ``values`` of the ``k`` first cells in the order of :meth:`ranking`.
+
+        Raises:
+            ResultsError: ``k < 1`` or an unknown ``by``.
+        """
+        if k < 1:
+            raise ResultsError(f"top: the number of rows must be at least 1 (got {k})")
+        key, _ = self.ranking(by)
+        idx = torch.topk(key, min(k, key.numel())).indices
+        return [tuple(int(x) for x in torch.unravel_index(i, self.values.shape)) for i in idx]
+
     def top_k(self, k: int = 10, by: str = "importance") -> list[tuple[Site, float]]:
         """The ``k`` most important sites with their values.
 
@@ -174,17 +189,7 @@ class Scores:
         Raises:
             ResultsError: ``k < 1`` or an unknown ``by``.
         """
-        if k < 1:
-            raise ResultsError(f"top_k: k must be at least 1 (got {k})")
-        key, _ = self.ranking(by)
-        flat = self.values.flatten().float()
-        k = min(k, flat.numel())
-        idx = torch.topk(key, k).indices
-        out = []
-        for i in idx.tolist():
-            multi = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), self.values.shape))
-            out.append((self.site_at(multi), float(flat[i])))
-        return out
+        return [(self.site_at(i), float(self.values[i])) for i in self.top_indices(k, by)]
 
     def normalized(self) -> Tensor:
         """Values as normalized recovery (needs ``extras['patched']`` and both baselines)."""

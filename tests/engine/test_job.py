@@ -122,4 +122,5 @@ def test_dbm_ranking_resumes_to_the_uninterrupted_result(smol_tokenizer, tmp_pat
             exact_patching_ranking(model, tds, specs, out_dir=tmp_path / "r")
     again = exact_patching_ranking(model, tds, specs, out_dir=tmp_path / "r")
     assert again == truth
+    assert not (tmp_path / "r").exists()  # its checkpoint folder is gone once the ranking is done
     assert len({round(v, 6) for _, v in truth}) > 1  # non-vacuous: the components differ

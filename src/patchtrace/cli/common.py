@@ -325,8 +325,7 @@ def print_baselines(scores: Scores, con: Console | None = None) -> None:
     """One line: metric, direction, clean and corrupt baselines and the gap."""
     con = con or console()
     b = scores.baselines
-    cfg = scores.provenance.get("config")
-    direction = scores.provenance.get("direction") or (cfg.get("direction") if isinstance(cfg, dict) else None)
+    direction = scores.direction
     parts = [f"metric {scores.metric}"] + ([f"direction {direction}"] if direction else [])
     if "clean" in b:
         parts.append(f"clean {b['clean']:+.4f}")

@@ -21,6 +21,7 @@ bit, whichever executor computed which block.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,8 @@ def execute(
             (save or _default_save)(result, Path(out_dir))
             assert ckpt is not None
             ckpt.clear()
+            with contextlib.suppress(OSError):  # a job whose result is saved elsewhere leaves no empty folder
+                Path(out_dir).rmdir()
         return result
     finally:
         if ckpt is not None:

@@ -100,16 +100,8 @@ def top_rows(
 
     ``by`` is as in :meth:`Scores.ranking`; :func:`order_phrase` says the order in words.
     """
-    from patchtrace.results import ResultsError
-
-    if k < 1:
-        raise ResultsError(f"top: the number of rows must be at least 1 (got {k})")
-    flat = scores.values.flatten().float()
-    key, _ = scores.ranking(by)
-    k = min(k, flat.numel())
     out = []
-    for rank, i in enumerate(torch.topk(key, k).indices.tolist(), start=1):
-        multi = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), scores.values.shape))
+    for rank, multi in enumerate(scores.top_indices(k, by), start=1):
         rec = None
         if normalized is not None and tuple(normalized.shape) == tuple(scores.values.shape):
             rec = _finite(float(normalized[multi]))
@@ -117,7 +109,7 @@ def top_rows(
             {
                 "rank": rank,
                 "site": scores.cell_label(multi),
-                "value": float(flat[i]),
+                "value": float(scores.values[multi]),
                 "recovery": rec,
                 "token": cell_token(scores, multi),
             }
@@ -139,7 +131,7 @@ def provenance_summary(scores: Scores) -> list[tuple[str, str]]:
     rows: list[tuple[str, Any]] = [
         ("method", p.get("method")),
         ("sites", p.get("sites", scores.site_kind)),
-        ("direction", p.get("direction", cfg.get("direction"))),
+        ("direction", scores.direction),
         ("metric", scores.metric),
         ("model", model.get("model") if model else p.get("model")),
         ("weights sha256", model.get("weights_sha256")),
