@@ -196,3 +196,24 @@ def test_errors(smol_tokenizer):
 
     with pytest.raises(MetricError):
         TracingConfig(metric="accuracy")
+
+
+def test_restored_runs_never_rerun_the_noisy_forward(smol_tokenizer, monkeypatch):
+    """The noisy run records what the fast path reads once; blocks do not re-collect it."""
+    from conftest import make_tiny
+    from patchtrace.engine import sweep as sweep_mod
+    from patchtrace.methods import causal_tracing as ct
+
+    model = make_tiny("llama", tokenizer=smol_tokenizer)
+    tok = _task(model.tokenizer).tokenize(model.tokenizer)
+    monkeypatch.setattr(ct, "ROWS_PER_BLOCK", 2 * len(tok) * 3)  # several blocks
+    calls: list[int] = []
+    real = sweep_mod.collect
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sweep_mod, "collect", counting)
+    run(model, tok, config=TracingConfig(samples=2, metric="logprob"))
+    assert calls == []

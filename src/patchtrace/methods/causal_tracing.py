@@ -59,7 +59,7 @@ from torch import Tensor
 from patchtrace.engine.apply import base_interventions_hooks
 from patchtrace.engine.checkpoint import run_key
 from patchtrace.engine.job import Block, execute
-from patchtrace.engine.sweep import Patch, RunCache, Scorer, collect, resolve, run_patches
+from patchtrace.engine.sweep import Patch, RunCache, Scorer, base_points, collect, resolve, run_patches
 from patchtrace.grid import Grid
 from patchtrace.interventions import Add, Intervention
 from patchtrace.methods.registry import register_method
@@ -302,7 +302,10 @@ class TracingJob:
         noise_iv = Intervention(Site("embed"), Add(noise))  # per noisy row, every position's share
         rows = ids.repeat_interleave(S, 0)
         hooks = base_interventions_hooks([noise_iv], {}, rows.shape[0])
-        base = collect(model, rows, (), hooks=hooks)
+        # record what the fast path reads from the noisy run once, here: otherwise every block's
+        # run_patches call would re-run the noisy forward to fetch it
+        need = base_points(self.cells, model) if cfg.fast else set()
+        base = collect(model, rows, need, hooks=hooks)
         scorer = Scorer(metric, target.repeat_interleave(S, 0), wrong.repeat_interleave(S, 0),
                         ref.repeat_interleave(S, 0) if ref is not None else None)
         noisy_metric = scorer(base.logits, 1, False)[0].view(N, S).mean(1).cpu()
