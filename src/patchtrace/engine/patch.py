@@ -60,8 +60,7 @@ class Patch:
     @property
     def plain(self) -> bool:
         """Every intervention replaces from the default source run at its own site."""
-        return all(iv.same_site_replace and iv.source is not None and iv.source.run == "source"
-                   for iv in self.interventions)
+        return all(iv.same_site_replace and iv.source.run == "source" for iv in self.interventions)  # type: ignore[union-attr]
 
 
 def resolve(site: Site, model: Model, T: int) -> Site:
