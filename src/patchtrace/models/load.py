@@ -70,6 +70,9 @@ class Model:
     runner: Runner
     name: str
     _hash: tuple[Fingerprint, str] | None = field(default=None, repr=False)
+    #: how :func:`load_model` loaded it (spec, dtype, device type, revision, trust_remote_code), so a
+    #: remote worker can load the same model itself; None for a model wrapped from memory
+    source: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -240,10 +243,38 @@ def resolve_device(device: str | None) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; otherwise the named device (checked to exist)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device {device!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def check_dtype(device: torch.device, dtype: torch.dtype | str) -> None:
+    """Refuse a dtype the device cannot compute in, before any weights are read.
+
+    CUDA: bfloat16 needs a card that supports it (compute capability 8.0+, or emulation torch
+    accepts); elsewhere a 2×2 matmul in that dtype is tried on the device, which is what the engine
+    needs.
+
+    Raises:
+        ModelLoadError: naming the dtype and the device.
+    """
+    if isinstance(dtype, str):  # "auto": the checkpoint's own dtype, checked by transformers
+        return
+    name = str(dtype).replace("torch.", "")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        card = torch.cuda.get_device_name(device)
+        raise ModelLoadError(f"dtype {name!r} is not supported on {card} ({device}); use --dtype float32 or float16")
+    try:
+        x = torch.ones(2, 2, dtype=dtype, device=device)
+        (x @ x).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"dtype {name!r} cannot be computed on device {str(device)!r}: {str(e)[:200]}") from None
 
 
 def load_model(
@@ -283,6 +314,7 @@ def load_model(
 
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype)
+    check_dtype(dev, dt)
     name = spec
     if spec in BUNDLED:
         path: str = str(_materialize_bundled(spec))
@@ -322,4 +354,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
     except Exception:
         tok = None
-    return wrap_model(hf, tok, name)
+    out = wrap_model(hf, tok, name)
+    out.source = {"spec": spec, "dtype": str(dt).replace("torch.", ""), "device": dev.type,
+                  "trust_remote_code": trust_remote_code, "revision": revision}
+    return out
