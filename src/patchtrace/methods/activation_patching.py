@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 from patchtrace.engine.checkpoint import run_key
-from patchtrace.engine.job import Block, execute
+from patchtrace.engine.job import Block, Executor, execute
 from patchtrace.engine.sweep import (
     EngineError,
     Patch,
@@ -138,6 +138,7 @@ def run(
     out_dir: str | Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> Scores:
     """Exact activation patching of every cell of ``sites``.
 
@@ -149,6 +150,8 @@ def run(
         out_dir: if given, finished blocks are checkpointed there and a rerun resumes.
         on_progress: called as ``on_progress(done, total)`` in patches.
         overwrite: replace a finished result of a *different* run in ``out_dir`` (otherwise refused).
+        executor: where the blocks run (default: this process; a
+            :class:`~patchtrace.engine.executors.ray_executor.RayExecutor` gives the same result bit for bit).
 
     Raises:
         CheckpointError: ``out_dir`` is in use by another run, or holds another run's result.
@@ -159,7 +162,7 @@ def run(
     cfg = config or PatchingConfig()
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
     job = PatchingJob(model, tok, sites, cfg)
-    return execute(job, out_dir=out_dir, overwrite=overwrite, on_progress=on_progress)
+    return execute(job, out_dir=out_dir, overwrite=overwrite, on_progress=on_progress, executor=executor)
 
 
 @dataclass

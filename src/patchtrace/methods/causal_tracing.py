@@ -58,7 +58,7 @@ from torch import Tensor
 
 from patchtrace.engine.apply import base_interventions_hooks
 from patchtrace.engine.checkpoint import run_key
-from patchtrace.engine.job import Block, execute
+from patchtrace.engine.job import Block, Executor, execute
 from patchtrace.engine.sweep import Patch, RunCache, Scorer, base_points, collect, resolve, run_patches
 from patchtrace.grid import Grid
 from patchtrace.interventions import Add, Intervention
@@ -210,6 +210,7 @@ def run(
     on_progress: Progress | None = None,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> Scores:
     """Causal trace of every (layer, token) of the task's prompts.
 
@@ -223,6 +224,7 @@ def run(
         out_dir: if given, finished blocks are checkpointed there, a rerun resumes, and the result is
             saved there.
         overwrite: replace another run's result in ``out_dir`` (otherwise refused).
+        executor: where the blocks run (default: this process; see :mod:`patchtrace.engine.executors`).
 
     Returns:
         :class:`Scores` with axes ``(layer, pos)`` of indirect effects (``value_name='effect'``),
@@ -243,7 +245,7 @@ def run(
             f"(got lengths {lens}); use task.subset(...) with equal-length examples or a single template"
         )
     job = TracingJob(model, tok, cfg)
-    return execute(job, out_dir=out_dir, overwrite=overwrite, on_progress=on_progress)
+    return execute(job, out_dir=out_dir, overwrite=overwrite, on_progress=on_progress, executor=executor)
 
 
 #: Batch rows (cells × examples × noise samples) per checkpointed block.
