@@ -52,7 +52,7 @@ def sha256(module: Any) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the weights
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy; reshape: 0-dim buffers
     return h.hexdigest()[:16]
 
 
