@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -199,6 +199,32 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_c
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
+#: ``--executor``: where the blocks of a sweep run (shared by every sweep-type command).
+ExecutorOption = Annotated[str, typer.Option("--executor", help="where sweep blocks run: 'local' (this process) or 'ray' (Ray workers; same result bit for bit)")]
+#: ``--ray-address``: the Ray cluster to join.
+RayAddressOption = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to join (host:port, ray://host:port or auto); default: start a local one for this run")]
+
+
+def executor(name: str, address: str | None) -> Any:
+    """The sweep executor of ``--executor/--ray-address``, closed when the command ends (a local Ray
+    instance it started is shut down, also after an error: the close is registered on the click
+    context, which runs it however the command exits).
+
+    Call it *before* loading the model: an unknown name or an unreachable address then fails in
+    seconds (:class:`~patchtrace.engine.executors.ExecutorError`,
+    :class:`~patchtrace.engine.executors.ray_executor.RayExecutorError`).
+    """
+    import click
+
+    from patchtrace.engine.executors import close_executor, make_executor
+
+    ex = make_executor(name, address)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: close_executor(ex))
+    return ex
+
+
 def build_task(task: str, n: int, seed: int, model: Any = None) -> Any:
     """A built-in task by name (``ioi``, ``factual``, ...) or a ``.jsonl``/``.csv`` file.
 
@@ -353,6 +379,7 @@ __all__ = [
     "build_task",
     "console",
     "err_console",
+    "executor",
     "fail",
     "find_scores",
     "load",

@@ -73,6 +73,8 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the results of a different run in --out")] = False,
         allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="run examples whose answer equals their wrong token or whose prompts are identical (with a warning)")] = False,
+        executor: common.ExecutorOption = "local",
+        ray_address: common.RayAddressOption = None,
     ) -> None:
         """Exact activation patching: the effect of restoring each site, saved as Scores."""
         from patchtrace.methods.activation_patching import PatchingConfig
@@ -88,6 +90,7 @@ def register(app: typer.Typer) -> None:
         # PatchingConfig checks direction and metric itself (ConfigError names the bad value)
         cfg = PatchingConfig(direction=cast(Any, direction), metric=metric, fast=fast, max_memory=budget)
         t0 = time.perf_counter()
+        ex = common.executor(executor, ray_address) if not dry_run else None  # an unreachable cluster fails here
         m = common.load(model, device, dtype, trust_remote_code)
         tsk = common.build_task(task, n, seed, m)
         tok = tsk.tokenize(m.tokenizer, allow_degenerate=allow_degenerate)
@@ -107,7 +110,7 @@ def register(app: typer.Typer) -> None:
         for spec, folder in zip(specs, folders, strict=True):
             with common.progress(f"patching {spec.kind}", quiet=quiet) as bar:
                 scores = activation_patching(
-                    m, tok, spec, cfg, out_dir=folder, on_progress=bar.update, overwrite=overwrite
+                    m, tok, spec, cfg, out_dir=folder, on_progress=bar.update, overwrite=overwrite, executor=ex
                 )
             results.append((spec, folder, scores))
         common.print_baselines(results[0][2], con)

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(10, help="rows in the printed top-k table"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+        executor: common.ExecutorOption = "local",
+        ray_address: common.RayAddressOption = None,
     ) -> None:
         """ROME causal tracing: indirect effect of restoring each (layer, token) state, saved as Scores."""
         from patchtrace.methods.causal_tracing import TracingConfig
@@ -58,6 +60,7 @@ def register(app: typer.Typer) -> None:
         }
         cfg = TracingConfig(**options)
         t0 = time.perf_counter()
+        ex = common.executor(executor, ray_address)  # an unreachable cluster fails here, before loading
         m = common.load(model, device, dtype, trust_remote_code)
         tsk = common.build_task(task, n, seed, m)
         tok = tsk.tokenize(m.tokenizer)
@@ -70,7 +73,7 @@ def register(app: typer.Typer) -> None:
         con.print(f"model {m.name} ({m.dims.n_layers} layers) · task {tsk.name} ({len(tok)} examples) · "
                   f"restore {kind}" + (f" (window {window})" if kind != "resid" else ""), markup=False)
         with common.progress(f"tracing {kind}", quiet=quiet) as bar:
-            scores = causal_trace(m, tok, config=cfg, on_progress=bar.update)  # sites: cfg.kind
+            scores = causal_trace(m, tok, config=cfg, on_progress=bar.update, executor=ex)  # sites: cfg.kind
         folder = Path(out) if out else Path("runs") / f"trace-{Path(task).stem}-{kind}"
         scores.save(folder)
         con.print(f"{metric}: clean {scores.baselines['clean']:.4g} · noisy {scores.baselines['corrupt']:.4g} · "
