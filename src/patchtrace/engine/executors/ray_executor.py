@@ -85,8 +85,8 @@ class RayExecutor:
 
     Args:
         address: a cluster to join; None starts a private local instance (shut down by :meth:`close`).
-        workers: number of workers (default: every CPU of the cluster / ``threads``, or every GPU
-            for a CUDA model).
+        workers: number of workers (default: the cluster's free CPUs / ``threads``, or its free
+            GPUs for a CUDA model).
         threads: torch threads per worker (default: this process's count).
         max_retries: runs of one block that may die with their worker before the sweep fails.
         num_cpus: CPUs of a private local instance (default: all).
@@ -143,12 +143,13 @@ class RayExecutor:
             if have < 1:
                 raise RayExecutorError("the model is on CUDA but the Ray cluster has no GPU (resources: "
                                        f"{int(res.get('CPU', 0))} CPU, 0 GPU); load it with --device cpu")
-            return self.workers or have
+            return self.workers or max(1, int(self.ray.available_resources().get("GPU", 0)))
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         biggest = max((int(n.get("Resources", {}).get("CPU", 0)) for n in nodes), default=0)
         if biggest < self.threads:
             raise RayExecutorError(f"a worker needs {self.threads} CPU(s) (--threads) but the largest Ray node has {biggest}")
-        return self.workers or max(1, int(res.get("CPU", 0)) // self.threads)
+        free = int(self.ray.available_resources().get("CPU", 0))  # a shared cluster: what is free now
+        return self.workers or max(1, free // self.threads)
 
     def _spawn(self, source: dict[str, Any]) -> Any:
         from patchtrace.engine.executors.worker import SweepWorker

@@ -1,0 +1,215 @@
+"""The Ray executor against the local one: bit-identical results, a killed worker, a killed driver,
+bad clusters — and no Ray process left behind.
+
+One private local Ray instance serves the whole module (starting Ray takes seconds on 2 cores): it
+is a :class:`RayExecutor` without an address, with 4 logical CPUs so that its own two workers and a
+second driver's two fit at once. Its teardown shuts it down and checks that every process it
+started (GCS, raylet, workers) is gone. The model is a tiny random Llama saved to a folder, so each
+worker loads it itself, as it would load a real model from its cache.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ray", reason="the Ray executor needs the 'ray' extra")
+
+from patchtrace import SiteSpec, make_task
+from patchtrace.engine.executors.ray_executor import RayExecutor, RayExecutorError
+from patchtrace.methods import activation_patching as ap
+from patchtrace.methods import causal_tracing as ct
+from patchtrace.models.load import load_model
+
+SITES = SiteSpec("head", per_unit=True, positions="last")  # 3 layers x 4 heads = 12 cells
+CFG = ap.PatchingConfig(block_rows=4, sanity_check=False)  # 2 examples: 2 cells per block, 6 blocks
+
+
+def _alive(pids: set[int]) -> set[int]:
+    import psutil
+
+    out = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _wait_gone(pids: set[int], seconds: float = 15.0) -> set[int]:
+    end = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < end:
+        time.sleep(0.2)
+    return _alive(pids)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random Llama saved as a transformers checkpoint (safetensors), with the SmolLM2 tokenizer."""
+    from conftest import make_tiny
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", tokenizer=smol_tokenizer).hf.save_pretrained(str(d))
+    smol_tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task("ioi", n=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def local(model, task):
+    return ap.run(model, task, SITES, CFG)
+
+
+@pytest.fixture(scope="module")
+def ex():
+    """The module's private Ray instance; on teardown: shut down, and nothing it started still runs."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    ex = RayExecutor(num_cpus=4, workers=2, threads=1)
+    yield ex
+    started = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert started, "the local Ray instance should run as child processes of this one"
+    ex.close()
+    left = _wait_gone(started)
+    assert not left, f"Ray processes left running after shutdown: {[psutil.Process(p).cmdline()[:2] for p in left]}"
+
+
+def _same(a, b) -> None:
+    assert torch.equal(a.values, b.values)
+    assert torch.equal(a.per_example, b.per_example)
+    for k in a.extras:
+        assert torch.equal(a.extras[k], b.extras[k]), k
+    assert a.baselines == b.baselines
+
+
+def test_ray_equals_local_bit_for_bit_with_one_progress_bar(ex, model, task, local):
+    calls: list[tuple[int, int]] = []
+    got = ap.run(model, task, SITES, CFG, executor=ex, on_progress=lambda d, t: calls.append((d, t)))
+    _same(got, local)
+    assert calls[-1] == (12, 12) and all(t == 12 for _, t in calls)
+    assert len(set(ex.worker_pids)) == 2 and os.getpid() not in ex.worker_pids
+
+
+def test_causal_tracing_on_ray_equals_local(ex, model, monkeypatch):
+    from collections import Counter
+
+    from patchtrace.tasks import Task
+
+    one = lambda s: len(model.tokenizer(s, add_special_tokens=False).input_ids) == 1  # noqa: E731
+    exs = [e for e in make_task("factual", n=30, seed=0).examples if one(e.answer) and one(e.wrong)]
+    lens = [len(model.tokenizer(e.clean).input_ids) for e in exs]
+    common = Counter(lens).most_common(1)[0][0]
+    tok = Task("factual", [e for e, n in zip(exs, lens, strict=True) if n == common][:2]).tokenize(model.tokenizer)
+    cfg = ct.TracingConfig(samples=2, metric="prob", target="top1")
+    monkeypatch.setattr(ct, "ROWS_PER_BLOCK", 16)  # several blocks (the plan is made here, in the driver)
+    _same(ct.run(model, tok, config=cfg, executor=ex), ct.run(model, tok, config=cfg))
+
+
+def test_a_killed_worker_costs_only_its_block(ex, model, task, local):
+    pids = list(ex.worker_pids)
+    victim: list[int] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not victim and done > 0:  # a worker is mid-sweep: kill its process
+            victim.append(pids[0])
+            os.kill(pids[0], signal.SIGKILL)
+
+    retries = ex.retries
+    got = ap.run(model, task, SITES, CFG, executor=ex, on_progress=on_progress)
+    _same(got, local)
+    assert victim and ex.retries == retries + 1, "exactly one block should have been re-run"
+    assert victim[0] not in ex.worker_pids and not _wait_gone(set(victim), 5)
+    assert len(ex.worker_pids) == 2  # the dead worker was replaced
+
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from patchtrace import SiteSpec, make_task
+    from patchtrace.engine.executors.ray_executor import RayExecutor
+    from patchtrace.methods import activation_patching as ap
+    from patchtrace.models.load import load_model
+
+    model_dir, address, out = sys.argv[1:4]
+    ex = RayExecutor(address, workers=1, threads=1)
+    def on_progress(done, total):
+        blocks = list(Path(out, ".partial").glob("block-*.safetensors"))
+        if blocks and ex.worker_pids:
+            print("WORKERS", *ex.worker_pids, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)   # the driver dies mid-sweep, one block saved
+    cfg = ap.PatchingConfig(block_rows=4, sanity_check=False)
+    ap.run(load_model(model_dir), make_task("ioi", n=2, seed=0), SiteSpec("head", per_unit=True, positions="last"),
+           cfg, executor=ex, out_dir=out, on_progress=on_progress)
+    print("FINISHED")
+""")
+
+
+def test_a_killed_driver_resumes_from_its_checkpoints(ex, model, model_dir, task, local, tmp_path):
+    import ray
+
+    out = tmp_path / "run"
+    address = ray.get_runtime_context().gcs_address
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(model_dir), address, str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr[-2000:]
+    saved = list((out / ".partial").glob("block-*.safetensors"))
+    assert 1 <= len(saved) < 6, f"{len(saved)} blocks saved"
+    # the dead driver's workers go with it
+    workers = {int(x) for x in p.stdout.split("WORKERS", 1)[1].split()}
+    assert not _wait_gone(workers), "workers of the killed driver still run"
+    calls: list[tuple[int, int]] = []
+    got = ap.run(model, task, SITES, CFG, executor=ex, out_dir=out, on_progress=lambda d, t: calls.append((d, t)))
+    _same(got, local)
+    assert calls[0][0] >= 2 * len(saved), "the resumed run starts from the saved blocks"
+    assert not (out / ".partial").exists()
+
+
+def test_unreachable_address_is_one_line_before_any_work():
+    t0 = time.monotonic()
+    with pytest.raises(RayExecutorError, match=r"Ray address '127\.0\.0\.1:1' is unreachable"):
+        RayExecutor("127.0.0.1:1")
+    with pytest.raises(RayExecutorError, match="use host:port"):
+        RayExecutor("nowhere")
+    assert time.monotonic() - t0 < 15
+
+
+def test_a_model_built_in_memory_is_refused_by_name(ex, smol_tokenizer, task):
+    from conftest import make_tiny
+
+    m = make_tiny("llama", tokenizer=smol_tokenizer)
+    with pytest.raises(RayExecutorError, match="model 'tiny-llama' was built in memory"):
+        ap.run(m, task, SITES, CFG, executor=ex)
+
+
+def test_workers_that_lack_the_model_fail_before_any_block(ex, model_dir, task, tmp_path):
+    import shutil
+
+    moved = tmp_path / "tiny-copy"
+    shutil.copytree(model_dir, moved)
+    m = load_model(str(moved))
+    shutil.rmtree(moved)  # the driver has it in memory; the workers' disk does not
+    with RayExecutor(workers=1, threads=1) as one:  # joins the module's instance (one worker: cheaper)
+        with pytest.raises(RayExecutorError, match=r"the Ray worker on node \S+ cannot load model '.*tiny-copy'"):
+            ap.run(m, task, SITES, CFG, executor=one, out_dir=tmp_path / "out")
+        assert one.worker_pids == []  # the failed worker was stopped
+    assert not list((tmp_path / "out").glob(".partial/block-*")), "no block may run"
