@@ -6,7 +6,10 @@ extra tensors, and provenance (library version, model and weights hash, task and
 and config, seeds). It never holds the model.
 
 Saved as a directory with two files: ``scores.safetensors`` (all tensors) and ``scores.json``
-(everything else). Nothing is pickled, so a results folder from a stranger is safe to open.
+(everything else). Nothing is pickled, so a results folder from a stranger is safe to open. The JSON
+carries SHA-256 checksums of itself and of the tensor file (``checksums``), so a truncated, damaged
+or edited file is named on load instead of being read as wrong numbers (:func:`read_meta`,
+:func:`read_tensors`; the other saved result types use the same helpers).
 """
 
 from __future__ import annotations
@@ -32,6 +35,88 @@ FORMAT_VERSION = 1
 
 class ResultsError(PatchtraceError, ValueError):
     """A results folder that is missing, malformed or from an incompatible version."""
+
+
+#: The key of the checksums in a result's JSON: ``{"json": ..., "<tensor file>": ...}`` (SHA-256 hex).
+CHECKSUMS = "checksums"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of a result's JSON content without its checksums (canonical: sorted keys)."""
+    import hashlib
+
+    body = {k: v for k, v in meta.items() if k != CHECKSUMS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_meta(folder: Path, json_name: str, meta: dict[str, Any], tensor_files: tuple[str, ...] = (), **dump: Any) -> Path:
+    """Write ``meta`` as ``folder/json_name`` with checksums of itself and of ``tensor_files`` (already written).
+
+    The JSON digest is taken over the JSON as it will read back (values ``json`` cannot write are
+    stored as strings), so :func:`read_meta` recomputes the same digest.
+    """
+    plain = json.loads(json.dumps(meta, default=str))
+    sums = {"json": _meta_digest(plain)} | {f: file_sha256(folder / f) for f in tensor_files}
+    out = folder / json_name
+    out.write_text(json.dumps({**plain, CHECKSUMS: sums}, **dump))
+    return out
+
+
+def read_meta(folder: Path, json_name: str, version: int | None = None) -> dict[str, Any]:
+    """Read ``folder/json_name``: valid JSON, the expected ``format_version``, its own checksum.
+
+    Raises:
+        ResultsError: the file is not valid JSON, not an object, from another format version or
+            damaged (content that does not match its checksum); the message names the file.
+    """
+    path = folder / json_name
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: damaged, not valid JSON ({e}); rerun the command that wrote it") from None
+    if not isinstance(meta, dict):
+        raise ResultsError(f"{path}: damaged, a JSON object was expected; rerun the command that wrote it")
+    if version is not None and meta.get("format_version") != version:
+        raise ResultsError(f"{folder}: format version {meta.get('format_version')} is not {version}")
+    sums = meta.get(CHECKSUMS)
+    if isinstance(sums, dict) and "json" in sums and sums["json"] != _meta_digest(meta):
+        raise ResultsError(
+            f"{path}: damaged or edited (its content does not match its recorded checksum); "
+            "restore it or rerun the command that wrote it"
+        )
+    return meta
+
+
+def read_tensors(folder: Path, tensor_file: str, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Load ``folder/tensor_file`` (safetensors) after checking it against the checksum in ``meta``.
+
+    Raises:
+        ResultsError: the file is damaged or truncated (names it).
+    """
+    from safetensors.torch import load_file
+
+    path = folder / tensor_file
+    expected = (meta.get(CHECKSUMS) or {}).get(tensor_file) if isinstance(meta.get(CHECKSUMS), dict) else None
+    if expected is not None and file_sha256(path) != expected:
+        raise ResultsError(
+            f"{path}: damaged or truncated (its SHA-256 does not match the checksum recorded in the JSON); "
+            "rerun the command that wrote it"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a bad header or a short file
+        raise ResultsError(f"{path}: damaged or truncated, cannot be read ({e}); rerun the command that wrote it") from None
 
 
 def library_version() -> str:
@@ -232,7 +317,7 @@ class Scores:
         for k, v in self.extras.items():
             tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
         save_file(tensors, str(p / "scores.safetensors"))
-        meta = {
+        meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "axes": list(self.axes),
             "site_kind": self.site_kind,
@@ -242,7 +327,7 @@ class Scores:
             "labels": self.labels,
             "provenance": self.provenance,
         }
-        (p / "scores.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_meta(p, "scores.json", meta, ("scores.safetensors",), indent=2)
         return p
 
     @classmethod
@@ -250,30 +335,33 @@ class Scores:
         """Read a directory written by :meth:`save`.
 
         Raises:
-            ResultsError: missing files or an unknown format version.
+            ResultsError: missing files, an unknown format version, or a damaged file: invalid JSON,
+                a truncated tensor file, a checksum mismatch or a missing field (the message names
+                the file).
         """
-        from safetensors.torch import load_file
-
         p = Path(path)
         if not (p / "scores.json").is_file() or not (p / "scores.safetensors").is_file():
             raise ResultsError(f"{p} is not a patchtrace results folder (needs scores.json and scores.safetensors)")
-        meta = json.loads((p / "scores.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ResultsError(f"{p}: format version {meta.get('format_version')} is not {FORMAT_VERSION}")
-        t = load_file(str(p / "scores.safetensors"))
+        meta = read_meta(p, "scores.json", FORMAT_VERSION)
+        t = read_tensors(p, "scores.safetensors", meta)
         extras = {k[6:]: v for k, v in t.items() if k.startswith("extra.")}
-        return cls(
-            values=t["values"],
-            axes=tuple(meta["axes"]),
-            site_kind=meta["site_kind"],
-            value_name=meta["value_name"],
-            metric=meta["metric"],
-            baselines=meta["baselines"],
-            labels=meta["labels"],
-            per_example=t.get("per_example"),
-            extras=extras,
-            provenance=meta["provenance"],
-        )
+        try:
+            return cls(
+                values=t["values"],
+                axes=tuple(meta["axes"]),
+                site_kind=meta["site_kind"],
+                value_name=meta["value_name"],
+                metric=meta["metric"],
+                baselines=meta["baselines"],
+                labels=meta["labels"],
+                per_example=t.get("per_example"),
+                extras=extras,
+                provenance=meta["provenance"],
+            )
+        except KeyError as e:
+            raise ResultsError(f"{p}: damaged, {e} is missing from scores.json or scores.safetensors") from None
+        except (TypeError, AttributeError) as e:
+            raise ResultsError(f"{p}: damaged, scores.json has a field of the wrong type ({e})") from None
 
 
 def make_provenance(model: Any, task: Any, method: str, config: Any, seeds: dict[str, int] | None = None) -> dict:

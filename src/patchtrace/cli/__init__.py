@@ -13,14 +13,15 @@ new command is a new file, with no edit to this one. Shared option parsing and l
 in :mod:`patchtrace.cli.common`.
 
 Errors raised by the library (:data:`patchtrace.cli.common.LIBRARY_ERRORS`: bad model, task, site,
-metric, engine, results or checkpoint) are caught once, here at the boundary, and printed as a single
-red line with exit code 2; set ``PATCHTRACE_DEBUG=1`` to see the traceback instead.
+metric, engine, results or checkpoint), click's usage errors and operating-system errors (a path that
+cannot be written) are caught once, here at the boundary, and printed as a single red line with exit
+code 2; any other exception is a bug and is printed as one line with exit code 1
+(:mod:`patchtrace.cli._boundary`). Set ``PATCHTRACE_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 from typing import Any
@@ -38,6 +39,7 @@ class _GuardedGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         import warnings
 
+        from patchtrace.cli import _boundary
         from patchtrace.cli.common import LIBRARY_ERRORS, fail
         from patchtrace.errors import PatchtraceWarning
 
@@ -50,15 +52,20 @@ class _GuardedGroup(TyperGroup):
                 original(message, category, *args, **kwargs)
 
         original = warnings.showwarning
+        argv = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the raw words, for naming a bad value
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", PatchtraceWarning)
                 warnings.showwarning = show
                 return super().invoke(ctx)
-        except LIBRARY_ERRORS as e:
-            if os.environ.get("PATCHTRACE_DEBUG", "") not in ("", "0"):
+        except (typer.Exit, typer.Abort):
+            raise
+        except (*LIBRARY_ERRORS, Exception) as e:  # the error boundary: see patchtrace.cli._boundary
+            if _boundary.debug() or _boundary.shows_help(e):
                 raise
-            fail(f"{type(e).__name__}: {e}")
+            name = ctx.invoked_subcommand
+            message, code = _boundary.explain(e, self.get_command(ctx, name) if name else None, name, argv)
+            fail(message, code=code)
 
 
 def command_modules() -> list[str]:

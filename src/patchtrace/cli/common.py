@@ -82,10 +82,13 @@ def warn(message: str) -> None:
     err_console().print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as one red line on stderr (no markup interpretation) and exit with code 2."""
-    err_console().print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
-    raise typer.Exit(2)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``message`` as one red line on stderr (no markup interpretation) and exit with ``code``
+    (2: bad input; the boundary uses 1 for a bug). Line breaks in ``message`` are folded: one line."""
+    from patchtrace.cli._boundary import one_line
+
+    err_console().print(Text(f"error: {one_line(message)}", style="bold red"), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 # -- parsing -----------------------------------------------------------------------------------------

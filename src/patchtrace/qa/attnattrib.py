@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from patchtrace.models.load import Model
 from patchtrace.qa.generation import AttentionRecorder, Generation, GenerationError, Head, HookFactory, generate
 from patchtrace.qa.items import QAItem
 from patchtrace.qa.prompts import Fmt, QAPrompt, render
-from patchtrace.results import Scores
+from patchtrace.results import ResultsError, Scores, read_meta, read_tensors, write_meta
 
 Agg = Literal["max", "sum", "mean"]
 
@@ -163,7 +162,7 @@ class Attribution:
                        "token_sentence": self.prompt.token_sentence},
             "extras": {k: v for k, v in self.extras.items() if isinstance(v, (bool, int, float, str, list, type(None)))},
         }
-        (p / "attribution.json").write_text(json.dumps(meta, indent=1))
+        write_meta(p, "attribution.json", meta, ("attribution.safetensors",), indent=1)  # with checksums
         return p
 
     @classmethod
@@ -173,12 +172,12 @@ class Attribution:
         Raises:
             GenerationError: a missing or malformed file (named).
         """
-        from safetensors.torch import load_file
-
         p = Path(path)
         try:
-            meta = json.loads((p / "attribution.json").read_text())
-            t = load_file(str(p / "attribution.safetensors"))
+            meta = read_meta(p, "attribution.json")
+            t = read_tensors(p, "attribution.safetensors", meta)  # checked against the JSON's checksum
+        except ResultsError as e:
+            raise GenerationError(f"{p} is not a readable attribution folder ({e})") from None
         except Exception as e:
             raise GenerationError(f"{p} is not a readable attribution folder ({type(e).__name__}: {e})") from None
         pr = meta["prompt"]

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from patchtrace.methods.dbm.components import kind_grid
 from patchtrace.methods.dbm.config import DBMError
-from patchtrace.results import ResultsError, Scores
+from patchtrace.results import ResultsError, Scores, read_meta, read_tensors, write_meta
 from patchtrace.sites import Site, parse_site
 
 MASK_FORMAT_VERSION = 1
@@ -134,7 +134,7 @@ class Mask:
             "sites": [str(s) for s in self.sites], "kept": [str(s) for s in self.kept], "specs": list(self.specs),
             "evaluation": self.evaluation, "config": self.config, "provenance": self.provenance, "views": list(views),
         }
-        (p / "mask.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_meta(p, "mask.json", meta, ("mask.safetensors",), indent=2)  # with checksums
         for kind, s in views.items():
             s.save(p / kind)
         return p
@@ -144,19 +144,17 @@ class Mask:
         """Read a folder written by :meth:`save` (or a DBM ``Scores`` folder of the earlier format).
 
         Raises:
-            ResultsError: no mask there, or an unknown format version.
+            ResultsError: no mask there, an unknown format version, or a damaged file (named).
         """
-        from safetensors.torch import load_file
-
         p = Path(path)
         if not (p / "mask.json").is_file():
             if (p / "scores.json").is_file():
                 return mask_from_scores(Scores.load(p))
             raise ResultsError(f"{p} is not a DBM mask folder (needs mask.json and mask.safetensors)")
-        meta = json.loads((p / "mask.json").read_text())
-        if meta.get("format_version") != MASK_FORMAT_VERSION:
-            raise ResultsError(f"{p}: mask format version {meta.get('format_version')} is not {MASK_FORMAT_VERSION}")
-        t = load_file(str(p / "mask.safetensors"))
+        meta = read_meta(p, "mask.json", MASK_FORMAT_VERSION)
+        if not (p / "mask.safetensors").is_file():
+            raise ResultsError(f"{p}: mask.safetensors is missing")
+        t = read_tensors(p, "mask.safetensors", meta)
         return cls(
             tuple(parse_site(s) for s in meta["sites"]), t["mask"], t["binary"],
             tuple(parse_site(s) for s in meta["kept"]), meta["evaluation"],
@@ -170,7 +168,11 @@ def _clear_views(p: Path) -> None:
     old = p / "mask.json"
     if not old.is_file():
         return
-    for kind in json.loads(old.read_text()).get("views", []):
+    try:
+        views = json.loads(old.read_text()).get("views", [])
+    except (ValueError, AttributeError):  # a damaged mask.json: nothing known to clear
+        return
+    for kind in views:
         for f in ("scores.json", "scores.safetensors", "heatmap.png"):
             (p / kind / f).unlink(missing_ok=True)
 
