@@ -19,6 +19,7 @@ from patchtrace.report import find_results, heatmap_png, html_report, write_repo
 from patchtrace.report.html import script_json
 from patchtrace.report.summary import as_matrix, top_rows
 from patchtrace.results import ResultsError, Scores
+from patchtrace.tokens import display_tokens
 
 PAYLOAD_SCRIPT = "</script><script>alert(1)</script>"
 PAYLOAD_IMG = '<img src=x onerror="alert(2)">'
@@ -66,10 +67,12 @@ def test_html_escapes_prompt_derived_strings(tmp_path):
     # the JSON decodes back to exactly the original strings and values
     data = extract_data(doc)
     assert data[0]["name"] == PAYLOAD_IMG
-    assert data[0]["cols"][1] == "1:" + PAYLOAD_SCRIPT
-    assert [data[0]["tokens"][0][j] for j in range(5)] == tokens
-    assert data[0]["values"] == s.values.tolist()
-    assert data[0]["recovery"][0][0] == pytest.approx((float(s.values[0, 0])) / 3.0)
+    panel = data[0]["panels"][0]
+    assert panel["cols"][1] == "1:" + PAYLOAD_SCRIPT
+    assert [panel["tokens"][0][j] for j in range(5)] == display_tokens(tokens)
+    assert display_tokens(tokens)[2] == PAYLOAD_IMG.replace(" ", "␣")  # decoded for display, not sanitised away
+    assert panel["values"] == s.values.tolist()
+    assert panel["recovery"][0][0] == pytest.approx((float(s.values[0, 0])) / 3.0)
 
 
 def test_html_is_offline(tmp_path):
@@ -151,6 +154,6 @@ def test_write_report_on_folder_of_results(tmp_path):
     assert all(f.is_file() for f in files)
     data = extract_data(files[-1].read_text())
     assert {d["kind"] for d in data} == {"resid_pre", "head"}
-    assert next(d for d in data if d["kind"] == "head")["values"] == [[1.0, -2.0], [0.5, 0.0]]
+    assert next(d for d in data if d["kind"] == "head")["panels"][0]["values"] == [[1.0, -2.0], [0.5, 0.0]]
     with pytest.raises(ResultsError, match="no patchtrace results"):
         write_report(tmp_path / "head" / "nothing")

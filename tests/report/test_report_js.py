@@ -22,15 +22,16 @@ const doc = fs.readFileSync(process.argv[1], 'utf8');
 const data = doc.match(/<script type="application\/json" id="pt-data">([\s\S]*?)<\/script>/)[1];
 const code = doc.match(/<script>([\s\S]*?)<\/script>/)[1];
 let fills = 0;
-function mkCanvas(sec){ return { dataset:{sec:String(sec)}, width:0, height:0, _l:{},
+function mkCanvas(sec){ return { dataset:{sec:String(sec), panel:'0'}, width:0, height:0, _l:{},
   getContext(){ return { measureText(s){ return {width: 6*s.length}; }, fillRect(){ fills++; }, fillText(){},
     save(){}, restore(){}, translate(){}, rotate(){} }; },
   addEventListener(ev, fn){ this._l[ev]=fn; }, getBoundingClientRect(){ return {left:0, top:0}; } }; }
-const canvases = JSON.parse(data).map((_, i) => mkCanvas(i));
+const canvases = JSON.parse(data).map((_, i) => mkCanvas(i)), legend = mkCanvas(0);
 const tip = { style:{}, textContent:'' };
 global.window = { innerWidth: 1200 };
 global.document = { getElementById(id){ return id === 'pt-data' ? { textContent: data } : tip; },
-  querySelectorAll(){ return canvases; }, querySelector(){ return null; } };
+  querySelectorAll(q){ return q.startsWith('canvas.pt-panel') ? canvases : []; },
+  querySelector(q){ return q.startsWith('canvas.pt-legend') ? legend : null; } };
 eval(code);
 const c = canvases[0], g = c._geom, out = [];
 for (const [r, col] of JSON.parse(process.argv[2])) {
@@ -54,5 +55,5 @@ def test_inline_script_draws_and_hovers(tmp_path):
     out = json.loads(res.stdout)
     assert out["fills"] >= 6  # every cell painted (plus the legend)
     assert out["tips"][0].split("\n") == ["resid_pre[1]@1", "effect +3.0000", "recovery +0.375",  # (−1 − (−4)) / 8
-                                          'token "</script><b>x"']
+                                          'token </script><b>x']
     assert out["tips"][1].split("\n")[:2] == ["resid_pre[0]@2", "effect +0.5000"]

@@ -5,13 +5,12 @@
 Four results of the shapes the library produces: a head sweep (layers × heads, exact activation
 patching), heads × positions (AtP, every position), a neuron sweep (AtP, 30 × 1536 neurons at the
 last position) and an MLP causal trace (window 10). Each is rendered with ``write_report`` and
-screenshot in headless Chromium (``/usr/bin/chromium``) as ``<kind>-<tag>.png`` here.
+screenshot in headless Chromium (``/usr/bin/chromium``, playwright) as ``<kind>-<tag>.png`` here.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -21,8 +20,16 @@ KINDS = ("head", "head_pos", "neuron", "trace")
 def compute(root: Path) -> None:
     import torch
 
-    from patchtrace import (PatchingConfig, SiteSpec, TracingConfig, activation_patching, attribution_patching,
-                            causal_tracing, load_model, make_task)
+    from patchtrace import (
+        PatchingConfig,
+        SiteSpec,
+        TracingConfig,
+        activation_patching,
+        attribution_patching,
+        causal_tracing,
+        load_model,
+        make_task,
+    )
 
     torch.manual_seed(0)
     model = load_model()
@@ -40,20 +47,28 @@ def compute(root: Path) -> None:
                        TracingConfig(window=10, samples=2)).save(root / "trace")
 
 
-def shoot(html: Path, png: Path, width: int = 1280, height: int = 900) -> None:
-    """Full-page-ish screenshot of ``html`` with headless Chromium (no network)."""
-    subprocess.run(
-        ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-         f"--window-size={width},{height}", f"--screenshot={png}", html.resolve().as_uri()],
-        check=True, capture_output=True, timeout=60,
-    )
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def shoot(html: Path, png: Path, width: int = 1280, height: int = 900, full_page: bool = True) -> None:
+    """Screenshot of ``html`` in headless Chromium (``/usr/bin/chromium``, no network), whole page."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(html.resolve().as_uri())
+        page.wait_for_timeout(200)
+        page.screenshot(path=str(png), full_page=full_page)
+        browser.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="runs/report-shots")
     ap.add_argument("--tag", default="after")
+    ap.add_argument("--viewport", action="store_true", help="only the first screen (the 'before' shots)")
     ap.add_argument("--no-render", action="store_true", help="only screenshot the existing report.html files")
     a = ap.parse_args()
     root = Path(a.data)
@@ -64,7 +79,7 @@ def main() -> None:
         folder = root / kind
         if not a.no_render:
             write_report(folder)
-        shoot(folder / "report.html", HERE / f"{kind}-{a.tag}.png")
+        shoot(folder / "report.html", HERE / f"{kind}-{a.tag}.png", full_page=not a.viewport)
         print(HERE / f"{kind}-{a.tag}.png")
 
 

@@ -12,12 +12,17 @@ the caller's backend are never touched (a notebook keeps its inline backend).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-from patchtrace.report.summary import as_matrix
+from patchtrace.report.layouts import Layout, layout
 from patchtrace.results import Scores
+
+#: Diverging colour map centred at 0 (red: the patch raises the metric; blue: lowers it).
+CMAP = "RdBu_r"
 
 
 def _mpl_text(s: str) -> str:
@@ -48,9 +53,12 @@ def heatmap_png(
     values: Tensor | None = None,
     normalized: bool = False,
     title: str | None = None,
-    dpi: int = 120,
+    dpi: int = 110,
 ) -> Path:
     """Draw ``scores`` as a heatmap and write it to ``path`` (a ``.png``; parent folders created).
+
+    The layout follows the grid's shape (:mod:`patchtrace.report.layouts`): one heatmap, one facet
+    per layer for heads × positions, or a binned overview for a neuron sweep.
 
     Args:
         scores: the scores to draw.
@@ -63,37 +71,100 @@ def heatmap_png(
     Returns:
         the path written.
     """
+    import warnings
+
     from matplotlib.figure import Figure
 
-    m = as_matrix(scores, values)
-    v = m.values.numpy()
-    R, C = v.shape
-    finite = v[~(v != v)] if v.size else v
-    lim = float(abs(finite).max()) if finite.size else 1.0
-    lim = lim if lim > 0 else 1.0
-    width = min(24.0, 3.0 + 0.38 * C)
-    height = min(24.0, 2.4 + 0.24 * R)
-    fig = Figure(figsize=(max(width, 5.0), max(height, 3.0)))
-    ax = fig.subplots()
-    im = ax.imshow(v, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    cbar = fig.colorbar(im, ax=ax, shrink=0.9)
-    cbar.set_label(_mpl_text("normalized recovery" if normalized else f"{scores.value_name} ({scores.metric})"))
-    step_r = max(1, R // 40)
-    ax.set_yticks(range(0, R, step_r))
-    ax.set_yticklabels([_mpl_text(m.rows[i]) for i in range(0, R, step_r)], fontsize=7)
-    step_c = max(1, C // 60)
-    ax.set_xticks(range(0, C, step_c))
-    rot = 90 if any(len(c) > 3 for c in m.cols) else 0
-    ax.set_xticklabels([_mpl_text(m.cols[j]) for j in range(0, C, step_c)], fontsize=7, rotation=rot)
-    ax.set_ylabel(m.row_axis)
-    xl = m.col_axis + (" (tokens of example 0)" if "pos" in scores.axes and "pos" in scores.labels else "")
-    ax.set_xlabel(_mpl_text(xl))
-    ax.set_title(_mpl_text(title) if title is not None else heatmap_title(scores, normalized), fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    lay = layout(scores, values, normalized=normalized)
+    head = _mpl_text(title) if title is not None else heatmap_title(scores, normalized)
+    if lay.note:
+        head += "\n" + _mpl_text(lay.note)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # emoji in a token
+        if lay.kind == "facets":
+            fig = _facets(Figure, lay, head)
+        else:
+            fig = _single(Figure, lay, head)
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
     return out
+
+
+def _ticks(ax: Any, n: int, labels: list[str], axis: str, max_labels: int, fontsize: int = 7) -> None:
+    step = max(1, math.ceil(n / max_labels))
+    idx = list(range(0, n, step))
+    if idx and idx[-1] != n - 1 and n - 1 - idx[-1] >= step / 2:
+        idx.append(n - 1)  # the last row/column is always labelled
+    lab = [_mpl_text(labels[i]) for i in idx]
+    if axis == "y":
+        ax.set_yticks(idx)
+        ax.set_yticklabels(lab, fontsize=fontsize)
+    else:
+        ax.set_xticks(idx)
+        rot = 90 if any(len(c) > 3 for c in lab) else 0
+        ax.set_xticklabels(lab, fontsize=fontsize, rotation=rot)
+
+
+def _single(Figure: Any, lay: Layout, head: str) -> Any:
+    p = lay.panels[0]
+    v = p.values.numpy()
+    R, C = v.shape
+    fig = Figure(figsize=(max(5.0, min(22.0, 3.2 + 0.3 * C)), max(3.2, min(16.0, 2.6 + 0.22 * R))),
+                 layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(v, cmap=CMAP, vmin=-lay.limit, vmax=lay.limit, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.9).set_label(_mpl_text(lay.color_label))
+    _ticks(ax, R, p.rows, "y", 40)
+    _ticks(ax, C, p.cols, "x", 60)
+    ax.set_ylabel(_mpl_text(lay.row_axis))
+    ax.set_xlabel(_mpl_text(lay.col_axis))
+    ax.set_title(head, fontsize=9)
+    return fig
+
+
+def _facets(Figure: Any, lay: Layout, head: str) -> Any:
+    """Small multiples, one per layer, drawn as ONE image with blank gutters between the facets (one
+    axes: tens of matplotlib axes take seconds to lay out), tick labels on the outer facets."""
+    import numpy as np
+
+    n = len(lay.panels)
+    R, C = lay.panels[0].values.shape
+    ncols = min(n, 6 if C <= 20 else 3 if C <= 50 else 2)
+    nrows = math.ceil(n / ncols)
+    gx, gy = 1, 2  # gutters (cells) between facets; gy leaves room for the facet titles
+    big = np.full((nrows * (R + gy), ncols * (C + gx) - gx), np.nan)
+    for k, p in enumerate(lay.panels):
+        r0, c0 = (k // ncols) * (R + gy) + gy, (k % ncols) * (C + gx)
+        big[r0:r0 + R, c0:c0 + C] = p.values.numpy()
+    fw, fh = 0.2 * C + 0.1, 0.17 * (R + gy)
+    W, H = min(26.0, ncols * fw + 2.6), min(40.0, nrows * fh + 2.6)
+    fig = Figure(figsize=(W, H), layout="constrained")
+    ax = fig.subplots()
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps[CMAP].with_extremes(bad="white")
+    im = ax.imshow(big, cmap=cmap, vmin=-lay.limit, vmax=lay.limit, aspect="auto", interpolation="nearest")
+    p0 = lay.panels[0]
+    ystep = max(1, math.ceil(R / 12))
+    yt = [(fr * (R + gy) + gy + i, p0.rows[i]) for fr in range(nrows) for i in range(0, R, ystep)]
+    ax.set_yticks([t for t, _ in yt])
+    ax.set_yticklabels([_mpl_text(lab) for _, lab in yt], fontsize=6)
+    xstep = max(1, math.ceil(C / 30))
+    xt = [(fc * (C + gx) + j, p0.cols[j]) for fc in range(ncols) for j in range(0, C, xstep)]
+    ax.set_xticks([t for t, _ in xt])
+    ax.set_xticklabels([_mpl_text(lab) for _, lab in xt], fontsize=6, rotation=90)
+    for k, p in enumerate(lay.panels):
+        ax.text((k % ncols) * (C + gx) - 0.5, (k // ncols) * (R + gy) + gy - 0.7, _mpl_text(p.title),
+                fontsize=7, fontweight="bold", va="bottom", ha="left")
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.tick_params(length=0)
+    ax.set_ylabel(_mpl_text(f"{lay.row_axis} (one facet per {lay.facet_axis})"), fontsize=9)
+    ax.set_xlabel(_mpl_text(lay.col_axis), fontsize=9)
+    ax.set_title(head, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.5).set_label(_mpl_text(lay.color_label))
+    return fig
 
 
 __all__ = ["heatmap_png", "heatmap_title"]

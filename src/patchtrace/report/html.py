@@ -17,6 +17,8 @@ Therefore:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 import math
@@ -24,8 +26,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchtrace.report.summary import as_matrix, display_token, order_phrase, provenance_summary, top_rows
+from patchtrace.report._js import JS as _JS
+from patchtrace.report.layouts import Layout, layout
+from patchtrace.report.summary import order_phrase, provenance_summary, top_rows
 from patchtrace.results import Scores
+from patchtrace.tokens import display_tokens
 
 
 def script_json(data: Any) -> str:
@@ -61,31 +66,107 @@ def _normalized(scores: Scores) -> Any:
         return None
 
 
+def csp_hash(text: str) -> str:
+    """The CSP source expression that allows exactly this inline script or style: ``'sha256-…'``."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def content_security_policy(scripts: Sequence[str] = (), styles: Sequence[str] = ()) -> str:
+    """A policy that allows nothing but the given inline scripts and styles (by hash) and ``data:`` images.
+
+    No ``'unsafe-inline'``: even if an injected string escaped the HTML escaping, a browser would
+    refuse to run it, because its hash is not listed.
+    """
+    script = " ".join(csp_hash(x) for x in scripts) or "'none'"
+    style = " ".join(csp_hash(x) for x in styles) or "'none'"
+    return f"default-src 'none'; script-src {script}; style-src {style}; img-src data:"
+
+
+def _cell_tokens(scores: Scores, cells: list[list[tuple[int, ...]]]) -> list[list[str | None]] | None:
+    toks = scores.labels.get("pos") if "pos" in scores.axes else None
+    if not toks:
+        return None
+    shown = display_tokens(toks)
+    j = scores.axes.index("pos")
+    return [[shown[c[j]] if c[j] < len(shown) else None for c in row] for row in cells]
+
+
+def _drill(scores: Scores, norm: Any, lay: Layout) -> dict[str, Any]:
+    """Every unit of a binned grid for the drill-down: values, recovery, and site strings as a
+    template (``prefix[row] + units[u] + suffix[row]``, checked) or in full."""
+    v = scores.values.detach().float()
+    R, C = v.shape
+    short = [[None if not math.isfinite(x) else float(f"{x:.6g}") for x in row] for row in v.tolist()]
+    out: dict[str, Any] = {"bin": lay.bin, "unit": scores.axes[1], "values": short, "top": 10,
+                           "row": int(scores.top_indices(1, "abs")[0][0]) if v.numel() else 0}
+    if norm is not None:
+        out["recovery"] = [[None if not math.isfinite(x) else float(f"{x:.4g}") for x in row] for row in norm.tolist()]
+    first = [scores.cell_label((0, u)) for u in range(C)]
+    pre = _common_prefix(first[0], first[-1]) if C > 1 else first[0]
+    suf = _common_prefix(first[0][::-1], first[-1][::-1])[::-1] if C > 1 else ""
+    units = [f[len(pre):len(f) - len(suf)] for f in first]
+    prefix, suffix, ok = [], [], C > 1
+    for r in range(R):
+        lab = scores.cell_label((r, 0))
+        p, sfx = lab[:len(lab) - len(units[0]) - len(suf)], suf
+        ok = ok and all(p + units[u] + sfx == scores.cell_label((r, u)) for u in {0, C // 2, C - 1})
+        prefix.append(p)
+        suffix.append(sfx)
+    if ok and all(pre + u + suf == f for u, f in zip(units, first, strict=True)):
+        out.update(prefix=prefix, suffix=suffix, units=units)
+    else:
+        out["sites"] = [[scores.cell_label((r, u)) for u in range(C)] for r in range(R)]
+    return out
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    # never split a number: back off to the start of the digits
+    while n > 0 and a[n - 1].isdigit():
+        n -= 1
+    return a[:n]
+
+
 def _section_data(name: str, scores: Scores) -> dict[str, Any]:
     norm = _normalized(scores)
-    m = as_matrix(scores)
-    rec = as_matrix(scores, norm).values.tolist() if norm is not None and norm.shape == scores.values.shape else None
-    toks = scores.labels.get("pos") if "pos" in scores.axes else None
-    pos_axis = scores.axes.index("pos") if "pos" in scores.axes else None
-    sites, tokens = [], []
-    for row in m.cells:
-        sites.append([scores.cell_label(c) for c in row])
-        if toks and pos_axis is not None:
-            tokens.append([display_token(toks[c[pos_axis]]) if c[pos_axis] < len(toks) else None for c in row])
+    if norm is not None and norm.shape != scores.values.shape:
+        norm = None
+    lay = layout(scores)
+    rec = layout(scores, norm, normalized=True) if norm is not None else None
+    panels = []
+    for k, p in enumerate(lay.panels):
+        panels.append({
+            "title": p.title, "rows": p.rows, "cols": p.cols, "values": p.values.tolist(),
+            "recovery": rec.panels[k].values.tolist() if rec is not None else None,
+            "sites": [[scores.cell_label(c) for c in row] for row in p.cells] if p.cells is not None else None,
+            "tokens": _cell_tokens(scores, p.cells) if p.cells is not None else None,
+            "spans": p.spans,
+        })
     return {
-        "name": name,
-        "kind": scores.site_kind,
-        "value_name": scores.value_name,
-        "metric": scores.metric,
-        "rows": m.rows,
-        "cols": m.cols,
-        "row_axis": m.row_axis,
-        "col_axis": m.col_axis,
-        "values": m.values.tolist(),
-        "recovery": rec,
-        "sites": sites,
-        "tokens": tokens or None,
+        "name": name, "kind": scores.site_kind, "value_name": scores.value_name, "metric": scores.metric,
+        "layout": lay.kind, "row_axis": lay.row_axis, "col_axis": lay.col_axis, "facet_axis": lay.facet_axis,
+        "color_label": lay.color_label, "note": lay.note, "panels": panels,
+        "limits": {"values": lay.limit, "recovery": rec.limit if rec is not None else None},
+        "drill": _drill(scores, norm, lay) if lay.kind == "binned" else None,
     }
+
+
+def _panels_html(i: int, scores: Scores) -> str:
+    lay = layout(scores)
+    if lay.kind == "facets":
+        canvases = "".join(f'<canvas class=pt-panel data-sec="{i}" data-panel="{k}"></canvas>' for k in range(len(lay.panels)))
+        return (f"<p class=axes>one heatmap per {_e(lay.facet_axis)} · rows: {_e(lay.row_axis)} · "
+                f"columns: {_e(lay.col_axis)}</p><div class=facets>{canvases}</div>")
+    html_ = f'<div class=wrap><canvas class=pt-panel data-sec="{i}" data-panel="0"></canvas></div>'
+    if lay.kind == "binned":
+        rec = "<th>recovery</th>" if _normalized(scores) is not None else ""
+        html_ += (f'<h3 class=pt-drill-title data-sec="{i}">drill-down</h3><div class=drill>'
+                  f'<div class=wrap><canvas class=pt-drill data-sec="{i}"></canvas></div>'
+                  f'<table class=top><thead><tr><th>#</th><th>site</th><th>{_e(scores.value_name)}</th>{rec}</tr></thead>'
+                  f'<tbody class=pt-drill-top data-sec="{i}"></tbody></table></div>')
+    return html_
 
 
 def _section_html(i: int, name: str, scores: Scores, top: int, by: str = "importance") -> str:
@@ -101,33 +182,37 @@ def _section_html(i: int, name: str, scores: Scores, top: int, by: str = "import
     head += "<th>token</th>" if has_tok else ""
     body = []
     for r in rows:
-        tr = f"<tr><td>{r['rank']}</td><td><code>{_e(r['site'])}</code></td><td>{r['value']:+.4f}</td>"
+        tr = f"<tr><td>{r['rank']}</td><td><code>{_e(r['site'])}</code></td><td class=num>{r['value']:+.4f}</td>"
         if norm is not None:
-            tr += f"<td>{'' if r['recovery'] is None else format(r['recovery'], '+.3f')}</td>"
+            tr += f"<td class=num>{'' if r['recovery'] is None else format(r['recovery'], '+.3f')}</td>"
         if has_tok:
-            tr += f"<td><code>{_e(display_token(r['token'] or ''))}</code></td>"
+            tr += f"<td><code>{_e(r['token'] or '')}</code></td>"
         body.append(tr + "</tr>")
     prov = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in provenance_summary(scores))
     toks = scores.labels.get("pos")
     prompt = ""
     if toks:
-        prompt = "<p class=prompt>prompt tokens (example 0): " + "".join(
-            f"<span class=tok>{_e(display_token(t))}</span>" for t in toks
+        prompt = "<p class=prompt>prompt tokens (example 0; ␣ = a leading space): " + "".join(
+            f"<span class=tok>{_e(t)}</span>" for t in display_tokens(toks)
         ) + "</p>"
+    note = layout(scores).note
     mode = ""
     if norm is not None:
         mode = (
             f"<label>show <select data-sec='{i}' class=mode><option value=values>{_e(scores.value_name)}</option>"
             "<option value=recovery>normalized recovery</option></select></label>"
         )
-    title = _e(name or scores.site_kind)
+    title = name or scores.site_kind
+    window = (scores.provenance.get("config") or {}).get("window") if note.startswith("window") else None
+    title = _e(title + (f" (window {window})" if window and "window" not in title else ""))
     return f"""
 <section id="sec{i}">
 <h2>{title}</h2>
 <p class=base>baselines ({_e(scores.metric)}): {base or "n/a"}</p>
 {prompt}
-<div class=controls>{mode}</div>
-<div class=wrap><canvas data-sec="{i}"></canvas></div>
+{f"<p class=note>{_e(note)}</p>" if note else ""}
+<div class=controls>{mode}<canvas class=pt-legend data-sec="{i}"></canvas></div>
+{_panels_html(i, scores)}
 <h3>top {len(rows)} · {_e(order_phrase(scores, by))}</h3>
 <table class=top>{head}</tr>{"".join(body)}</table>
 <details><summary>provenance</summary><table class=prov>{prov}</table>
@@ -139,70 +224,14 @@ _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:20px}h2{font-size:17px;margin-top:32px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
-table.top td:nth-child(3),table.top td:nth-child(4){text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
 .wrap{overflow:auto;max-width:100%}canvas{display:block}
 #tip{position:fixed;pointer-events:none;background:#111;color:#fff;padding:6px 8px;border-radius:4px;
 font:12px/1.35 ui-monospace,monospace;white-space:pre;display:none;z-index:10}
 .tok{background:#f1f1f1;border:1px solid #ddd;margin:1px;padding:0 3px;white-space:pre;font-family:ui-monospace,monospace}
 pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:400px}
-"""
-
-_JS = r"""
-(function(){
-const data = JSON.parse(document.getElementById('pt-data').textContent);
-const tip = document.getElementById('tip');
-function color(v, lim){
-  if (v === null || v === undefined) return '#ccc';
-  let t = Math.max(-1, Math.min(1, v / lim));
-  const w=[247,247,247], r=[178,24,43], b=[33,102,172];
-  const e = t >= 0 ? r : b; t = Math.abs(t);
-  const c = w.map((x,i)=>Math.round(x + (e[i]-x)*t));
-  return 'rgb('+c.join(',')+')';
-}
-function fmt(v, d){ return (v === null || v === undefined) ? 'n/a' : (v>=0?'+':'') + v.toFixed(d); }
-function draw(canvas, sec, mode){
-  const M = sec[mode] || sec.values, R = M.length, C = R ? M[0].length : 0;
-  let lim = 0; for (const row of M) for (const v of row) if (v !== null) lim = Math.max(lim, Math.abs(v));
-  if (!(lim > 0)) lim = 1;
-  const ctx = canvas.getContext('2d'); ctx.font = '11px sans-serif';
-  let lw = 0; for (const s of sec.rows) lw = Math.max(lw, ctx.measureText(s).width);
-  let cw = 0; for (const s of sec.cols) cw = Math.max(cw, ctx.measureText(s).width);
-  const left = Math.ceil(lw) + 10, bottom = Math.min(160, Math.ceil(cw) + 12), top = 8, legend = 70;
-  const cell = Math.max(4, Math.min(28, Math.floor((Math.min(window.innerWidth - 80, 1300) - left - legend) / Math.max(C,1))));
-  const ch = Math.max(4, Math.min(22, cell));
-  canvas.width = left + C*cell + legend; canvas.height = top + R*ch + bottom;
-  ctx.font = '11px sans-serif'; ctx.textBaseline = 'middle';
-  for (let r=0;r<R;r++) for (let c=0;c<C;c++){ ctx.fillStyle = color(M[r][c], lim); ctx.fillRect(left+c*cell, top+r*ch, cell, ch); }
-  ctx.fillStyle = '#222'; ctx.textAlign = 'right';
-  const rs = Math.max(1, Math.ceil(11/ch));
-  for (let r=0;r<R;r+=rs) ctx.fillText(sec.rows[r], left-4, top+r*ch+ch/2);
-  const cs = Math.max(1, Math.ceil(11/cell));
-  for (let c=0;c<C;c+=cs){ ctx.save(); ctx.translate(left+c*cell+cell/2, top+R*ch+4); ctx.rotate(-Math.PI/2);
-    ctx.textAlign='right'; ctx.fillText(sec.cols[c], 0, 0); ctx.restore(); }
-  const lx = left + C*cell + 16, lh = Math.max(60, R*ch);
-  for (let y=0;y<lh;y++){ ctx.fillStyle = color(lim*(1-2*y/lh), lim); ctx.fillRect(lx, top+y, 12, 1); }
-  ctx.fillStyle='#222'; ctx.textAlign='left';
-  ctx.fillText(fmt(lim,2), lx+15, top+5); ctx.fillText('0', lx+15, top+lh/2); ctx.fillText(fmt(-lim,2), lx+15, top+lh-5);
-  canvas._geom = {left, top, cell, ch, R, C};
-}
-document.querySelectorAll('canvas[data-sec]').forEach(function(canvas){
-  const sec = data[+canvas.dataset.sec]; let mode = 'values';
-  draw(canvas, sec, mode);
-  const sel = document.querySelector('select.mode[data-sec="'+canvas.dataset.sec+'"]');
-  if (sel) sel.addEventListener('change', function(){ mode = sel.value; draw(canvas, sec, mode); });
-  canvas.addEventListener('mousemove', function(ev){
-    const g = canvas._geom, rect = canvas.getBoundingClientRect();
-    const c = Math.floor((ev.clientX - rect.left - g.left)/g.cell), r = Math.floor((ev.clientY - rect.top - g.top)/g.ch);
-    if (r<0||c<0||r>=g.R||c>=g.C){ tip.style.display='none'; return; }
-    let lines = [sec.sites[r][c], sec.value_name + ' ' + fmt(sec.values[r][c], 4)];
-    if (sec.recovery) lines.push('recovery ' + fmt(sec.recovery[r][c], 3));
-    if (sec.tokens && sec.tokens[r] && sec.tokens[r][c] !== null) lines.push('token ' + JSON.stringify(sec.tokens[r][c]));
-    tip.textContent = lines.join('\n'); tip.style.display = 'block';
-    tip.style.left = (ev.clientX + 14) + 'px'; tip.style.top = (ev.clientY + 14) + 'px';
-  });
-  canvas.addEventListener('mouseleave', function(){ tip.style.display='none'; });
-});
-})();
+.note,.axes{color:#555}.controls{display:flex;gap:24px;align-items:center;flex-wrap:wrap}
+.facets{display:flex;flex-wrap:wrap;gap:10px 14px}.drill{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap}
 """
 
 
@@ -237,7 +266,7 @@ def html_report(
         items = [("", s) for s in scores]
     sections = "".join(_section_html(i, name, s, top, by) for i, (name, s) in enumerate(items))
     data = script_json([_section_data(name or s.site_kind, s) for name, s in items])
-    csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
+    csp = content_security_policy([_JS], [_CSS])
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{csp}">
@@ -259,4 +288,4 @@ def html_report(
     return out
 
 
-__all__ = ["html_report", "script_json"]
+__all__ = ["content_security_policy", "csp_hash", "html_report", "script_json"]

@@ -16,12 +16,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.results import Scores
-
-
-def display_token(tok: str) -> str:
-    """A token string as a reader expects it: byte-level BPE ``Ġ``/``Ċ`` and sentencepiece ``▁`` mapped
-    back to a space / ``\\n`` (the text is *not* escaped)."""
-    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n").replace("ĉ", "\\t")
+from patchtrace.tokens import display_token, display_tokens
 
 
 def axis_ticks(scores: Scores, axis: str) -> list[str]:
@@ -30,7 +25,7 @@ def axis_ticks(scores: Scores, axis: str) -> list[str]:
     if axis == "pos":
         toks = scores.labels.get("pos")
         if toks and len(toks) == len(ticks):
-            return [f"{p}:{display_token(t)}" for p, t in zip(ticks, toks, strict=True)]
+            return [f"{p}:{t}" for p, t in zip(ticks, display_tokens(toks), strict=True)]
     return ticks
 
 
@@ -85,11 +80,11 @@ def _finite(x: float) -> float | None:
 
 
 def cell_token(scores: Scores, index: tuple[int, ...]) -> str | None:
-    """The prompt token at the position of a cell (from ``labels['pos']`` or ``fixed_pos``), if known."""
+    """The prompt token at the position of a cell, decoded for display (:mod:`patchtrace.tokens`), if known."""
     toks = scores.labels.get("pos")
     if "pos" in scores.axes and toks:
         j = index[scores.axes.index("pos")]
-        return toks[j] if j < len(toks) else None
+        return display_tokens(toks)[j] if j < len(toks) else None
     return None
 
 
