@@ -40,7 +40,7 @@ class _GuardedGroup(TyperGroup):
         import warnings
 
         from patchtrace.cli import _boundary
-        from patchtrace.cli.common import LIBRARY_ERRORS, fail
+        from patchtrace.cli.common import fail
         from patchtrace.errors import PatchtraceWarning
 
         def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -60,7 +60,7 @@ class _GuardedGroup(TyperGroup):
                 return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
-        except (*LIBRARY_ERRORS, Exception) as e:  # the error boundary: see patchtrace.cli._boundary
+        except Exception as e:  # the error boundary (LIBRARY_ERRORS and the rest): see patchtrace.cli._boundary
             if _boundary.debug() or _boundary.shows_help(e):
                 raise
             name = ctx.invoked_subcommand
