@@ -83,7 +83,12 @@ def _first(args: tuple, kwargs: dict, key: str = "hidden_states") -> Tensor:
 
 
 @contextlib.contextmanager
-def _hooks(hf: Any, record: dict[str, Tensor], patches: dict[str, list[tuple[str, Tensor]]]) -> Iterator[None]:
+def _hooks(hf: Any, record: dict[str, Tensor], patches: dict[str, list[tuple[str, Tensor]]],
+           fixed: dict[str, Tensor] | None = None, sender_add: dict[str, Tensor] | None = None) -> Iterator[None]:
+    """``patches``: replace-style edges; ``fixed``: extra ``Δ`` per receiver; ``sender_add``: added to
+    a sender's output (``input``, ``m<l>``; ``a<l>.h<h>`` is added to the attention module's output)."""
+    fixed = fixed or {}
+    sender_add = sender_add or {}
     kind = _kind(hf)
     P = _PATHS[kind]
     D, H, K, d = _dims(hf)
@@ -91,16 +96,29 @@ def _hooks(hf: Any, record: dict[str, Tensor], patches: dict[str, list[tuple[str
     layer_in: dict[int, Tensor] = {}
 
     def delta(recv: str) -> Tensor | None:
-        items = patches.get(recv)
-        if not items:
-            return None
-        return sum(src - record[u] for u, src in items)  # type: ignore[return-value]
+        items = patches.get(recv) or []
+        out = fixed.get(recv)
+        for u, src in items:
+            out = src - record[u] if out is None else out + (src - record[u])
+        return out
 
     emb = _get(hf, P["embed"])
     if kind == "gpt2":
-        handles.append(emb.register_forward_pre_hook(lambda m, a: record.__setitem__("input", a[0])))
+
+        def pre_drop(m: Any, a: tuple) -> tuple:
+            x = a[0] + sender_add["input"] if "input" in sender_add else a[0]
+            record["input"] = x
+            return (x, *a[1:])
+
+        handles.append(emb.register_forward_pre_hook(pre_drop))
     else:
-        handles.append(emb.register_forward_hook(lambda m, a, o: record.__setitem__("input", o)))
+
+        def post_emb(m: Any, a: tuple, o: Tensor) -> Tensor:
+            x = o + sender_add["input"] if "input" in sender_add else o
+            record["input"] = x
+            return x
+
+        handles.append(emb.register_forward_hook(post_emb))
     for li, layer in enumerate(_get(hf, P["layers"])):
         attn = getattr(layer, P["attn"])
         o = getattr(attn, P["o"])
@@ -120,10 +138,24 @@ def _hooks(hf: Any, record: dict[str, Tensor], patches: dict[str, list[tuple[str
 
         handles.append(o.register_forward_pre_hook(pre_o))
 
-        def post_mlp(m: Any, a: tuple, out: Any, li: int = li) -> None:
-            record[f"m{li}"] = out[0] if isinstance(out, tuple) else out
+        def post_mlp(m: Any, a: tuple, out: Any, li: int = li) -> Any:
+            o = out[0] if isinstance(out, tuple) else out
+            if f"m{li}" in sender_add:
+                o = o + sender_add[f"m{li}"]
+            record[f"m{li}"] = o
+            return (o, *out[1:]) if isinstance(out, tuple) else o
 
         handles.append(getattr(layer, P["mlp"]).register_forward_hook(post_mlp))
+
+        def post_attn(m: Any, a: tuple, out: Any, li: int = li) -> Any:
+            extra = [t for k, t in sender_add.items() if k.startswith(f"a{li}.h")]
+            if not extra:
+                return None
+            o = out[0] if isinstance(out, tuple) else out
+            o = o + sum(extra)
+            return (o, *out[1:]) if isinstance(out, tuple) else o
+
+        handles.append(attn.register_forward_hook(post_attn))
 
         def pre_ln2(m: Any, args: tuple, li: int = li) -> tuple | None:
             dl = delta(f"m{li}")
@@ -188,16 +220,18 @@ def senders(hf: Any, ids: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def patched_logits(hf: Any, base_ids: Tensor, src: dict[str, Tensor], edges: list[tuple[str, str]]) -> Tensor:
+def patched_logits(hf: Any, base_ids: Tensor, src: dict[str, Tensor], edges: list[tuple[str, str]],
+                   fixed: dict[str, Tensor] | None = None, sender_add: dict[str, Tensor] | None = None) -> Tensor:
     """Last-position logits of the base run with ``edges`` (sender name, receiver name) patched
-    so that each receiver sees its patched senders' values from ``src``."""
+    so that each receiver sees its patched senders' values from ``src`` (plus ``fixed`` deltas and
+    ``sender_add`` additions, see :func:`_hooks`)."""
     patches: dict[str, list[tuple[str, Tensor]]] = {}
     for u, v in edges:
         _parse_sender(u)
         _parse_receiver(v)
         patches.setdefault(v, []).append((u, src[u]))
     rec: dict[str, Tensor] = {}
-    with _hooks(hf, rec, patches):
+    with _hooks(hf, rec, patches, fixed, sender_add):
         return hf(base_ids).logits[:, -1]
 
 
