@@ -23,7 +23,7 @@ def tiny():
 
 
 def test_signature_is_the_projected_robust_delta_on_the_kept_layers(tiny):
-    cfg, ck, _ = tiny
+    _cfg, ck, _ = tiny
     p = signature(ck, "A", 0, "contrast", ("conv1", "conv2"))
     assert sorted(p.names) == ["conv1.bias", "conv1.weight", "conv2.bias", "conv2.weight"]
     t0, std, rob = ck.theta0, ck.clean[("A", 0)], ck.robust[("A", 0, "contrast")]
@@ -39,7 +39,7 @@ def test_signature_is_the_projected_robust_delta_on_the_kept_layers(tiny):
 
 
 def test_tiny_pipeline_observations(tiny):
-    cfg, _, r = tiny
+    _cfg, _, r = tiny
     acc = r.accuracy
     # the robust fine-tune learned something about its corruption, and the patch carries it over
     assert acc["robust:contrast"]["contrast"] > acc["clean"]["contrast"] + 0.05
@@ -52,7 +52,7 @@ def test_tiny_pipeline_observations(tiny):
     assert torch.allclose(m, m.T) and torch.allclose(m.diagonal(), torch.ones(len(m)), atol=1e-9)
     assert s["summary"]["within"] > s["summary"]["across"] + 0.2
     # quantized signature: 16 levels = 4 bits/value, and it still patches
-    q = [row for row in r.quant if row["scheme"] == "linear"][0]
+    q = next(row for row in r.quant if row["scheme"] == "linear")
     assert r.bytes["signature_quantized"] < r.bytes["signature_float32"] / 6
     assert q["corrupted"] > r.quant[0]["corrupted"] - 0.03
     # alpha = 0 is the clean model; removal is exact

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patchtrace.progress import Progress, counter
-from patchtrace.weights.digits import DigitsCNN, accuracy, corrupt, corruption, load_digits_tensors
+from patchtrace.weights.digits import DigitsCNN, corrupt, corruption, load_digits_tensors
 from patchtrace.weights.errors import WeightPatchError
 from patchtrace.weights.finetune import finetune
 from patchtrace.weights.patch import WeightPatch
