@@ -21,10 +21,17 @@ def iter_jsonl(path: Path, error: type[Exception]) -> Iterator[tuple[str, dict[s
         error: the exception type to raise (each data kind has its own: ``TaskError``,
             ``DesiderataError`` ...).
 
+    A UTF-8 byte-order mark at the start (some editors write one) is skipped.
+
     Raises:
-        error: a line that is not valid JSON or not an object, naming the file and line.
+        error: a file that is not UTF-8 text, a line that is not valid JSON or not an object,
+            naming the file and line.
     """
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL, one object per line") from None
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -31,6 +31,46 @@ def print_scored(tok: Any, tokenizer: Any, con: Console | None = None) -> None:
     con.print(Text(f"scoring (example 0): answer {a} vs wrong {w}"))
 
 
+def check_out(path: str | Path, option: str = "--out", *, folder: bool = True) -> Path:
+    """Refuse, before anything is loaded or computed, an output path that cannot be written.
+
+    Catches a file where a folder is expected (or a folder where a file is), a path under a file,
+    and a place that cannot be written (no permission, a read-only file system, even as root): a
+    probe file is created in the nearest existing folder and removed at once, so nothing is left.
+
+    Args:
+        path: the output folder (``folder=True``) or file.
+        option: the option it came from, for the message.
+        folder: whether ``path`` is a folder (else a file, whose parent folder must be writable).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        CLIError: the path cannot be used (names the option, the path and what to do).
+    """
+    import os
+    import tempfile
+
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise CLIError(f"{option} {path}: is a file, not a folder; choose a folder path")
+    if not folder and p.is_dir():
+        raise CLIError(f"{option} {path}: is a folder, not a file; give a file path")
+    anc = p if folder else (p.parent if str(p.parent) else Path("."))
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise CLIError(f"{option} {path}: {anc} is a file, so nothing can be created under it; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".patchtrace-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CLIError(f"{option} {path}: cannot write in {anc} ({e.strerror}); choose a folder you can write to") from None
+    return p
+
+
 def prepare_out(root: Path, folders: Sequence[Path], overwrite: bool) -> None:
     """Check an output folder before a run writes ``folders`` under it.
 

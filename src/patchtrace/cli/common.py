@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from patchtrace.cli._output import CLIError, prepare_out, print_scored
+from patchtrace.cli._output import CLIError, check_out, prepare_out, print_scored
 from patchtrace.engine.checkpoint import CheckpointError
 from patchtrace.engine.sweep import EngineError
 from patchtrace.errors import PatchtraceError
@@ -228,6 +228,29 @@ def executor(name: str, address: str | None) -> Any:
     return ex
 
 
+def check_task(task: str, n: int = 1, option: str = "--task") -> None:
+    """Check ``--task`` and ``--n`` before the model loads (a typo fails in milliseconds, not after ~5 s).
+
+    A name ending in ``.jsonl``/``.json``/``.csv`` must be an existing file; any other name must be
+    a registered task. The file's content is read later, by :func:`build_task`.
+
+    Raises:
+        TaskError: no such file, an unknown task name (lists the registered ones), or ``n < 1``.
+    """
+    from patchtrace.tasks import task_generators
+
+    if n < 1:
+        raise TaskError(f"--n {n}: need at least one example")
+    if task.endswith((".jsonl", ".json", ".csv")):
+        p = Path(task).expanduser()
+        if not p.is_file():
+            raise TaskError(f"{option} {task}: no such file" + (" (it is a folder)" if p.is_dir() else ""))
+        return
+    names = [g.name for g in task_generators()]
+    if task.strip().replace("-", "_") not in names:
+        raise TaskError(f"{option} {task!r}: unknown task; registered tasks: {', '.join(names)}, or a .jsonl/.csv file")
+
+
 def build_task(task: str, n: int, seed: int, model: Any = None) -> Any:
     """A built-in task by name (``ioi``, ``factual``, ...) or a ``.jsonl``/``.csv`` file.
 
@@ -380,6 +403,8 @@ __all__ = [
     "LIBRARY_ERRORS",
     "CLIError",
     "build_task",
+    "check_out",
+    "check_task",
     "console",
     "err_console",
     "executor",

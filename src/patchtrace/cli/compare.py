@@ -77,10 +77,11 @@ def register(app: typer.Typer) -> None:
         # checked here, before anything is loaded (ConfigError names the bad value)
         cfg = cmp.CompareConfig(direction=cast(Any, direction), metric=metric, top_k=top_k, options=options)
         specs = parse_site_items(sites, positions, layers)
+        common.check_task(task, n)
+        root = common.check_out(out or Path("runs") / f"{Path(task).stem}-compare")
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
         tok = common.build_task(task, n, seed, m).tokenize(m.tokenizer)
-        root = out or Path("runs") / f"{Path(task).stem}-compare"
         report = cmp.run(m, tok, specs, names, cfg, out_dir=root).report
         others = [x for x in dict.fromkeys(names) if x != cmp.REFERENCE]
         table = Table(title=f"agreement with exact patching ({tok.task.name}, n={len(tok)})")

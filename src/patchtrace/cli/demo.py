@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
         from patchtrace.sites import SiteSpec
 
         con = common.console()
+        common.check_task("ioi", n)
+        common.check_out(out)
         t0 = time.perf_counter()
         m = common.load(model, device, "float32")
         t_load = time.perf_counter() - t0

@@ -69,16 +69,19 @@ def register(app: typer.Typer) -> None:
             )
             pos = common.parse_positions(positions)
             specs = common.parse_sites(sites, pos, common.parse_layers(layers))
+            if desiderata is None:
+                common.check_task(task, n)
+            elif not Path(desiderata).is_file():
+                raise common.CLIError(f"--desiderata {desiderata}: no such file")
+            folder = common.check_out(out or Path("runs") / f"mask-{Path(desiderata or task).stem}")
             t0 = time.perf_counter()
             if desiderata is not None:
                 ds = load_desiderata(desiderata)
                 m = common.load(model, device, dtype, trust_remote_code)
-                name = Path(desiderata).stem
             else:
                 m = common.load(model, device, dtype, trust_remote_code)
                 tsk = common.build_task(task, n, seed, m)
                 ds = dbm.as_desiderata(tsk)
-                name = Path(task).stem
                 if tsk.params.get("n_solved") is not None:
                     con.print(f"task {tsk.name}: the model solves {tsk.params['n_solved']} of "
                               f"{tsk.params['n_generated']} generated items", markup=False)
@@ -87,7 +90,6 @@ def register(app: typer.Typer) -> None:
             bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                            TextColumn("loss {task.fields[loss]:.4f} · {task.fields[kept]} above threshold"),
                            console=common.err_console(), disable=quiet)
-            folder = Path(out) if out else Path("runs") / f"mask-{name}"
             with bar:
                 tid = bar.add_task("training mask", total=steps, loss=float("nan"), kept=0)
                 result = dbm.run(

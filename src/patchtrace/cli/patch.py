@@ -89,6 +89,9 @@ def register(app: typer.Typer) -> None:
         budget = common.parse_memory(max_memory)
         # PatchingConfig checks direction and metric itself (ConfigError names the bad value)
         cfg = PatchingConfig(direction=cast(Any, direction), metric=metric, fast=fast, max_memory=budget)
+        common.check_task(task, n)
+        if not dry_run:
+            common.check_out(out or _default_out(task, [s.kind for s in specs]))
         t0 = time.perf_counter()
         ex = common.executor(executor, ray_address) if not dry_run else None  # an unreachable cluster fails here
         m = common.load(model, device, dtype, trust_remote_code)

@@ -59,6 +59,8 @@ def register(app: typer.Typer) -> None:
             "metric": metric, "target": target, "fast": fast, "max_memory": budget,
         }
         cfg = TracingConfig(**options)
+        common.check_task(task, n)
+        folder = common.check_out(out or Path("runs") / f"trace-{Path(task).stem}-{kind}")
         t0 = time.perf_counter()
         ex = common.executor(executor, ray_address)  # an unreachable cluster fails here, before loading
         m = common.load(model, device, dtype, trust_remote_code)
@@ -74,7 +76,6 @@ def register(app: typer.Typer) -> None:
                   f"restore {kind}" + (f" (window {window})" if kind != "resid" else ""), markup=False)
         with common.progress(f"tracing {kind}", quiet=quiet) as bar:
             scores = causal_trace(m, tok, config=cfg, on_progress=bar.update, executor=ex)  # sites: cfg.kind
-        folder = Path(out) if out else Path("runs") / f"trace-{Path(task).stem}-{kind}"
         scores.save(folder)
         con.print(f"{metric}: clean {scores.baselines['clean']:.4g} · noisy {scores.baselines['corrupt']:.4g} · "
                   f"noise std {scores.provenance['noise_std']:.4g}", markup=False)

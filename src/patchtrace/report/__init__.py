@@ -26,18 +26,25 @@ from patchtrace.results import ResultsError, Scores
 
 
 def find_results(path: str | Path) -> dict[str, Path]:
-    """The results folders at ``path``: ``path`` itself (name ``""``) or its subfolders with ``scores.json``.
+    """The results folders at ``path``: ``path`` itself (name ``""``), its subfolders with ``scores.json``,
+    or else their subfolders (named ``method/kind``, as ``patchtrace compare`` writes ``<method>/<kind>/``).
 
     Raises:
-        ResultsError: there are none.
+        ResultsError: there are none (a missing path or a file is named as such).
     """
     p = Path(path)
     if (p / "scores.json").is_file():
         return {"": p}
-    if p.is_dir():
-        subs = {c.name: c for c in sorted(p.iterdir()) if (c / "scores.json").is_file()}
-        if subs:
-            return subs
+    if p.exists() and not p.is_dir():
+        raise ResultsError(f"{p} is a file; give a results folder (one holding scores.json, or folders of them)")
+    if not p.exists():
+        raise ResultsError(f"{p}: no such folder; give a results folder written by a patchtrace command")
+    subs = {c.name: c for c in sorted(p.iterdir()) if (c / "scores.json").is_file()}
+    if not subs:  # one level deeper: compare's <method>/<kind>/
+        subs = {f"{c.name}/{g.name}": g for c in sorted(p.iterdir()) if c.is_dir()
+                for g in sorted(c.iterdir()) if (g / "scores.json").is_file()}
+    if subs:
+        return subs
     raise ResultsError(f"{p} holds no patchtrace results (no scores.json in it or in its subfolders)")
 
 

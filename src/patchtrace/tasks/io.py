@@ -43,13 +43,16 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
         raise TaskError(f"task file {p} does not exist")
     exs: list[Example] = []
     if p.suffix == ".csv":
-        with p.open(newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), start=2):
-                rec: dict[str, Any] = dict(row)
-                for k in ("answer", "wrong"):
-                    if isinstance(rec.get(k), str) and "|" in rec[k]:
-                        rec[k] = rec[k].split("|")
-                exs.append(_example(rec, f"{p}:{i}"))
+        try:
+            with p.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is skipped
+                for i, row in enumerate(csv.DictReader(f), start=2):
+                    rec: dict[str, Any] = dict(row)
+                    for k in ("answer", "wrong"):
+                        if isinstance(rec.get(k), str) and "|" in rec[k]:
+                            rec[k] = rec[k].split("|")
+                    exs.append(_example(rec, f"{p}:{i}"))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise TaskError(f"{p}: not a readable UTF-8 CSV file ({e})") from None
     else:
         for where, rec in iter_jsonl(p, TaskError):
             exs.append(_example(rec, where))
