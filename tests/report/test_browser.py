@@ -102,11 +102,31 @@ def test_report_in_chromium(tmp_path):
             assert PAYLOADS[0].replace(" ", "␣") in page.inner_text("p.prompt")
             ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACT), full_page=True)
+
+            # the QA attribution page: same policy, no inline style attribute to be refused
+            qa = tmp_path / "qa.html"
+            qa.write_text(qa_page(), encoding="utf-8")
+            page.goto(qa.as_uri())
+            assert page.locator("div.card").count() == 1 and page.evaluate("window.__pwned") is None
+            shaded = page.eval_on_selector("span.a10", "e => getComputedStyle(e).backgroundColor")
+            assert shaded == "rgb(241, 196, 15)"  # the class stylesheet applied (allowed by its hash)
         finally:
             browser.close()
     print(f"screenshot: {ARTIFACT}")
     assert ARTIFACT.stat().st_size > 10_000
     assert messages == [], messages
+
+
+def qa_page() -> str:
+    from patchtrace.qa.attnattrib import Attribution
+    from patchtrace.qa.html import render_html
+    from patchtrace.qa.items import QAItem
+
+    item = QAItem(("The capital of France is Lyon.", PAYLOADS[1] + " is not a city."), "Capital?",
+                  "The capital of France is", " Lyon", 0)
+    res = Attribution([1], " Lyon", torch.zeros(4), torch.tensor([0.9, 0.1]), [0, 1], (0, 2), 0.01, "steered",
+                      None, extras={"steered": True, "unsteered_text": " Paris"})  # type: ignore[arg-type]
+    return render_html([(item, res)], info={"heads": ((23, 2),)})
 
 
 def _centre(page, index: int, r: int, c: int) -> tuple[float, float]:

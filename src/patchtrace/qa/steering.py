@@ -161,6 +161,7 @@ def steer(model: Model, item: QAItem, config: SteeringConfig) -> Attribution:
     """Generate with gated steering; returns the answer and the ATTNATTRIB attribution of the plain pass.
 
     ``extras`` holds ``steered`` (whether the gate opened), ``margin``, ``unsteered_token`` and
+    ``unsteered_text`` (the plain pass's first answer token: the answer *before* steering) and
     ``target_sentence``.
 
     Raises:
@@ -227,5 +228,6 @@ def steer(model: Model, item: QAItem, config: SteeringConfig) -> Attribution:
             logits.append(o.logits[0, -1].float())
     gen = Generation(tokens, torch.stack(logits), rec.steps[0][None])
     res = finish(prompt, row, config.agg, 2, "steered" if on else "attnattrib", gen, model.tokenizer, t0)
-    res.extras.update({"steered": on, "margin": margin, "unsteered_token": plain_tok, "target_sentence": top})
+    res.extras.update({"steered": on, "margin": margin, "unsteered_token": plain_tok,
+                       "unsteered_text": model.tokenizer.decode([plain_tok]), "target_sentence": top})
     return res
