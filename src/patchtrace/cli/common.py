@@ -68,8 +68,20 @@ def console() -> Console:
     """The stdout console (a new one per call: no module-level state; rich adapts to the terminal).
 
     Printed lines never wrap (``soft_wrap``): a path or a number is not split across lines when the
-    output is a file or a narrow terminal; tables still fit the width."""
-    return Console(highlight=False, soft_wrap=True)
+    output is a file or a narrow terminal; tables still fit the width. When the output is not a
+    terminal (a pipe, a file, a notebook cell) and ``COLUMNS`` is not set, the width is
+    :data:`PIPE_WIDTH` instead of rich's 80 columns, so table cells are not folded (``-4.83`` never
+    becomes ``-4.8`` + ``3``)."""
+    import os
+    import sys
+
+    isatty = getattr(sys.stdout, "isatty", None)
+    piped = not (callable(isatty) and isatty()) and not os.environ.get("COLUMNS")
+    return Console(highlight=False, soft_wrap=True, width=PIPE_WIDTH if piped else None)
+
+
+#: Output width when stdout is not a terminal (wide enough for every table the commands print).
+PIPE_WIDTH = 240
 
 
 def err_console() -> Console:
@@ -162,25 +174,56 @@ _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "p": 10**15, "pb": 10**15, "pib": 2**50,
 }
+
+#: The smallest ``--max-memory`` that can hold a useful block of patched activations.
+MIN_MEMORY = 2**20
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory of this machine (plus the largest GPU's, when CUDA is available), if known."""
+    import os
+
+    try:
+        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        total += max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return total
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{int(n)} bytes"
 
 
 def parse_memory(text: str | None) -> int | None:
     """``--max-memory``: ``4GB`` (10^9), ``4GiB`` (2^30), ``512MB``, ``1e9`` → bytes; None → None.
 
     Raises:
-        CLIError: an unknown unit or a non-positive amount.
+        CLIError: not a number with a known unit, a zero or negative amount, less than
+            :data:`MIN_MEMORY` (1 MiB), or more than this machine has (each said as such).
     """
     if text is None or not text.strip():
         return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m[2].lower() if m else ""
-    if not m or unit not in _UNITS:
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m:
         raise CLIError(f"--max-memory {text!r}: use a number with a unit, e.g. '4GB', '512MiB'")
-    n = int(float(m[1]) * _UNITS[unit])
+    unit = m[2].lower()
+    if unit not in _UNITS:
+        raise CLIError(f"--max-memory {text!r}: unknown unit {m[2]!r}; use B, KB, MB, GB, TB (or KiB, MiB, GiB, TiB)")
+    n = float(m[1]) * _UNITS[unit]
     if n <= 0:
-        raise CLIError(f"--max-memory {text!r} must be positive")
-    return n
+        raise CLIError(f"--max-memory {text!r}: a memory budget must be positive, e.g. '4GB'")
+    if n < MIN_MEMORY:
+        raise CLIError(f"--max-memory {text!r} is {_size(n)}; the engine needs at least 1 MiB (e.g. '512MB' or '4GB')")
+    have = machine_memory()
+    if have is not None and n > have:
+        raise CLIError(f"--max-memory {text!r} is {_size(n)}, more than this machine's {_size(have)}; give less, e.g. '4GB'")
+    return int(n)
 
 
 # -- loading -----------------------------------------------------------------------------------------
