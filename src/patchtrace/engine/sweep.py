@@ -120,6 +120,9 @@ def run_patches(
             out[i] = base_metric
             continue
         groups[pt.start_pos if fast else 0].append(i)
+    skipped = len(patches) - sum(len(g) for g in groups.values())
+    if on_chunk is not None and skipped:
+        on_chunk(skipped)  # no-op patches are finished work: a bar counts them now, not never
     for p, idx in sorted(groups.items()):
         idx.sort(key=lambda i: join_key(patches[i], model) if fast else (0, 0, 0))
         n = T - p
