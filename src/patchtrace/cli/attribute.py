@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         # GenerationError / TaskError are reported by the app (common.LIBRARY_ERRORS)
         if given is not None:
             chosen = given
-            info: dict[str, object] = {"heads": "given"}
+            info: dict[str, object] = {"heads from": "--heads"}
         else:
             probe = make_qa_items("conflict", 8, seed + 1000, m.tokenizer)
             chosen, info = select_heads(m, circuit_scores, probe, k_candidates=k_candidates, n_heads=n_heads, fmt=fmt)  # type: ignore[arg-type]
@@ -128,11 +128,13 @@ def _write_and_report(
 ) -> None:
     """Write ``attributions.jsonl`` (and the HTML view), print the accuracy over context answers."""
     from patchtrace.qa.attnattrib import accuracy_by_source
-    from patchtrace.qa.html import write_html
+    from patchtrace.qa.html import heads_text, steering_text, write_html
 
     con = common.console()
     acc = accuracy_by_source(items, results, tokenizer)
     od.mkdir(parents=True, exist_ok=True)
+    if (od / "attributions.jsonl").exists():
+        common.warn(f"replacing {od / 'attributions.jsonl'} (an earlier run's attributions)")
     with (od / "attributions.jsonl").open("w") as f:
         for it, r, src in zip(items, results, acc["sources"], strict=True):
             f.write(json.dumps({
@@ -140,19 +142,25 @@ def _write_and_report(
                 "top_sentence": r.top_sentence, "ranking": r.ranking, "sentence_scores": r.sentence_scores.tolist(),
                 "heads": [list(h) for h in chosen], "seconds": r.seconds, "kind": it.kind,
                 "steered": bool(r.extras.get("steered", False)), "answer_source": src,
+                **({"answer_before": r.extras.get("unsteered_text")} if "steered" in r.extras else {}),
             }) + "\n")
     con.print(
-        f"heads {', '.join(f'{a}.{b}' for a, b in chosen)}; top-1 sentence = gold on {acc['hits']}/{acc['n_context']} "
+        f"heads {heads_text(chosen)}; top-1 sentence = gold on {acc['hits']}/{acc['n_context']} "
         f"items answered from the context (not counted: {len(acc['memory'])} answered from memory, "
         f"{len(acc['other'])} other)", markup=False,
     )
-    for it, r, src in list(zip(items, results, acc["sources"], strict=True))[:10]:
-        con.print(f"  [{src}] {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} "
-                  f"(gold {it.gold})", markup=False)
+    steered = [bool(r.extras["steered"]) for r in results if "steered" in r.extras]
+    if steered:
+        con.print(f"steering: the gate opened on {sum(steered)} of {len(steered)} items "
+                  f"(steered items: {[i for i, r in enumerate(results) if r.extras.get('steered')]})", markup=False)
+    for i, (it, r, src) in enumerate(list(zip(items, results, acc["sources"], strict=True))[:10]):
+        st = steering_text(r)
+        con.print(f"  {i} [{src}] {it.subject or it.question}: answer {r.answer_text!r} ← sentence {r.top_sentence} "
+                  f"(gold {it.gold})" + (f"; {st}" if st else ""), markup=False)
     for label in ("memory", "other"):
         if acc[label]:
             con.print(f"  answered from {label}, excluded from the accuracy: items {acc[label]}", markup=False)
     con.print(f"saved {od / 'attributions.jsonl'}")
     if html:
-        write_html(list(zip(items, results, strict=True)), html, info={"heads": chosen, **info})
+        write_html(list(zip(items, results, strict=True)), html, info={**info, "heads": heads_text(chosen)})
         con.print(f"saved {html}")
