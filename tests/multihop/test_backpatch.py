@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 from multihop_naive import naive_generate, naive_logprob_grid
 
+from conftest import make_tiny
 from patchtrace.engine.checkpoint import CheckpointError
 from patchtrace.multihop.backpatch import BackpatchConfig, backpatch, fix_rate
 from patchtrace.multihop.queries import MultihopError, TwoHopQuery, entity_last_token
@@ -95,7 +95,7 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, smol_tokenizer):
 
 def test_bad_input_before_compute(smol_tokenizer):
     m = make_tiny("llama", tokenizer=smol_tokenizer)
-    with pytest.raises(MultihopError, match="q9.*entity"):
+    with pytest.raises(MultihopError, match=r"q9.*entity"):
         backpatch(m, [TwoHopQuery(prompt="The capital of X is", target="Y", aliases=(), name="q9")],
                   BackpatchConfig(position="e1"))
     with pytest.raises(MultihopError, match="position"):

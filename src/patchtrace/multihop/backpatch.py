@@ -33,8 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from patchtrace.engine.cache import RunCache
 from patchtrace.engine.checkpoint import run_key
 from patchtrace.engine.job import Block, BlockResult, execute
+from patchtrace.engine.xprompt import write_resid_suffix
 from patchtrace.models.load import Model
 from patchtrace.multihop.generate import decode_from, encode, to_text
 from patchtrace.multihop.queries import MultihopError, TwoHopQuery, entity_last_token, matches
@@ -107,27 +109,9 @@ def _target_layer_rows(
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
     """All ``L`` back-patches ``(j → i)``, ``j = 0..L-1``: last-position logits ``[L, V]`` and (when
     asked) each row's full keys/values after the patched prefill."""
-    L = model.dims.n_layers
-    src = torch.cat([post[j][:, pos] for j in range(L)], 0)  # [L, D]
-    h = post[i][:, pos:].expand(L, -1, -1).clone()  # the stream entering layer i+1 at positions pos..T-1
-    h[:, 0] = src
-    prefix = [(k[:, :, :pos], v[:, :, :pos]) for k, v in kv]
-    with torch.no_grad():
-        out = model.runner.forward(resid=h, start_layer=i + 1, pos_offset=pos, past_kv=prefix, keep_kv=keep_kv,
-                                   last_only=True)
-    assert out.logits is not None
-    if not keep_kv:
-        return out.logits[:, -1], None
-    assert out.kv is not None
-    full = []
-    for li, (k, v) in enumerate(kv):
-        new = out.kv[li]
-        if new is None:  # layers ≤ i: the clean keys/values
-            full.append((k.expand(L, -1, -1, -1), v.expand(L, -1, -1, -1)))
-        else:
-            full.append((torch.cat((prefix[li][0].expand(L, -1, -1, -1), new[0]), 2),
-                         torch.cat((prefix[li][1].expand(L, -1, -1, -1), new[1]), 2)))
-    return out.logits[:, -1], full
+    src = torch.cat([p[:, pos] for p in post], 0)  # [L, D]: block j's output at pos, one row per j
+    run = RunCache({}, kv, torch.empty(0))
+    return write_resid_suffix(model, run, post[i], i, pos, src, keep_kv=keep_kv)
 
 
 def _plain_rows(model: Model, i: int, pos: int, post: list[Tensor], ids: Tensor) -> Tensor:
