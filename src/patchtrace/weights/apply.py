@@ -91,6 +91,7 @@ def check(patch: WeightPatch, model: Any, allow_other_base: bool = False) -> dic
             raise WeightPatchError(f"tensor {n!r}: the model's shape is {tuple(t[n].shape)}, the patch's {tuple(d.shape)}")
         if not t[n].is_floating_point():
             raise WeightPatchError(f"tensor {n!r} is {t[n].dtype} in the model; only floating-point tensors take a delta")
+    t = _without_tied_copies(t, patch)
     bad = first_arch_mismatch(patch.arch, architecture(t))
     if bad:
         raise WeightPatchError(f"another architecture: {bad}")
@@ -102,6 +103,18 @@ def check(patch: WeightPatch, model: Any, allow_other_base: bool = False) -> dic
                 "to patch another model of the same architecture pass allow_other_base=True (CLI: --allow-other-base)"
             )
     return t
+
+
+def _without_tied_copies(t: dict[str, Tensor], patch: WeightPatch) -> dict[str, Tensor]:
+    """Drop tensors the base architecture lacks that are value-for-value copies of one it has (a tied
+    unembedding in a plain ``state_dict()``, which lists it twice), so they neither fail the
+    architecture check nor change the hash."""
+    names = {n for n, _, _ in patch.arch}
+    extra = [n for n in t if n not in names]
+    if not extra:
+        return t
+    drop = {n for n in extra if any(m in t and t[m].shape == t[n].shape and torch.equal(t[m], t[n]) for m in names)}
+    return {n: v for n, v in t.items() if n not in drop}
 
 
 def _touched_hash(tensors: Mapping[str, Tensor]) -> str:
@@ -171,7 +184,7 @@ def apply_state(patch: WeightPatch, tensors: Mapping[str, Tensor], scale: float 
     scale = _check_scale(scale)
     cur = check(patch, tensors, allow_other_base)
     news, receipt = _compute(patch, cur, scale)
-    return {**cur, **news}, receipt
+    return {**tensors, **news}, receipt
 
 
 def _undo(patch: WeightPatch, cur: Mapping[str, Tensor], receipt: Receipt | None, scale: float) -> dict[str, Tensor]:
