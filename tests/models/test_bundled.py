@@ -95,3 +95,16 @@ def test_the_qwen_spec_is_the_one_the_issue_gives():
     assert s.extra == "qwen15" and s.family_type == "qwen2" and s.n_layers == 28
     g = SPECS["gemma3-270m"]
     assert "Gemma Terms of Use" in g.licence and g.family_type == "gemma3_text" and g.n_layers == 18
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading_with_what_to_do():
+    from patchtrace.models.bundled import check_fits
+
+    gib = 1 << 30
+    check_fits("m", 6 * gib, "float32", 16 * gib)  # fits: no error
+    check_fits("m", 6 * gib, "float32", None)  # unknown availability: no guess
+    with pytest.raises(ModelLoadError, match=r"m needs ~6\.9 GiB as float32 but only 4\.0 GiB.*bfloat16 halves it"):
+        check_fits("m", 6 * gib, "float32", 4 * gib)
+    with pytest.raises(ModelLoadError) as e:
+        check_fits("m", 3 * gib, "bfloat16", 2 * gib)
+    assert "halves" not in str(e.value)

@@ -221,10 +221,45 @@ def ensure_gguf(spec: BundledSpec, cache: Path) -> Path:
         return join_parts(paths, target, size=spec.size, sha256=spec.sha256)
 
 
-def expected_bytes(spec_dir: Path, dtype_bits: int) -> int:
-    """Bytes of a de-quantized (float32 safetensors) checkpoint once loaded at ``dtype_bits``."""
-    st = spec_dir / "model.safetensors"
-    return st.stat().st_size * dtype_bits // 32 if st.is_file() else 0
+def available_bytes(device_type: str = "cpu") -> int | None:
+    """Memory a new model can use: ``MemAvailable`` on CPU, free VRAM on CUDA (None: unknown)."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
-__all__ = ["SPECS", "BundleError", "BundledSpec", "ModelLoadError", "Part", "ensure_gguf", "gguf_location", "join_parts", "part_paths"]
+def check_fits(name: str, need: int, dtype_name: str, available: int | None, *, margin: float = 1.15) -> None:
+    """Refuse, before loading, a model whose weights (+15% for activations) exceed the memory left.
+
+    Raises:
+        ModelLoadError: naming the model, the need, what is available and what to do.
+    """
+    if available is None or need * margin <= available:
+        return
+    half = " (bfloat16 halves it: dtype='bfloat16', --dtype bfloat16)" if dtype_name == "float32" else ""
+    raise ModelLoadError(
+        f"{name} needs ~{need * margin / 2**30:.1f} GiB as {dtype_name} but only {available / 2**30:.1f} GiB "
+        f"is available{half}; free memory or use a smaller model"
+    )
+
+
+def announce_load(spec: BundledSpec, checkpoint: Path, dtype_bits: int, dtype_name: str, device_type: str) -> None:
+    """Say what a large bundled load is doing, and check that it fits (the float32 safetensors on disk
+    give the size; a ``dtype_bits`` load needs that × bits/32)."""
+    st = checkpoint / "model.safetensors"
+    need = st.stat().st_size * dtype_bits // 32 if st.is_file() else 0
+    if need >= 1 << 30:
+        say(f"loading {spec.name} ({spec.about}) as {dtype_name} on {device_type}: ~{need / 2**30:.1f} GiB of weights")
+    check_fits(spec.name, need, dtype_name, available_bytes(device_type))
+
+
+__all__ = ["SPECS", "BundleError", "BundledSpec", "ModelLoadError", "Part", "announce_load", "check_fits", "ensure_gguf", "gguf_location", "join_parts", "part_paths"]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from patchtrace.models.adapters import Dims, Family, dims_for, family_for
-from patchtrace.models.bundled import SPECS, ModelLoadError, ensure_gguf, gguf_location, say
+from patchtrace.models.bundled import SPECS, ModelLoadError, announce_load, ensure_gguf, gguf_location, say
 from patchtrace.models.runner import Runner
 from patchtrace.models.weights import Fingerprint, fingerprint, override, sha256
 
@@ -310,6 +310,8 @@ def load_model(
     if spec in BUNDLED:
         path: str = str(_materialize_bundled(spec))
         kwargs: dict[str, Any] = {"local_files_only": True}
+        bits = 32 if dt == "auto" else torch.finfo(dt).bits  # type: ignore[arg-type]
+        announce_load(SPECS[spec], Path(path), bits, str(dt).replace("torch.", ""), dev.type)
     else:
         path = spec
         kwargs = {"trust_remote_code": trust_remote_code}
