@@ -29,7 +29,7 @@ def tables(r: dict) -> str:
     a = r["accuracy"]
     q = r["config"]["levels"]
     lines = ["Accuracy (%) on the held-out test digits, clean / under the corruption of the row.", "",
-             "| corruption | θ0 | clean model | robust fine-tune | clean + RWS | clean + RWS (Q%d) | clean + composed (w=1/K) | clean + composed (w=1) | transfer: clean_B | clean_B + RWS_A | robust_B |" % q,
+             "| corruption | θ0 | clean model | robust fine-tune | clean + RWS | clean + RWS (Q" + str(q) + ") | clean + composed (w=1/K) | clean + composed (w=1) | transfer: clean_B | clean_B + RWS_A | robust_B |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cs:
         cells = [a["theta0"], a["clean"], a[f"robust:{c}"], a[f"clean+RWS:{c}"], a[f"clean+RWS_q:{c}"],
