@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_tiny
 from patchtrace import make_task
-from patchtrace.circuits.exact import evaluate_sets, edge_grid, prepare
+from patchtrace.circuits.exact import edge_grid, evaluate_sets, prepare
 from patchtrace.circuits.graph import CircuitError, EdgeGraph
 
 FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox")

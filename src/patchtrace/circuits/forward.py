@@ -239,7 +239,7 @@ class EdgeForward:
         Returns:
             :class:`EdgeOut`.
         """
-        st, g = self.st, self.graph
+        st = self.st
         add = sender_add or {}
         with st._weights_frozen():
             if resid is None:

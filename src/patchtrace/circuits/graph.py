@@ -140,7 +140,7 @@ class EdgeGraph:
             out += [f"a{layer}.kv{g}<k>" for g in range(self.n_kv_heads)]
             out += [f"a{layer}.kv{g}<v>" for g in range(self.n_kv_heads)]
             out.append(f"m{layer}")
-        return out + ["logits"]
+        return [*out, "logits"]
 
     @cached_property
     def sender_layer(self) -> Tensor:

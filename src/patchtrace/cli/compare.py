@@ -43,11 +43,12 @@ def register(app: typer.Typer) -> None:
         methods: str | None = typer.Option(None, help="comma list of estimators (default: all; see `patchtrace methods`)"),
         model: str = typer.Option("smollm2-135m", help="bundled name, local directory or Hugging Face id"),
         task: str = typer.Option("ioi", help="built-in task name or a .jsonl/.csv file"),
-        n: int = typer.Option(16, help="number of examples (built-in tasks)"),
+        n: int | None = typer.Option(None, help="examples of a built-in task (default 16); a task file: its first N (default all)"),
         seed: int = typer.Option(0, help="task seed"),
         sites: str = typer.Option(
             "resid_pre@all,attn_out@all,mlp_out@all,head@last",
-            help="comma list of site kinds, each optionally '@last|all|none|0,3' (else --positions)",
+            help="comma list of site kinds, each optionally '@last|all|none|0,3' (else --positions); "
+            "'edges': edge grids (exact path patching vs --methods eap,eap-ig,eap-ig-act)",
         ),
         positions: str = typer.Option("last", help="positions for items without '@'"),
         layers: str | None = typer.Option(None, help="layers, e.g. '0-3,7' (default: all)"),
@@ -67,6 +68,14 @@ def register(app: typer.Typer) -> None:
         from patchtrace.methods import compare as cmp
 
         con = common.console()
+        if sites.strip() == "edges":  # edge grids: exact path patching against EAP / EAP-IG, edge by edge
+            from patchtrace.cli.circuit import compare_edges
+
+            edge_methods = ["eap", "eap-ig"] if methods is None else [x.strip() for x in methods.split(",") if x.strip()]
+            m = common.load(model, device, dtype, trust_remote_code)
+            tok = common.build_task(task, n, seed, m).tokenize(m.tokenizer)
+            compare_edges(m, tok, edge_methods, ig_steps, top_k, out or Path("runs") / f"{Path(task).stem}-compare-edges", con)
+            return
         known = cmp.estimator_names()
         names = known if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
         bad = [x for x in names if x not in (*known, cmp.REFERENCE)]
@@ -77,7 +86,7 @@ def register(app: typer.Typer) -> None:
         # checked here, before anything is loaded (ConfigError names the bad value)
         cfg = cmp.CompareConfig(direction=cast(Any, direction), metric=metric, top_k=top_k, options=options)
         specs = parse_site_items(sites, positions, layers)
-        common.check_task(task, n)
+        common.check_task(task, 1 if n is None else n)
         root = common.check_out(out or Path("runs") / f"{Path(task).stem}-compare")
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
