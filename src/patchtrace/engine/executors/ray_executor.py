@@ -176,7 +176,14 @@ class RayExecutor:
                     "edited here after loading); its blocks would not match")
         return list(infos)
 
-    def _start(self, model: Any) -> None:
+    def start(self, model: Any) -> None:
+        """Start the workers for ``model`` now (each loads it and is checked); :meth:`map` does this
+        itself on first use, so calling it is only needed to time or check the start separately.
+
+        Raises:
+            RayExecutorError: the model was built in memory, the cluster is too small, or a worker
+                cannot load the model or loads different weights.
+        """
         source = getattr(model, "source", None)
         if source is None:
             raise RayExecutorError(
@@ -224,7 +231,7 @@ class RayExecutor:
         from patchtrace.engine.executors.shipping import dump_job
 
         data = dump_job(job, model)  # before starting workers: an unpicklable job fails at once
-        self._start(model)
+        self.start(model)
         return self._run(data, blocks, on_progress)
 
     def _run(self, data: bytes, blocks: Sequence[Block], on_progress: Callable[[int], None]) -> Iterator[tuple[Block, BlockResult]]:
