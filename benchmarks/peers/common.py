@@ -23,6 +23,7 @@ cell, so the time scales linearly with the number of cells) and the result is ex
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class Bench:
     def metric(self, logits: Tensor) -> Tensor:
         """Mean logit(IO) − logit(S) at the last position; ``logits`` is ``[N, T, V]`` or ``[N, V]``."""
         last = logits[:, -1] if logits.ndim == 3 else logits
-        ar = torch.arange(last.shape[0])
+        ar = torch.arange(last.shape[0], device=last.device)
         return (last[ar, self.answer] - last[ar, self.wrong]).float().mean()
 
 
@@ -117,7 +118,7 @@ def load_bench() -> Bench:
     from patchtrace import load_model, make_task
 
     t0 = time.perf_counter()
-    model = load_model()
+    model = load_model(device=os.environ.get("PATCHTRACE_BENCH_DEVICE", "cpu"))  # cuda: benchmarks/gpu_check.sh
     tok = make_task("ioi", n=N_EXAMPLES, seed=SEED).tokenize(model.tokenizer)
     groups = tok.groups()
     if len(groups) != 1:
@@ -126,10 +127,10 @@ def load_bench() -> Bench:
     return Bench(
         model=model,
         task=tok,
-        clean=tok.ids("clean", idx),
-        corrupt=tok.ids("corrupt", idx),
-        answer=tok.answer[idx, 0],
-        wrong=tok.wrong[idx, 0],
+        clean=tok.ids("clean", idx).to(model.device),
+        corrupt=tok.ids("corrupt", idx).to(model.device),
+        answer=tok.answer[idx, 0].to(model.device),
+        wrong=tok.wrong[idx, 0].to(model.device),
         load_s=time.perf_counter() - t0,
     )
 
