@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from patchtrace.engine.job import Executor
 from patchtrace.methods.activation_patching import PatchingConfig
 from patchtrace.methods.activation_patching import run as patch_run
 from patchtrace.methods.registry import register_method
@@ -78,7 +79,7 @@ class QACircuitConfig:
 
 def run(
     model: Model, task: Task, sites: SiteSpec, config: QACircuitConfig | None = None,
-    *, on_progress: Progress | None = None,
+    *, on_progress: Progress | None = None, executor: Executor | None = None,
 ) -> Scores:
     """Context-use effects of every cell of ``sites`` (memory-use in ``extras['memory_effect']``).
 
@@ -88,6 +89,7 @@ def run(
         sites: the grid (e.g. ``SiteSpec("head", per_unit=True)`` or ``SiteSpec("mlp_out")``).
         config: :class:`QACircuitConfig`.
         on_progress: ``on_progress(done, total)`` in patches of both sweeps (:mod:`patchtrace.progress`).
+        executor: where the sweeps' blocks run (default: this process; see :mod:`patchtrace.engine.executors`).
 
     Returns:
         A new :class:`Scores` with its own provenance (``method == 'qa_circuit'``, this config); the
@@ -103,12 +105,12 @@ def run(
             on_progress(done, sweeps_n * total)
 
     ctx = patch_run(model, task, sites, PatchingConfig(direction="denoise", metric=cfg.metric, fast=cfg.fast),
-                    on_progress=first)
+                    on_progress=first, executor=executor)
     extras = dict(ctx.extras)
     sweeps = {"context_use": ctx.provenance}
     if cfg.memory:
         noi = patch_run(model, task, sites, PatchingConfig(direction="noise", metric=cfg.metric, fast=cfg.fast),
-                        on_progress=offset(on_progress, seen[0], 2 * seen[0]))
+                        on_progress=offset(on_progress, seen[0], 2 * seen[0]), executor=executor)
         extras["memory_effect"] = -noi.values
         extras["memory_per_example"] = -noi.per_example if noi.per_example is not None else -noi.values[None]
         sweeps["memory_use"] = noi.provenance
