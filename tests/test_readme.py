@@ -24,8 +24,9 @@ written here, never by editing what it checks:
   test, so an edited README cannot silently escape its reduction.
 
 Inputs a command names that no earlier command creates (``my_pairs.jsonl``, ``mine.jsonl``,
-``my_qa.jsonl``, a saved QA circuit) are written before the commands run, in the formats the README
-documents (:func:`write_inputs`).
+``my_qa.jsonl``) are written before the commands run, in the formats the README documents
+(:func:`write_inputs`); the QA circuit that ``attribute --circuit`` reads is made by the README's own
+``patchtrace qa-circuit`` line.
 """
 
 from __future__ import annotations
@@ -134,11 +135,8 @@ def reduce_command(app: Any, argv: list[str]) -> list[str]:
     return out
 
 
-def write_inputs(model: Any) -> None:
+def write_inputs(model: Any = None) -> None:
     """The files the README's commands name and no command creates, in the formats it documents."""
-    from patchtrace import SiteSpec, qa_circuit
-    from patchtrace.qa.patching import qa_patching_task
-
     pairs = [
         ("When Mary and John went to the store, John gave a drink to", "When Mary and John went to the store, Mary gave a drink to", " Mary", " John"),
         ("When Tom and Anna went to the park, Anna gave a ball to", "When Tom and Anna went to the park, Tom gave a ball to", " Tom", " Anna"),
@@ -155,8 +153,6 @@ def write_inputs(model: Any) -> None:
         '{"sentences": ["The capital of France is Lyon.", "The capital of Spain is Madrid."], '
         '"question": "What is the capital of France?", "answer": " Lyon", "gold": 0, "prefix": "The capital of France is"}\n'
     )
-    task = qa_patching_task(2, model=model, n_sentences=(4, 4))
-    qa_circuit(model, task, SiteSpec("head", per_unit=True, layers=(23,))).save("runs/qa/circuit/heads")
 
 
 @dataclass

@@ -109,15 +109,18 @@ class Bar:
     def __init__(self, description: str, console: Any, *, quiet: bool = False, every: float = 5.0) -> None:
         self.description, self.console, self.quiet, self.every = description, console, quiet, every
         self.done, self.total = 0, 0
+        self.note = ""
         self._rich: Any = None
         self._task: Any = None
         self._t0 = time.perf_counter()
         self._last_line = 0.0
         self._printed: tuple[int, int] | None = None
 
-    def update(self, done: int, total: int) -> None:
-        """``on_progress(done, total)``."""
+    def update(self, done: int, total: int, note: str | None = None) -> None:
+        """``on_progress(done, total)``; ``note`` (optional) is shown after the count (e.g. a loss)."""
         self.done, self.total = done, total
+        if note is not None:
+            self.note = note
         if self.quiet:
             return
         if self.console.is_terminal:
@@ -135,7 +138,8 @@ class Bar:
                                       TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
                 self._rich.start()
                 self._task = self._rich.add_task(self.description, total=total)
-            self._rich.update(self._task, completed=done, total=total)
+            desc = f"{self.description} · {self.note}" if self.note else self.description
+            self._rich.update(self._task, completed=done, total=total, description=desc)
             return
         now = time.perf_counter()
         if self._printed is None or now - self._last_line >= self.every:
@@ -148,7 +152,8 @@ class Bar:
         pct = 100.0 * self.done / self.total if self.total else 0.0
         left = el * (self.total - self.done) / self.done if self.done and self.done < self.total else None
         tail = f" · {left:.0f} s left" if left is not None else ""
-        self.console.print(Text(f"{self.description}: {self.done}/{self.total} ({pct:.0f}%) · {el:.1f} s{tail}"),
+        note = f" · {self.note}" if self.note else ""
+        self.console.print(Text(f"{self.description}: {self.done}/{self.total} ({pct:.0f}%) · {el:.1f} s{tail}{note}"),
                            soft_wrap=True)
         self._last_line = now
         self._printed = (self.done, self.total)

@@ -31,7 +31,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -128,17 +127,21 @@ def parse_positions(text: str) -> str | list[int] | None:
 
 
 def parse_sites(text: str, positions: str | list[int] | None = "last", layers: Sequence[int] | None = None) -> list[SiteSpec]:
-    """``--sites``: a comma list of sweep names (see :meth:`SiteSpec.parse`), e.g. ``head,resid_pre``.
+    """``--sites``: a comma list of sweep names (see :meth:`SiteSpec.parse`), e.g. ``head,resid_pre``;
+    an item may carry its own positions after ``@`` (``head@last,resid_pre@all``), as in ``compare``.
 
     Raises:
         SiteError: an unknown kind (named in the message), or a repeated one.
+        CLIError: bad positions after ``@``.
     """
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise SiteError(f"--sites {text!r}: give at least one site kind, e.g. 'head' or 'head,resid_pre'")
     specs = []
-    for name in names:
-        spec = SiteSpec.parse(name, positions=positions)  # type: ignore[arg-type]
+    for item in names:
+        name, at, pos = item.partition("@")
+        item_pos = parse_positions(pos) if at else positions
+        spec = SiteSpec.parse(name.strip(), positions=item_pos)  # type: ignore[arg-type]
         if layers is not None:
             spec = SiteSpec(spec.kind, spec.per_unit, spec.positions, tuple(layers), spec.units)
         specs.append(spec)
@@ -239,10 +242,13 @@ def load(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_c
         ModelLoadError, UnsupportedModelError: from :func:`patchtrace.load_model`.
     """
     from patchtrace.models.load import load_model
+    from patchtrace.progress import quiet_third_party, step
 
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
         raise ModelLoadError(f"model {model!r}: no such directory")
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    # one line while it loads, none of transformers' bars (PATCHTRACE_VERBOSE=1 shows them)
+    with step(f"loading {model}", err_console()), quiet_third_party():
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 #: ``--executor``: where the blocks of a sweep run (shared by every sweep-type command).
@@ -294,35 +300,43 @@ def check_task(task: str, n: int = 1, option: str = "--task") -> None:
         raise TaskError(f"{option} {task!r}: unknown task; registered tasks: {', '.join(names)}, or a .jsonl/.csv file")
 
 
-def build_task(task: str, n: int, seed: int, model: Any = None) -> Any:
+#: ``--n`` when not given, for a built-in task (a task file: all its examples).
+DEFAULT_N = 16
+
+
+def build_task(task: str, n: int | None, seed: int, model: Any = None, *, default_n: int = DEFAULT_N) -> Any:
     """A built-in task by name (``ioi``, ``factual``, ...) or a ``.jsonl``/``.csv`` file.
+
+    ``n``: examples of a built-in task (None: ``default_n``); for a file, its first ``n``
+    examples (None: all of them; more than the file has: all, with a warning) — never ignored.
+    Building a task can take a while (generators that check each item on the model): a line says
+    so while it runs.
 
     Raises:
         TaskError: unknown name (the message lists the built-ins), unreadable file, or ``n < 1``.
     """
+    from patchtrace.progress import step
     from patchtrace.tasks import make_task
 
-    if n < 1:
+    if n is not None and n < 1:
         raise TaskError(f"--n {n}: need at least one example")
-    return make_task(task, n=n, seed=seed, model=model)
+    is_file = task.endswith((".jsonl", ".json", ".csv"))
+    with step(f"building the task {task}", err_console()):
+        t = make_task(task, n=default_n if n is None or is_file else n, seed=seed, model=model)
+    if is_file and n is not None:
+        if n < len(t):
+            err_console().print(Text(f"--n {n}: using the first {n} of the {len(t)} examples in {task}"), soft_wrap=True)
+            t = t.subset(range(n))
+        elif n > len(t):
+            warn(f"--n {n}: {task} has only {len(t)} examples; using all of them")
+    return t
 
 
 # -- output ------------------------------------------------------------------------------------------
 
 
-class _Bar:
-    def __init__(self, progress: Progress, description: str) -> None:
-        self._p = progress
-        self._id = progress.add_task(description, total=None)
-
-    def update(self, done: int, total: int) -> None:
-        """A :data:`patchtrace.progress.Progress` callback: ``on_progress(done, total)``, in whatever
-        unit the method counts (patches, example groups, training steps)."""
-        self._p.update(self._id, completed=done, total=total)
-
-
 @contextmanager
-def progress(description: str, *, quiet: bool = False) -> Iterator[_Bar]:
+def progress(description: str, *, quiet: bool = False) -> Iterator[Any]:
     """A rich progress bar; ``bar.update`` is an ``on_progress(done, total)`` callback
     (:mod:`patchtrace.progress`), so it fits every registered method.
 
@@ -337,12 +351,11 @@ def progress(description: str, *, quiet: bool = False) -> Iterator[_Bar]:
         >>> tuple(scores.values.shape)
         (1, 9)
     """
-    p = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err_console(), disable=quiet, transient=False,
-    )
-    with p:
-        yield _Bar(p, description)
+    from patchtrace.progress import bar
+
+    # drawn from the first report (no empty bar before an error); plain lines when not a terminal
+    with bar(description, err_console(), quiet=quiet) as b:
+        yield b
 
 
 def normalized_or_none(scores: Scores) -> Any:

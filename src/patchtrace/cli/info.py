@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from patchtrace.cli import common
+
+
+def plain_text(doc: str) -> str:
+    """A docstring-style description for a terminal: reST roles and literals (``:func:`x` ``,
+    ````x````) shown as their text, whitespace runs folded."""
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), doc)
+    return " ".join(doc.replace("``", "").split())
 
 
 def register(app: typer.Typer) -> None:
@@ -22,8 +31,12 @@ def register(app: typer.Typer) -> None:
         t = Table(title="supported architectures (HF model_type)", title_justify="left")
         t.add_column("family")
         t.add_column("model types")
-        for fam in FAMILIES:
-            t.add_row(fam.name, ", ".join(fam.model_types))
+        claimed: set[str] = set()
+        for fam in FAMILIES:  # a model type under the family that loads it (the first that lists it)
+            types = [mt for mt in fam.model_types if mt not in claimed]
+            claimed.update(types)
+            if types:
+                t.add_row(fam.name, ", ".join(types))
         con.print(t)
         b = Table(title="bundled models (no download needed)", title_justify="left")
         b.add_column("name")
@@ -51,7 +64,7 @@ def register(app: typer.Typer) -> None:
         t.add_column("name")
         t.add_column("description")
         for g in task_generators():
-            t.add_row(g.name, Text(g.description))
+            t.add_row(g.name, Text(plain_text(g.description)))
         con.print(t)
         con.print("Or your own data: --task file.jsonl / file.csv with fields clean, corrupt, answer, wrong.",
                   markup=False)

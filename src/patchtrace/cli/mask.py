@@ -2,7 +2,7 @@
 
 Example::
 
-    patchtrace mask --task variable-binding --sites head,mlp_out --lam 0.1 --out runs/m
+    patchtrace mask --task variable_binding --sites head,mlp_out --lam 0.1 --out runs/m
     patchtrace mask --desiderata my_desiderata.jsonl --sites head --lam 0.05 --steps 100
 
 The mask is trained on part of each desideratum's tuples and evaluated exactly on the rest
@@ -34,9 +34,9 @@ def register(app: typer.Typer) -> None:
     @app.command("mask")
     def mask(
         model: str = typer.Option("smollm2-135m", help="bundled name, local directory or Hugging Face id"),
-        task: str = typer.Option("variable-binding", help="built-in task (variable-binding gives two desiderata; others one value desideratum) or .jsonl/.csv task"),
+        task: str = typer.Option("variable_binding", help="built-in task (variable_binding gives two desiderata; others one value desideratum) or .jsonl/.csv task"),
         desiderata: str | None = typer.Option(None, help="desiderata JSONL file (overrides --task)"),
-        n: int = typer.Option(64, help="number of tuples per desideratum (built-in tasks)"),
+        n: int | None = typer.Option(None, help="tuples per desideratum of a built-in task (default 64); a task file: its first N (default all)"),
         seed: int = typer.Option(0, help="task and split seed"),
         sites: str = typer.Option("head,mlp_out", help="component kinds, e.g. head,mlp_out or neuron"),
         positions: str = typer.Option("last", help="'last', 'none' (all positions as one component) or a list like '-3,-2,-1'"),
@@ -50,13 +50,11 @@ def register(app: typer.Typer) -> None:
         out: str | None = typer.Option(None, help="results folder (default runs/mask-<task>)"),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
-        max_memory: str | None = typer.Option(None, help="working-memory budget of the evaluation, e.g. '4GB'"),
+        max_memory: str | None = typer.Option(None, help="working-memory budget of the evaluation, e.g. '4GB' (default: 64 MiB on CPU, half the free GPU memory on CUDA)"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
         """Learn a binary mask of components that satisfies the desiderata; evaluate it on held-out tuples."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from patchtrace.desiderata import DesiderataError, load_desiderata, save_desiderata
         from patchtrace.methods import dbm
 
@@ -70,7 +68,7 @@ def register(app: typer.Typer) -> None:
             pos = common.parse_positions(positions)
             specs = common.parse_sites(sites, pos, common.parse_layers(layers))
             if desiderata is None:
-                common.check_task(task, n)
+                common.check_task(task, 1 if n is None else n)
             elif not Path(desiderata).is_file():
                 raise common.CLIError(f"--desiderata {desiderata}: no such file")
             folder = common.check_out(out or Path("runs") / f"mask-{Path(desiderata or task).stem}")
@@ -80,21 +78,17 @@ def register(app: typer.Typer) -> None:
                 m = common.load(model, device, dtype, trust_remote_code)
             else:
                 m = common.load(model, device, dtype, trust_remote_code)
-                tsk = common.build_task(task, n, seed, m)
+                tsk = common.build_task(task, n, seed, m, default_n=64)
                 ds = dbm.as_desiderata(tsk)
                 if tsk.params.get("n_solved") is not None:
                     con.print(f"task {tsk.name}: the model solves {tsk.params['n_solved']} of "
                               f"{tsk.params['n_generated']} generated items", markup=False)
             con.print(f"model {m.name} · desiderata " + ", ".join(f"{d.name} ({len(d)})" for d in ds)
                       + f" · sites {sites} · λ={lam}", markup=False)
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("loss {task.fields[loss]:.4f} · {task.fields[kept]} above threshold"),
-                           console=common.err_console(), disable=quiet)
-            with bar:
-                tid = bar.add_task("training mask", total=steps, loss=float("nan"), kept=0)
+            with common.progress("training mask", quiet=quiet) as bar:  # plain lines when not a terminal
                 result = dbm.run(
                     m, ds, specs, cfg,
-                    on_step=lambda i, loss, k: bar.update(tid, completed=i + 1, loss=loss, kept=k),
+                    on_step=lambda i, loss, k: bar.update(i + 1, steps, f"loss {loss:.4f} · {k} above threshold"),
                     out_dir=folder,  # the exact-patching ranking checkpoints there and resumes
                 )
         except (DesiderataError, dbm.DBMError) as e:

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
     def patch(
         model: Annotated[str, typer.Option(help="bundled name, local directory or Hugging Face id")] = "smollm2-135m",
         task: Annotated[str, typer.Option(help="built-in task name (see `patchtrace tasks`) or a .jsonl/.csv file")] = "ioi",
-        n: Annotated[int, typer.Option(help="number of examples (built-in tasks)")] = 16,
+        n: Annotated[int | None, typer.Option(help="examples of a built-in task (default 16); a task file: its first N (default all)")] = None,
         seed: Annotated[int, typer.Option(help="task seed")] = 0,
         sites: Annotated[str, typer.Option(help="comma list of site kinds: head, resid_pre, attn_out, mlp_out, neuron, k, v, ... ('head:layer' = whole layers)")] = "head",
         positions: Annotated[str, typer.Option(help="'last', 'all', 'none' (whole sequence at once) or a comma list like '0,5,-1'")] = "last",
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="results folder (default runs/<task>-<sites>); a rerun resumes")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
         dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
-        max_memory: Annotated[str | None, typer.Option(help="working-memory budget, e.g. '4GB' (default: a quarter of free RAM)")] = None,
+        max_memory: Annotated[str | None, typer.Option(help="working-memory budget, e.g. '4GB' (default: 64 MiB on CPU, half the free GPU memory on CUDA)")] = None,
         fast: Annotated[bool, typer.Option("--fast/--no-fast", help="fast exact path, or one full forward per patch")] = True,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sweep plan and exit without computing")] = False,
         top: Annotated[int, typer.Option(help="rows in the printed top-k table")] = 10,
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         budget = common.parse_memory(max_memory)
         # PatchingConfig checks direction and metric itself (ConfigError names the bad value)
         cfg = PatchingConfig(direction=cast(Any, direction), metric=metric, fast=fast, max_memory=budget)
-        common.check_task(task, n)
+        common.check_task(task, 1 if n is None else n)
         if not dry_run:
             common.check_out(out or _default_out(task, [s.kind for s in specs]))
         t0 = time.perf_counter()

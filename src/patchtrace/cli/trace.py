@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     def trace(
         model: str = typer.Option("smollm2-135m", help="bundled name, local directory or Hugging Face id"),
         task: str = typer.Option("factual", help="task whose examples carry meta['subject'] (built-in 'factual', or a .jsonl file)"),
-        n: int = typer.Option(16, help="number of examples (built-in tasks)"),
+        n: int | None = typer.Option(None, help="examples of a built-in task (default 16); a task file: its first N (default all)"),
         seed: int = typer.Option(0, help="task seed"),
         kind: str = typer.Option("resid", help="what to restore: 'resid' (residual stream), 'mlp' or 'attn' (a window of sublayer outputs)"),
         window: int = typer.Option(10, help="layers restored together for mlp/attn (1 = one layer)"),
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         out: str | None = typer.Option(None, help="results folder (default runs/trace-<task>-<kind>)"),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
-        max_memory: str | None = typer.Option(None, help="working-memory budget, e.g. '4GB'"),
+        max_memory: str | None = typer.Option(None, help="working-memory budget, e.g. '4GB' (default: 64 MiB on CPU, half the free GPU memory on CUDA)"),
         fast: bool = typer.Option(True, "--fast/--no-fast", help="fast exact path, or full forwards"),
         top: int = typer.Option(10, help="rows in the printed top-k table"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
             "metric": metric, "target": target, "fast": fast, "max_memory": budget,
         }
         cfg = TracingConfig(**options)
-        common.check_task(task, n)
+        common.check_task(task, 1 if n is None else n)
         folder = common.check_out(out or Path("runs") / f"trace-{Path(task).stem}-{kind}")
         t0 = time.perf_counter()
         ex = common.executor(executor, ray_address)  # an unreachable cluster fails here, before loading
