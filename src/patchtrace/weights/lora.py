@@ -111,8 +111,8 @@ def attach(model: Any, layers: Sequence[int], targets: str | Sequence[str] = "ml
     if not found:
         raise WeightPatchError(f"attach: no module named like {', '.join(wanted)} in the model")
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; floats work lora_dropout=dropout, target_modules=found,
-                     layers_to_transform=layers, layers_pattern=_pattern(mod), bias="none")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,  # type: ignore[arg-type]
+                     layers_to_transform=layers, layers_pattern=_pattern(mod), bias="none")  # (lora_alpha: int in peft's hints)
     return get_peft_model(mod, cfg)
 
 
