@@ -213,3 +213,38 @@ def test_workers_that_lack_the_model_fail_before_any_block(ex, model_dir, task, 
             ap.run(m, task, SITES, CFG, executor=one, out_dir=tmp_path / "out")
         assert one.worker_pids == []  # the failed worker was stopped
     assert not list((tmp_path / "out").glob(".partial/block-*")), "no block may run"
+
+
+def _procs_mentioning(text: str) -> dict[int, str]:
+    """Live processes whose command line contains ``text`` (this test process excluded)."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if text in cmd and p.info["pid"] != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out[p.info["pid"]] = cmd[:120]
+    return out
+
+
+def test_cli_error_after_starting_ray_leaves_no_ray_process(model_dir, tmp_path):
+    """`patch --executor ray` starts its own local instance; a bad --layers fails after that (in the
+    sweep plan): one line, exit 2, and every Ray process of that instance is gone."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ptray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, "-c", "from patchtrace.cli import main; main()", "patch", "--executor", "ray",
+           "--model", str(model_dir), "--n", "2", "--layers", "7", "--out", str(tmp_path / "x"), "-q"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 2, p.stdout + p.stderr[-3000:]
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and "7" in err[0] and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert any(Path(ray_tmp).rglob("session_*")), "the command should have started its own Ray instance"
+    end = time.monotonic() + 15
+    while _procs_mentioning(ray_tmp) and time.monotonic() < end:
+        time.sleep(0.3)
+    assert not _procs_mentioning(ray_tmp), f"Ray processes left: {_procs_mentioning(ray_tmp)}"
