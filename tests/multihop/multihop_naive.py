@@ -89,3 +89,31 @@ def naive_generate(hf: Any, ids: Tensor, pos: int, j: int, i: int, max_new: int)
     finally:
         h.remove()
     return g[0, ids.shape[1]:].tolist()
+
+
+def naive_cross_generate(hf: Any, src: Tensor, src_pos: int, tgt: Tensor, layer: int, max_new: int) -> list[int]:
+    """Decoder layer ``layer``'s output at ``src_pos`` of ``src`` written into the same layer's output at the last
+    position of ``tgt`` (prefill only), then greedy ``generate``."""
+    val = layer_outputs(hf, src)[layer][:, src_pos]
+    h = decoder_layers(hf)[layer].register_forward_hook(_writer(val, tgt.shape[1] - 1, True))
+    try:
+        with torch.no_grad():
+            g = hf.generate(tgt, attention_mask=torch.ones_like(tgt), max_new_tokens=max_new, min_new_tokens=max_new,
+                            do_sample=False, pad_token_id=0)
+    finally:
+        h.remove()
+    return g[0, tgt.shape[1]:].tolist()
+
+
+def ablated_logits(hf: Any, ids: Tensor, module: Any, fn: Any) -> Tensor:
+    """Last-position logits with ``module``'s output replaced by ``fn(output)``."""
+
+    def hook(m: Any, a: Any, o: Any) -> Any:
+        return _with(o, fn(_out(o)))
+
+    h = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return hf(ids).logits[:, -1]
+    finally:
+        h.remove()

@@ -57,6 +57,9 @@ def test_generation_matches_hf_generate_with_prefill_hook(smol_tokenizer):
     for j, i in [(2, 0), (1, 0), (2, 1), (0, 2)]:
         assert gen[j, i].tolist() == naive_generate(m.hf, ids, pos, j, i, 4), (j, i)
     assert s.extras["success"].shape == (1, 3, 3)
+    up = backpatch(m, Q[:1], BackpatchConfig(position="e1", max_new=4, gen_pairs="upper")).extras["gen"][0]
+    lower = torch.tril(torch.ones(3, 3, dtype=torch.bool), -1)  # [j, i] with j > i
+    assert torch.equal(up[lower], gen[lower]) and bool((up[~lower] == -1).all())
 
 
 def test_fix_rate_counts_only_j_above_i():

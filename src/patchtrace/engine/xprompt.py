@@ -14,6 +14,7 @@ to the target prompt's cached keys/values of the earlier positions (exact, as in
 Example:
     >>> from patchtrace.models.load import load_model
     >>> from patchtrace.interventions import Intervention
+from patchtrace.kinds import kind_info
     >>> from patchtrace.sites import Site
     >>> m = load_model()
     >>> iv = Intervention(Site("resid_post", 3, pos=-1), Replace(), SourceRef("source", Site("resid_post", 20, pos=1)))
@@ -34,6 +35,7 @@ from patchtrace.engine.apply import base_interventions_hooks
 from patchtrace.engine.cache import RunCache, collect
 from patchtrace.errors import PatchtraceError
 from patchtrace.interventions import Intervention
+from patchtrace.kinds import kind_info
 from patchtrace.models.load import Model
 from patchtrace.sites import Site
 
@@ -74,6 +76,9 @@ def check_site(model: Model, site: Site, length: int, what: str) -> None:
     L = model.dims.n_layers
     if site.layer is not None and not 0 <= site.layer < L:
         raise CrossPatchError(f"{what} {site}: layer {site.layer} is outside the model's 0..{L - 1}")
+    n = kind_info(site.kind).units(model.dims)
+    if site.unit is not None and n is not None and not 0 <= site.unit < n:
+        raise CrossPatchError(f"{what} {site}: {kind_info(site.kind).unit_axis} {site.unit} is outside the model's 0..{n - 1}")
     if site.pos is not None and not -length <= site.pos < length:
         raise CrossPatchError(f"{what} {site}: position {site.pos} is outside the prompt's {length} tokens")
 

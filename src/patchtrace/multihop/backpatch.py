@@ -54,6 +54,8 @@ class BackpatchConfig:
         max_new: tokens generated per patch (the paper: 10).
         gen_batch: patched rows decoded together.
         fast: the suffix-only fast path (``False``: a full runner forward per patch, for cross-checks).
+        gen_pairs: ``all`` decodes every (j, i) pair; ``upper`` only those with ``j > i`` (the ones the
+            fix rate reads: about half the decoding; the others are left at −1 / not successful).
     """
 
     position: Literal["last", "e1"] = "last"
@@ -61,8 +63,11 @@ class BackpatchConfig:
     max_new: int = 10
     gen_batch: int = 256
     fast: bool = True
+    gen_pairs: Literal["all", "upper"] = "all"
 
     def __post_init__(self) -> None:
+        if self.gen_pairs not in ("all", "upper"):
+            raise MultihopError(f"gen_pairs must be 'all' or 'upper', not {self.gen_pairs!r}")
         if self.position not in ("last", "e1"):
             raise MultihopError(f"position must be 'last' or 'e1', not {self.position!r}")
         if self.max_new < 1:
@@ -164,8 +169,10 @@ def query_grid(model: Model, ids_list: list[int], pos: int, target_tok: int, cfg
         lp[:, i] = torch.log_softmax(logits.float(), -1)[:, target_tok].cpu()
         if cfg.generate:
             assert full is not None
-            pending.append((logits, full))
-            if len(pending) * L >= cfg.gen_batch:
+            keep = slice(i + 1, L) if cfg.gen_pairs == "upper" else slice(0, L)
+            if keep.start < L:
+                pending.append((logits[keep], [(k[keep], v[keep]) for k, v in full]))
+            if sum(p[0].shape[0] for p in pending) >= cfg.gen_batch:
                 flush()
     flush()
     with torch.no_grad():
@@ -175,8 +182,11 @@ def query_grid(model: Model, ids_list: list[int], pos: int, target_tok: int, cfg
                         .reshape(1).cpu()}
     if cfg.generate:
         assert base.kv is not None
-        g = torch.cat(gens, 0)  # rows ordered (i, j)
-        res["gen"] = g.view(L, L, -1).transpose(0, 1).contiguous()  # [j, i, n]
+        g = torch.cat(gens, 0)  # rows ordered (i, j), j > i only under gen_pairs="upper"
+        grid = torch.full((L, L, cfg.max_new), -1, dtype=g.dtype)  # [j, i, n]
+        js, is_ = zip(*[(j, i) for i in range(L) for j in range(L) if cfg.gen_pairs == "all" or j > i], strict=True)
+        grid[torch.tensor(js), torch.tensor(is_)] = g
+        res["gen"] = grid
         res["base_gen"] = decode_from(model, base.logits[:, -1], [x for x in base.kv if x is not None], T,
                                       cfg.max_new).cpu()[0]
     return res
@@ -215,8 +225,10 @@ def _scores(model: Model, queries: list[TwoHopQuery], cfg: BackpatchConfig, resu
         base_ok = torch.zeros(len(queries), dtype=torch.bool)
         for k, (q, r) in enumerate(zip(queries, results, strict=True)):
             L = r["gen"].shape[0]
-            texts = to_text(model, r["gen"].reshape(L * L, -1))
-            succ[k] = torch.tensor([matches(t, q.aliases) for t in texts]).view(L, L)
+            flat = r["gen"].reshape(L * L, -1)
+            texts = to_text(model, flat.clamp(min=0))
+            hit = [matches(t, q.aliases) and bool(row[0] >= 0) for t, row in zip(texts, flat, strict=True)]
+            succ[k] = torch.tensor(hit).view(L, L)
             base_ok[k] = matches(to_text(model, r["base_gen"][None])[0], q.aliases)
         extras.update(success=succ.float(), base_correct=base_ok.float(),
                       gen=torch.stack([r["gen"] for r in results]))

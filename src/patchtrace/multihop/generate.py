@@ -114,11 +114,11 @@ def classify(model: Model, queries: Sequence[TwoHopQuery], max_new: int = 10) ->
     for q in queries:
         if q.hop1_prompt is None or q.hop2_prompt is None or q.bridge is None:
             raise MultihopError(f"{q.name}: classifying needs 'hop1_prompt', 'hop2_prompt' and 'bridge'")
-    prompts = [p for q in queries for p in (q.hop1_prompt, q.hop2_prompt, q.prompt)]
-    texts = greedy(model, prompts, max_new)  # type: ignore[arg-type]
+    unique = list(dict.fromkeys(p for q in queries for p in (q.hop1_prompt, q.hop2_prompt, q.prompt)))
+    said = dict(zip(unique, greedy(model, unique, max_new), strict=True))  # type: ignore[arg-type]
     out, comp = [], []
-    for k, q in enumerate(queries):
-        h1, h2, c = texts[3 * k : 3 * k + 3]
+    for q in queries:
+        h1, h2, c = said[q.hop1_prompt], said[q.hop2_prompt], said[q.prompt]  # type: ignore[index]
         out.append(replace(q, hop1_ok=matches(h1, q.bridge_aliases), hop2_ok=matches(h2, q.aliases)))
         comp.append(matches(c, q.aliases))
     counts = summarize(out, comp)

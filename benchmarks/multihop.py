@@ -1,0 +1,217 @@
+"""Multi-hop benchmarks on the bundled SmolLM2-135M: classification, back-patching (exactness and time vs
+naive HF hooks, oracle fix rate), bridge readout, recall vs reasoning.
+
+Stages write ``runs/multihop/bench-<stage>.json`` (and the classified queries to
+``runs/multihop/classified.jsonl``), so each can run on its own and ``--render`` turns the JSON into the
+BENCHMARKS.md section::
+
+    nice -n 10 .venv/bin/python benchmarks/multihop.py --stages classify exact fix bridge rr
+    .venv/bin/python benchmarks/multihop.py --render            # markdown to stdout
+
+Options: ``--n-cities`` (generator size, default 40), ``--fix-queries`` (cap on queries in the fix-rate
+run), ``--max-new`` (tokens generated per back-patch), ``--naive-pairs`` (pairs per query timed with the
+naive reference), ``--model`` (default smollm2-135m), ``--dtype``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("runs/multihop")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "multihop"))
+
+
+def _save(stage: str, data: dict, tag: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"bench-{stage}{tag}.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def _load(stage: str, tag: str = "") -> dict | None:
+    p = OUT / f"bench-{stage}{tag}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def classify_stage(m, args) -> None:
+    from patchtrace.multihop.generate import classify
+    from patchtrace.multihop.kb import generate
+    from patchtrace.multihop.queries import save_jsonl
+
+    qs = generate(n_cities=args.n_cities)
+    t0 = time.perf_counter()
+    out, comp, counts = classify(m, qs)
+    dt = time.perf_counter() - t0
+    save_jsonl(out, OUT / f"classified{args.tag}.jsonl")
+    by_rel: dict[str, dict[str, int]] = {}
+    for q, c in zip(out, comp, strict=True):
+        r = by_rel.setdefault(q.relation, {"total": 0, "both_hops": 0, "composition": 0, "both_wrong_comp": 0})
+        r["total"] += 1
+        r["both_hops"] += q.both_hops_ok
+        r["composition"] += c
+        r["both_wrong_comp"] += q.both_hops_ok and not c
+    _save("classify", {"counts": counts, "by_relation": by_rel, "composed": comp, "seconds": dt}, args.tag)
+    print(counts, by_rel, f"{dt:.0f}s")
+
+
+def _queries(args):
+    from patchtrace.multihop.queries import load_jsonl
+
+    qs = load_jsonl(OUT / f"classified{args.tag}.jsonl")
+    comp = _load("classify", args.tag)["composed"]  # type: ignore[index]
+    return qs, comp
+
+
+def exact_stage(m, args) -> None:
+    from multihop_naive import decoder_layers, layer_outputs
+
+    from patchtrace.multihop.backpatch import BackpatchConfig, backpatch
+
+    qs, comp = _queries(args)
+    pick = [q for q, c in zip(qs, comp, strict=True) if q.both_hops_ok and not c][: args.exact_queries]
+    rng = random.Random(0)
+    rows = []
+    L = m.dims.n_layers
+    for q in pick:
+        t0 = time.perf_counter()
+        s = backpatch(m, [q], BackpatchConfig(generate=False))
+        fast = time.perf_counter() - t0
+        ids = torch.tensor([m.tokenizer(q.prompt).input_ids])
+        tok = m.tokenizer(" " + q.target).input_ids[0]
+        pos = ids.shape[1] - 1
+        pairs = rng.sample([(j, i) for j in range(L) for i in range(L)], args.naive_pairs)
+        t0 = time.perf_counter()
+        outs = layer_outputs(m.hf, ids)
+        layers = decoder_layers(m.hf)
+        diffs = []
+        for j, i in pairs:
+            val = outs[j][:, pos]
+
+            def hook(mod, a, o, val=val, pos=pos):
+                x = (o[0] if isinstance(o, tuple) else o).clone()
+                x[:, pos] = val
+                return (x, *o[1:]) if isinstance(o, tuple) else x
+
+            h = layers[i].register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    lp = torch.log_softmax(m.hf(ids).logits[0, -1].float(), -1)[tok]
+            finally:
+                h.remove()
+            diffs.append(abs(float(lp) - float(s.per_example[0, j, i])))
+        naive = (time.perf_counter() - t0) / len(pairs) * L * L
+        rows.append({"query": q.name, "tokens": ids.shape[1], "fast_s": fast, "naive_s_extrapolated": naive,
+                     "naive_pairs": len(pairs), "max_abs_diff": max(diffs), "speedup": naive / fast})
+        print(rows[-1])
+    _save("exact", {"rows": rows, "layers": L}, args.tag)
+
+
+def fix_stage(m, args) -> None:
+    from patchtrace.multihop.backpatch import BackpatchConfig, backpatch, fix_rate
+
+    qs, comp = _queries(args)
+    pick = [q for q, c in zip(qs, comp, strict=True) if q.both_hops_ok and not c][: args.fix_queries]
+    cfg = BackpatchConfig(max_new=args.max_new, gen_pairs="upper")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    s = backpatch(m, pick, cfg, out_dir=str(OUT / f"fix{args.tag}"), overwrite=True)
+    dt = time.perf_counter() - t0
+    rates = fix_rate(s)
+    succ = s.extras["success"].mean(0)
+    _plot(succ, OUT / f"backpatch-success{args.tag}.png", f"{m.name}: back-patch success (j > i), {len(pick)} queries")
+    L = succ.shape[1]
+    upper = succ * torch.tril(torch.ones_like(succ), -1)
+    best = [(int(k) // L, int(k) % L, float(upper.flatten()[k])) for k in upper.flatten().topk(5).indices]
+    _save("fix", {"rates": rates, "queries": len(pick), "seconds": dt, "max_new": args.max_new,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss0_mb": rss0 / 1024,
+                  "base_correct": float(s.extras["base_correct"].sum()), "best": best,
+                  "success_by_target_layer": succ.sum(0).tolist(), "success_by_source_layer": succ.sum(1).tolist()},
+          args.tag)
+    print(rates, f"{dt:.0f}s")
+
+
+def _plot(grid: torch.Tensor, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(grid.numpy(), origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xlabel("target layer i")
+    ax.set_ylabel("source layer j")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax, label="fraction of queries fixed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def bridge_stage(m, args) -> None:
+    from patchtrace.multihop.bridge import bridge_readout
+
+    qs, comp = _queries(args)
+    out = {}
+    for name, want in (("correct", True), ("incorrect", False)):
+        pick = [q for q, c in zip(qs, comp, strict=True) if q.both_hops_ok and c == want][: args.bridge_queries]
+        if not pick:
+            continue
+        t0 = time.perf_counter()
+        s = bridge_readout(m, pick)
+        ex = s.extras
+        first = lambda t: [int(x) for x in t.tolist()]  # noqa: E731
+        out[name] = {"n": len(pick), "seconds": time.perf_counter() - t0, "bridge_rate": s.values.tolist(),
+                     "answer_rate": ex["answer_hits"].mean(0).tolist(), "lens_rate": ex["lens_hits"].mean(0).tolist(),
+                     "bridge_layer": first(ex["bridge_layer"]), "answer_layer": first(ex["answer_layer"]),
+                     "lens_layer": first(ex["lens_layer"])}
+        print(name, out[name]["bridge_rate"])
+    _save("bridge", out, args.tag)
+
+
+def rr_stage(m, args) -> None:
+    from patchtrace.multihop.recall_reasoning import RRConfig, recall_reasoning
+
+    qs, _ = _queries(args)
+    t0 = time.perf_counter()
+    r = recall_reasoning(m, qs, RRConfig(n_random=args.rr_random))
+    d = r.summary()
+    d["seconds"] = time.perf_counter() - t0
+    _save("rr", d, args.tag)
+    print(json.dumps(d, indent=1)[:3000])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stages", nargs="*", default=["classify", "exact", "fix", "bridge", "rr"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tag", default="", help="suffix of the output files (e.g. -qwen)")
+    ap.add_argument("--n-cities", type=int, default=40)
+    ap.add_argument("--exact-queries", type=int, default=2)
+    ap.add_argument("--naive-pairs", type=int, default=40)
+    ap.add_argument("--fix-queries", type=int, default=1000)
+    ap.add_argument("--bridge-queries", type=int, default=20)
+    ap.add_argument("--max-new", type=int, default=10)
+    ap.add_argument("--rr-random", type=int, default=5)
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.render:
+        from multihop_render import render
+
+        print(render(OUT, args.tag))
+        return
+    from patchtrace.models.load import load_model
+
+    m = load_model(args.model, dtype=args.dtype)
+    for st in args.stages:
+        globals()[f"{st}_stage"](m, args)
+
+
+if __name__ == "__main__":
+    main()
