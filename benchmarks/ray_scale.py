@@ -1,11 +1,12 @@
 """Ray executor scaling on this machine: local vs 1 Ray worker vs 2 Ray workers, per-block cost,
 and an estimate for the full 46,080-neuron sweep and a 7B model on 8 GPUs.
 
-The sweep is a slice of the 46,080-neuron sweep of BENCHMARKS.md: the 1,536 MLP neurons of layer 14
-of the bundled SmolLM2-135M-Instruct at the last position, 16 IOI pairs (``make_task("ioi", n=16,
-seed=0)``), ``logit_diff``. A patch at layer 14 runs 16 of the 30 layers, close to the average over
-all 30 layers (15.5), so its per-cell cost stands for the whole sweep's. The engine cuts it into
-blocks of ``ROWS_PER_BLOCK`` = 2,048 rows (128 cells × 16 examples): 12 blocks.
+The sweep is a slice of the 46,080-neuron sweep of BENCHMARKS.md: the first ``--units`` (512) MLP
+neurons of layer 14 of the bundled SmolLM2-135M-Instruct at the last position, 16 IOI pairs
+(``make_task("ioi", n=16, seed=0)``), ``logit_diff``. A patch at layer 14 runs 16 of the 30 layers,
+close to the average over all 30 layers (15.5), so its per-cell cost stands for the whole sweep's.
+The engine cuts it into blocks of ``ROWS_PER_BLOCK`` = 2,048 rows (128 cells × 16 examples): 4 blocks
+(12 with ``--units 1536``).
 
 Modes, in one run, side by side (each sweep repeated ``--reps`` times, the fastest kept):
 
@@ -57,8 +58,9 @@ def _flops_per_row(model: Any, layer: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 blocks, one repetition")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--layer", type=int, default=14)
+    ap.add_argument("--units", type=int, default=512, help="neurons of the layer to sweep (1536: all)")
     args = ap.parse_args()
 
     import ray
@@ -70,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(cores)
     model = load_model()
     tok = make_task("ioi", n=16, seed=0).tokenize(model.tokenizer)
-    units = tuple(range(256)) if args.quick else None
+    units = tuple(range(256 if args.quick else args.units))
     spec = SiteSpec("neuron", per_unit=True, positions="last", layers=(args.layer,), units=units)
     reps = 1 if args.quick else args.reps
     rows: list[dict[str, Any]] = []
