@@ -74,7 +74,8 @@ def tiny_sd(seed: int = 0) -> Any:
         cross_attention_dim=16,
         attention_head_dim=2,
         norm_num_groups=8,
-    ).eval()
+    )
+    unet.eval()
     return StableDiffusionPipeline(
         vae=_vae().eval(),
         text_encoder=_clip(16),
@@ -111,7 +112,8 @@ def tiny_sdxl(seed: int = 0) -> Any:
         projection_class_embeddings_input_dim=6 * 4 + 16,
         cross_attention_dim=24,
         norm_num_groups=8,
-    ).eval()
+    )
+    unet.eval()
     return StableDiffusionXLPipeline(
         vae=_vae().eval(),
         text_encoder=_clip(8),
