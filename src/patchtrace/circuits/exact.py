@@ -243,24 +243,31 @@ def _run_rows(p: Prepared, g: Group, rows: NoDeltas, k: int, layer: int) -> Tens
 
 @torch.no_grad()
 def edge_grid(
-    p: Prepared, *, receivers: Sequence[int] | None = None, max_rows: int = 256, on_progress: Progress | None = None,
+    p: Prepared, *, receivers: Sequence[int] | None = None, edges: Tensor | None = None, max_rows: int = 256,
+    on_progress: Progress | None = None,
 ) -> Tensor:
-    """Exact effect of every edge into ``receivers`` (default: all), ``[S, R]`` (NaN where not computed).
+    """Exact effect of every edge into ``receivers`` (default: all), or of the edges in the mask
+    ``edges``, as ``[S, R]`` (NaN where not computed).
 
     Raises:
-        CircuitError: a receiver index outside the graph.
+        CircuitError: a receiver index outside the graph, or a mask naming edges that do not exist.
     """
     G = p.graph
     recs = list(range(G.n_receivers)) if receivers is None else sorted({int(r) for r in receivers})
     bad = [r for r in recs if not 0 <= r < G.n_receivers]
     if bad:
         raise CircuitError(f"receiver {bad[0]} is outside the graph ({G.n_receivers} receivers)")
+    want = G.mask.clone()
+    want[:, [r for r in range(G.n_receivers) if r not in set(recs)]] = False
+    if edges is not None:
+        if tuple(edges.shape) != tuple(G.mask.shape) or bool((edges & ~G.mask).any()):
+            raise CircuitError(f"edge mask of shape {tuple(edges.shape)} names edges outside the graph")
+        want &= edges
     eff = torch.full((G.n_senders, G.n_receivers), float("nan"))
     acc = torch.zeros(G.n_senders, G.n_receivers)
     by_layer: dict[int, list[tuple[int, int]]] = {}
-    for r in recs:
-        for s in G.mask[:, r].nonzero().flatten().tolist():
-            by_layer.setdefault(int(G.receiver_layer[r]), []).append((s, r))
+    for s, r in G.edge_list(want):
+        by_layer.setdefault(int(G.receiver_layer[r]), []).append((s, r))
     tick = counter(on_progress, sum(len(v) for v in by_layer.values()) * len(p.groups))
     for g in p.groups:
         diff = g.src_out - g.base_out
@@ -273,9 +280,7 @@ def edge_grid(
                 for (s, r), e in zip(chunk, eff_k.tolist(), strict=True):
                     acc[s, r] += e
                 tick(len(chunk))
-    for r in recs:
-        col = G.mask[:, r]
-        eff[col, r] = acc[col, r] / p.n
+    eff[want] = acc[want] / p.n
     return eff
 
 
