@@ -263,6 +263,12 @@ class Scores:
         idx = torch.topk(key, min(k, key.numel())).indices
         return [tuple(int(x) for x in torch.unravel_index(i, self.values.shape)) for i in idx]
 
+    def _repr_html_(self) -> str:
+        """In a notebook: a heatmap table and the top sites (:func:`patchtrace.report.inline.scores_html`)."""
+        from patchtrace.report.inline import scores_html
+
+        return scores_html(self)
+
     def top_k(self, k: int = 10, by: str = "importance") -> list[tuple[Site, float]]:
         """The ``k`` most important sites with their values.
 

@@ -134,6 +134,12 @@ class Attribution:
     logits: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the answer and the sentence scores (:func:`patchtrace.report.inline.attribution_html`)."""
+        from patchtrace.report.inline import attribution_html
+
+        return attribution_html(self)
+
     @property
     def top_sentence(self) -> int:
         return self.ranking[0]

@@ -95,6 +95,12 @@ class Mask:
         """The site kinds of the components, in order of first appearance."""
         return tuple(dict.fromkeys(s.kind for s in self.sites))
 
+    def _repr_html_(self) -> str:
+        """In a notebook: kept sites, accuracy and per-kind heatmaps (:func:`patchtrace.report.inline.mask_html`)."""
+        from patchtrace.report.inline import mask_html
+
+        return mask_html(self)
+
     def to_scores(self) -> dict[str, Scores]:
         """Per site kind, a :class:`Scores` view of the relaxed mask on its grid.
 
