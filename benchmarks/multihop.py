@@ -154,7 +154,7 @@ def _plot(grid: torch.Tensor, path: Path, title: str) -> None:
 
 
 def bridge_stage(m, args) -> None:
-    from patchtrace.multihop.bridge import bridge_readout
+    from patchtrace.multihop.bridge import BridgeConfig, bridge_readout
 
     qs, comp = _queries(args)
     out = {}
@@ -163,7 +163,7 @@ def bridge_stage(m, args) -> None:
         if not pick:
             continue
         t0 = time.perf_counter()
-        s = bridge_readout(m, pick)
+        s = bridge_readout(m, pick, BridgeConfig(max_new=args.bridge_max_new))
         ex = s.extras
         first = lambda t: [int(x) for x in t.tolist()]  # noqa: E731
         out[name] = {"n": len(pick), "seconds": time.perf_counter() - t0, "bridge_rate": s.values.tolist(),
@@ -179,11 +179,78 @@ def rr_stage(m, args) -> None:
 
     qs, _ = _queries(args)
     t0 = time.perf_counter()
-    r = recall_reasoning(m, qs, RRConfig(n_random=args.rr_random))
+    r = recall_reasoning(m, qs, RRConfig(n_random=args.rr_random, max_items=args.rr_items))
     d = r.summary()
     d["seconds"] = time.perf_counter() - t0
     _save("rr", d, args.tag)
     print(json.dumps(d, indent=1)[:3000])
+
+
+def _median(xs: list[int]) -> str:
+    xs = sorted(x for x in xs if x >= 0)
+    return "–" if not xs else str(xs[len(xs) // 2])
+
+
+def render(tag: str = "") -> str:
+    """The BENCHMARKS.md tables from the stages' JSON files."""
+    out: list[str] = []
+    c = _load("classify", tag)
+    if c:
+        out += ["Classification (greedy 10 tokens, alias substring match; " f"{c['seconds']:.0f} s):", "",
+                "| relation | queries | both hops right | composition right | both hops right, composition wrong |",
+                "|---|---|---|---|---|"]
+        for r, v in sorted(c["by_relation"].items()):
+            out.append(f"| {r} | {v['total']} | {v['both_hops']} | {v['composition']} | {v['both_wrong_comp']} |")
+        k = c["counts"]
+        out += [f"| **all** | {k['total']} | {k['both_hops']} | {k['composition']} | {k['both_hops_composition_wrong']} |", ""]
+    e = _load("exact", tag)
+    if e:
+        out += [f"Log-probability grid ({e['layers']}×{e['layers']}, position `last`), fast path vs naive HF hooks "
+                "(one full forward per pair; timed on a random sample of pairs in the same run and scaled to the grid):", "",
+                "| query | tokens | fast (s) | naive (s, scaled) | speed-up | max abs diff (sampled pairs) |",
+                "|---|---|---|---|---|---|"]
+        for r in e["rows"]:
+            out.append(f"| {r['query']} | {r['tokens']} | {r['fast_s']:.2f} | {r['naive_s_extrapolated']:.1f} "
+                       f"({r['naive_pairs']} pairs) | {r['speedup']:.0f}× | {r['max_abs_diff']:.1e} |")
+        out.append("")
+    f = _load("fix", tag)
+    if f:
+        out += [f"Oracle fix rate (queries with both hops right and the composition wrong; a query is fixed when some "
+                f"back-patch with j > i makes the greedy {f['max_new']}-token generation contain an alias): "
+                f"{f['seconds']:.0f} s for {f['queries']} queries, peak RSS {f['peak_rss_mb']:.0f} MB.", "",
+                "| relation | incorrect | fixed by ≥ 1 back-patch | rate | paper (LLaMA-2/3) |", "|---|---|---|---|---|"]
+        for r, v in sorted(f["rates"].items(), key=lambda kv: kv[0] != "all"):
+            out.append(f"| {r} | {v['incorrect']} | {v['fixed']} | {v['rate']:.0%} | {'57–66%' if r == 'all' else ''} |")
+        out += ["", "Most successful (j, i) pairs (fraction of these queries fixed): "
+                + ", ".join(f"({j}, {i}) {v:.2f}" for j, i, v in f["best"]), ""]
+    b = _load("bridge", tag)
+    if b:
+        keys = list(b)
+        L = len(b[keys[0]]["bridge_rate"])
+        layers = list(range(0, L, 3)) + ([L - 1] if (L - 1) % 3 else [])
+        out += ["Bridge readout (both hops right; patchscope of the e1 state into the identity prompt, bridge "
+                "decoded; the last position's state decoded to the answer; logit lens top-1 = answer):", "",
+                "| layer | " + " | ".join(f"{k}: bridge | {k}: answer | {k}: lens" for k in keys) + " |",
+                "|---|" + "---|" * (3 * len(keys))]
+        for li in layers:
+            out.append(f"| {li} | " + " | ".join(f"{b[k]['bridge_rate'][li]:.2f} | {b[k]['answer_rate'][li]:.2f} | "
+                                                 f"{b[k]['lens_rate'][li]:.2f}" for k in keys) + " |")
+        out += ["", "Median first layer (queries with a hit): " + "; ".join(
+            f"{k} (n={b[k]['n']}): bridge {_median(b[k]['bridge_layer'])}, answer {_median(b[k]['answer_layer'])}, "
+            f"lens {_median(b[k]['lens_layer'])}" for k in keys), ""]
+    r = _load("rr", tag)
+    if r:
+        out += [f"Recall vs reasoning ({r['n_items']['recall']} recall, {r['n_items']['reasoning']} reasoning items; "
+                f"clean first-token accuracy recall {r['clean_accuracy'].get('recall', float('nan')):.2f}, reasoning "
+                f"{r['clean_accuracy'].get('reasoning', float('nan')):.2f}; {r['seconds']:.0f} s):", "",
+                "| level | recall-specialized | reasoning-specialized | tested |", "|---|---|---|---|"]
+        for lv, v in r["counts"].items():
+            out.append(f"| {lv} | {v['recall']} | {v['reasoning']} | {v['total']} |")
+        out += ["", "| ablated head group | size | recall acc. drop | reasoning acc. drop | selectivity |", "|---|---|---|---|---|"]
+        for g, v in r["ablation"].items():
+            out.append(f"| {g} | {v['size']:.0f} | {v['recall_drop']:+.3f} | {v['reasoning_drop']:+.3f} | {v['selectivity']:+.3f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -199,12 +266,12 @@ def main() -> None:
     ap.add_argument("--bridge-queries", type=int, default=20)
     ap.add_argument("--max-new", type=int, default=10)
     ap.add_argument("--rr-random", type=int, default=5)
+    ap.add_argument("--rr-items", type=int, default=60)
+    ap.add_argument("--bridge-max-new", type=int, default=6)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     if args.render:
-        from multihop_render import render
-
-        print(render(OUT, args.tag))
+        print(render(args.tag))
         return
     from patchtrace.models.load import load_model
 

@@ -116,8 +116,8 @@ def ablate(
     cfg = config or AblationConfig()
     if not prompts or len(prompts) != len(targets):
         raise MultihopError(f"ablation needs prompts and as many targets ({len(prompts)} prompts, {len(targets)} targets)")
-    for i, t in enumerate(targets):
-        if not t.strip():
+    for i, target in enumerate(targets):
+        if not target.strip():
             raise MultihopError(f"example {i}: target is empty")
     cells, grid = _cells(model, sites)
     tok = [encode(model, " " + t.strip(), f"target {i}")[0] for i, t in enumerate(targets)]
@@ -142,7 +142,7 @@ def ablate(
     done = 0
     for T, idx in groups.items():
         ids = torch.tensor([encode(model, prompts[i]) for i in idx], device=model.device)
-        t = torch.tensor([tok[i] for i in idx], device=model.device)
+        t: Tensor = torch.tensor([tok[i] for i in idx], device=model.device)
         ref_run = None
         if cfg.mode != "zero":
             ref_ids = ids if refs is None else torch.tensor(
