@@ -47,6 +47,18 @@ def parse_heads(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def check_heads_exist(pairs: tuple[tuple[int, int], ...] | None, model: Any, option: str) -> None:
+    """Every ``layer.head`` pair names a head of ``model``.
+
+    Raises:
+        CLIError: a layer or head past the model's (names the pair and the model's sizes).
+    """
+    L, H = model.dims.n_layers, model.dims.n_heads
+    for a, b in pairs or ():
+        if a >= L or b >= H:
+            raise common.CLIError(f"{option}: head {a}.{b} does not exist (the model has {L} layers of {H} heads)")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``attribute`` to the app."""
 
@@ -93,6 +105,11 @@ def register(app: typer.Typer) -> None:
             raise common.CLIError("give exactly one of --heads or --circuit")
         if data is None and kind not in KINDS:
             raise common.CLIError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+        for value, option in ((n, "--n"), (n_heads, "--n-heads"), (k_candidates, "--k-candidates"),
+                              (max_new_tokens, "--max-new-tokens")):
+            common.check_count(value, option)
+        common.check_finite(steer, "--steer")
+        common.check_finite(min_margin, "--min-margin")
         given = parse_heads(heads) if heads is not None else None
         sh_given = parse_heads(steer_heads) if steer_heads else None
         if data is not None and not Path(data).is_file():
@@ -102,6 +119,8 @@ def register(app: typer.Typer) -> None:
         if html:
             common.check_out(html, "--html", folder=False)
         m = common.load(model, device, dtype, trust_remote_code)
+        for pairs, option in ((given, "--heads"), (sh_given, "--steer-heads")):
+            check_heads_exist(pairs, m, option)
         items = load_qa_jsonl(data) if data else make_qa_items(kind, n, seed, m.tokenizer)
         # GenerationError / TaskError are reported by the app (common.LIBRARY_ERRORS)
         if given is not None:

@@ -380,6 +380,30 @@ def parse_by(by: str) -> str:
     return by
 
 
+def check_count(value: int, option: str, low: int = 1) -> int:
+    """An integer option that counts something (examples, heads, steps): at least ``low``.
+
+    Raises:
+        CLIError: below ``low`` (names the option and the value).
+    """
+    if value < low:
+        raise CLIError(f"{option} {value}: must be at least {low}")
+    return value
+
+
+def check_finite(value: float, option: str) -> float:
+    """A number option: finite (NaN and infinity are refused, whatever the range check after).
+
+    Raises:
+        CLIError: NaN or infinite.
+    """
+    import math
+
+    if not math.isfinite(value):
+        raise CLIError(f"{option} {value}: must be a finite number")
+    return value
+
+
 def parse_top(top: int) -> int:
     """``--top``: a positive number of rows.
 
@@ -459,6 +483,8 @@ __all__ = [
     "LIBRARY_ERRORS",
     "CLIError",
     "build_task",
+    "check_count",
+    "check_finite",
     "check_out",
     "check_task",
     "console",

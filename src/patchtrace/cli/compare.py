@@ -26,12 +26,17 @@ from patchtrace.cli import common
 
 def parse_site_items(text: str, default_positions: str, layers: str | None) -> list:
     """``resid_pre@all,head@last`` → one SiteSpec per item (``@positions`` optional)."""
+    default = common.parse_positions(default_positions)  # checked even when every item has its own
     specs = []
     for item in [s.strip() for s in text.split(",") if s.strip()]:
         name, _, pos = item.partition("@")
-        specs += common.parse_sites(name, common.parse_positions(pos or default_positions), common.parse_layers(layers))
+        specs += common.parse_sites(name, common.parse_positions(pos) if pos else default, common.parse_layers(layers))
     if not specs:
         raise common.CLIError(f"--sites {text!r}: give at least one site kind")
+    kinds = [s.kind for s in specs]
+    dup = sorted({k for k in kinds if kinds.count(k) > 1})
+    if dup:
+        raise common.CLIError(f"--sites {text!r}: kind(s) {', '.join(dup)} given twice")
     return specs
 
 
@@ -78,6 +83,8 @@ def register(app: typer.Typer) -> None:
             return
         known = cmp.estimator_names()
         names = known if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+        if not names:
+            raise common.CLIError(f"--methods {methods!r}: give at least one estimator: {', '.join(known)}")
         bad = [x for x in names if x not in (*known, cmp.REFERENCE)]
         if bad:
             raise common.CLIError(f"--methods: unknown {bad}; choose from {', '.join(known)}")

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         from patchtrace.sites import SiteSpec
 
         con = common.console()
+        common.parse_top(top)
         common.check_task("ioi", n)
         common.check_out(out)
         t0 = time.perf_counter()

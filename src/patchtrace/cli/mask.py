@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
             else:
                 m = common.load(model, device, dtype, trust_remote_code)
                 tsk = common.build_task(task, n, seed, m, default_n=64)
+                tsk.tokenize(m.tokenizer)  # refuses degenerate examples (answer = wrong, clean = corrupt), naming them
                 ds = dbm.as_desiderata(tsk)
                 if tsk.params.get("n_solved") is not None:
                     con.print(f"task {tsk.name}: the model solves {tsk.params['n_solved']} of "

@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         from patchtrace.methods.causal_tracing import run as causal_trace
 
         con = common.console()
+        common.parse_top(top)
         budget = common.parse_memory(max_memory)
         options: dict[str, Any] = {  # checked by TracingConfig itself, before anything is loaded
             "noise_scale": noise_scale, "samples": samples, "seed": noise_seed, "kind": kind, "window": window,

@@ -227,6 +227,21 @@ def _agreement(exact: Scores, est: Scores, k: int) -> dict[str, Any]:
     }
 
 
+def check_sites(model: Model, tok: TokenizedTask, specs: Sequence[SiteSpec]) -> None:
+    """Resolve every site of every grid against the model and each example group's length.
+
+    Raises:
+        EngineError: a layer, unit or position that does not exist (names the site).
+    """
+    from patchtrace.engine.sweep import resolve
+
+    for spec in specs:
+        grid = activation_patching.build_grid(model, spec, tok)
+        for idx in tok.groups():
+            for site in grid.sites():
+                resolve(site, model, tok.lengths[idx[0]])
+
+
 def run(
     model: Model,
     task: Task | TokenizedTask,
@@ -263,6 +278,7 @@ def run(
     if bad:
         raise AttributionError(f"unknown method(s) {bad}; the estimators of {REFERENCE} are {', '.join(known)}")
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
+    check_sites(model, tok, specs)  # a layer or position out of range fails here, before any forward
     pairs: list[float] = []
     scores: dict[str, list[Scores]] = {}
     times: dict[str, float] = {}

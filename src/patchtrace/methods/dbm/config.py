@@ -66,7 +66,7 @@ class DBMConfig:
     def __post_init__(self) -> None:
         try:
             check_float(self, "lam", low=0.0)
-            check_int(self, "steps", low=0)
+            check_int(self, "steps", low=1)
             check_float(self, "lr", low=0.0, open_low=True)
             check_choice(self, "parametrization", PARAMETRIZATIONS)
             check_float(self, "threshold", low=0.0, high=1.0)
