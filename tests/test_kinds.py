@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from patchtrace.engine.cache import collect
-from patchtrace.kinds import KINDS, KindError, kind_info
+from patchtrace.kinds import KINDS, KindError, available, kind_info
 from patchtrace.sites import SITE_KINDS, HookPoint
 
 
@@ -23,7 +23,7 @@ def test_layout_and_unit_counts_match_the_recorded_tensors(family, smol_tokenize
     ids = model.tokenizer(["one two three four five"], return_tensors="pt").input_ids
     T = ids.shape[1]
     pts = [HookPoint(k, None if not i.has_layer else 1) for k, i in KINDS.items()
-           if not (i.sequential_only and model.dims.parallel_residual)]
+           if not (i.sequential_only and model.dims.parallel_residual) and available(k, model.dims)]
     run = collect(model, ids, pts)
     for hp in pts:
         info = kind_info(hp.kind)

@@ -62,6 +62,7 @@ def _builtin_axes() -> dict[str, Axis]:
         ("head", "H", "unit", "query head"),
         ("kv_head", "KV", "unit", "key/value head (differs from query heads under GQA)"),
         ("neuron", "N", "unit", "MLP hidden unit"),
+        ("expert", "E", "unit", "expert of a mixture-of-experts MLP"),
         ("pos", "", "pos", "token position (negative: from the end)"),
         ("source_layer", "src L", None, "layer a value is read from (cross-layer patching)"),
         ("target_layer", "tgt L", None, "layer a value is written into (cross-layer patching)"),

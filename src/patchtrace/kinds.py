@@ -38,7 +38,8 @@ from patchtrace.errors import PatchtraceError
 
 Join = Literal["embed", "attn", "mlp", "resid_post", "generic"]
 Reduce = Literal["stream", "per_unit", "identity", "pattern"]
-UnitAxis = Literal["head", "kv_head", "neuron"]
+UnitAxis = Literal["head", "kv_head", "neuron", "expert"]
+Blocks = Literal["any", "dense", "moe"]
 
 
 class KindError(PatchtraceError, ValueError):
@@ -55,6 +56,10 @@ def _kv_heads(d: Any) -> int:
 
 def _neurons(d: Any) -> int:
     return int(d.d_mlp)
+
+
+def _experts(d: Any) -> int:
+    return int(getattr(d, "n_experts", 0))
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class KindInfo:
             ``neuron`` → down projection (+ post-norm) → ``mlp_out``), so the fast path can rebuild
             that output from a patched value; None for other kinds.
         doc: one line on what it is.
+        blocks: which MLPs have it: ``any``, ``dense`` (one MLP: ``neuron``) or ``moe`` (a
+            mixture of experts: ``router``, ``expert``); see :func:`available`.
     """
 
     name: str
@@ -94,6 +101,7 @@ class KindInfo:
     doc: str
     explicit_attention: bool = False
     feeds: str | None = None
+    blocks: Blocks = "any"
 
     @property
     def has_units(self) -> bool:
@@ -101,8 +109,8 @@ class KindInfo:
 
     @property
     def unit_letter(self) -> str:
-        """The letter of a unit in the site notation: ``n`` for neurons, ``h`` for (KV) heads."""
-        return "n" if self.unit_axis == "neuron" else "h"
+        """The letter of a unit in the site notation: ``n`` neurons, ``e`` experts, ``h`` (KV) heads."""
+        return {"neuron": "n", "expert": "e"}.get(self.unit_axis or "", "h")
 
     def units(self, dims: Any) -> int | None:
         """How many units the model gives this kind (None: no unit axis)."""
@@ -110,11 +118,12 @@ class KindInfo:
 
 
 def _row(name: str, unit_axis: UnitAxis | None, join: Join, reduce: Reduce, doc: str, *, layer: bool = True,
-         pos_dim: int = 1, maskable: bool = True, sequential_only: bool = False, feeds: str | None = None) -> KindInfo:
-    n = {"head": _heads, "kv_head": _kv_heads, "neuron": _neurons, None: None}[unit_axis]
+         pos_dim: int = 1, maskable: bool = True, sequential_only: bool = False, feeds: str | None = None,
+         blocks: Blocks = "any") -> KindInfo:
+    n = {"head": _heads, "kv_head": _kv_heads, "neuron": _neurons, "expert": _experts, None: None}[unit_axis]
     unit_dim = None if unit_axis is None else (1 if pos_dim == 2 else 2)
     return KindInfo(name, layer, unit_axis, n, pos_dim, unit_dim, join, maskable, reduce, sequential_only, doc,
-                    explicit_attention=pos_dim == 2, feeds=feeds)
+                    explicit_attention=pos_dim == 2, feeds=feeds, blocks=blocks)
 
 
 #: The table: one row per site kind, in the vocabulary's order.
@@ -134,7 +143,12 @@ KINDS: dict[str, KindInfo] = {
         _row("pattern", "head", "generic", "pattern", "attention probabilities (query, key)", pos_dim=2,
              maskable=False),
         _row("neuron", "neuron", "mlp", "identity", "MLP hidden activation (act(gate) * up when gated)",
-             feeds="mlp_out"),
+             feeds="mlp_out", blocks="dense"),
+        _row("router", "expert", "generic", "identity", "router logits, one per expert (mixture-of-experts MLPs)",
+             maskable=False, blocks="moe"),
+        _row("expert", "expert", "generic", "per_unit",
+             "one expert's weighted output (zero where the token is not routed to it); they sum to mlp_out",
+             blocks="moe"),
     )
 }
 
@@ -149,6 +163,14 @@ def kind_info(kind: str) -> KindInfo:
     if info is None:
         raise KindError(f"unknown site kind {kind!r}; the vocabulary is: {', '.join(KINDS)}")
     return info
+
+
+def available(kind: str, dims: Any) -> bool:
+    """Whether a model with these dimensions computes ``kind`` (``neuron`` needs a dense MLP;
+    ``router`` and ``expert`` a mixture of experts, ``dims.n_experts > 0``)."""
+    blocks = kind_info(kind).blocks
+    moe = int(getattr(dims, "n_experts", 0)) > 0
+    return blocks == "any" or (blocks == "moe") == moe
 
 
 def needs_explicit_attention(kinds: Iterable[str]) -> bool:
@@ -173,4 +195,4 @@ def gradient_product(kind: str, diff: Tensor, grad: Tensor) -> Tensor:
     return p.sum(-1, keepdim=True)
 
 
-__all__ = ["KINDS", "Join", "KindError", "KindInfo", "Reduce", "UnitAxis", "gradient_product", "kind_info", "needs_explicit_attention"]
+__all__ = ["KINDS", "Blocks", "Join", "KindError", "KindInfo", "Reduce", "UnitAxis", "available", "gradient_product", "kind_info", "needs_explicit_attention"]

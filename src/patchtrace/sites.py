@@ -22,6 +22,8 @@ kind            shape                  what it is
 ``v``           ``[B, T, K, d]``       values, per KV head
 ``pattern``     ``[B, H, T, T]``       attention probabilities (query position, key position)
 ``neuron``      ``[B, T, M]``          MLP hidden activation (``act(gate) * up`` when gated)
+``router``      ``[B, T, E]``          router logits of a mixture-of-experts MLP (``E`` experts)
+``expert``      ``[B, T, E, D]``       each expert's weighted output; they sum to ``mlp_out``
 ==============  =====================  ==========================================================
 
 String notation (stable; :func:`parse_site` is its inverse)::
@@ -58,6 +60,8 @@ SiteKind = Literal[
     "v",
     "pattern",
     "neuron",
+    "router",
+    "expert",
 ]
 
 SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
@@ -135,7 +139,7 @@ class Site:
         return s
 
 
-_SITE_RE = re.compile(r"^(?P<kind>[a-z_]+)(?:\[(?P<layer>\d+)\])?(?:\.(?P<ut>[hn])(?P<unit>\d+))?(?:@(?P<pos>-?\d+))?$")
+_SITE_RE = re.compile(r"^(?P<kind>[a-z_]+)(?:\[(?P<layer>\d+)\])?(?:\.(?P<ut>[hne])(?P<unit>\d+))?(?:@(?P<pos>-?\d+))?$")
 
 
 def parse_site(text: str) -> Site:

@@ -43,14 +43,19 @@ def _canon(x: Tensor, kind: str) -> Tensor:
     return x.transpose(1, 2) if kind_info(kind).pos_dim == 2 else x
 
 
-def select(acts: Tensor, site: Site) -> Tensor:
+def select(acts: Tensor, site: Site, pos0: int = 0) -> Tensor:
     """The values of ``site`` in a recorded ``[N, ...]`` activation: ``[N, *feature]`` at one
-    position, ``[N, T, *feature]`` for all positions (a unit, if given, is selected too)."""
+    position, ``[N, T, *feature]`` for all positions (a unit, if given, is selected too).
+
+    ``pos0``: the first position the recording holds (:attr:`~patchtrace.engine.cache.RunCache.pos0`);
+    ``site.pos`` is absolute."""
     t = _canon(acts, site.kind)
     if site.unit is not None:
         t = t.select(2, site.unit)
     if site.pos is not None:
-        t = t.select(1, site.pos)
+        if site.pos < pos0:
+            raise ApplyError(f"{site}: position {site.pos} was not recorded (the run keeps positions {pos0}..)")
+        t = t.select(1, site.pos - pos0)
     return t
 
 
@@ -71,7 +76,10 @@ def source_value(iv: Intervention, runs: Mapping[str, Any], n_examples: int) -> 
     acts = run.acts.get(s.point)
     if acts is None:
         raise ApplyError(f"{iv}: the {iv.source.run!r} run did not record {s.point}; cannot read {s}")
-    v = select(acts, s)
+    pos0 = getattr(run, "pos0", 0)
+    v = select(acts, s, pos0)
+    if s.pos is None and pos0 > 0:  # all positions from a trimmed run: absolute positions again
+        v = torch.cat((v.new_zeros(v.shape[0], pos0, *v.shape[2:]), v), dim=1)
     if isinstance(iv.op, Resample):
         if len(iv.op.order) != n_examples or max(iv.op.order) >= v.shape[0]:
             raise ApplyError(f"{iv}: resample order has {len(iv.op.order)} entries for {n_examples} examples "
@@ -171,7 +179,7 @@ def intervention_hook(
     for i, iv in fast:
         assert iv.source is not None
         by_run.setdefault((iv.source.run, isinstance(iv.op, Mix)), []).append((i, iv))
-    tables: list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
+    tables: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]] = []
     for (run_name, mix), ivs in by_run.items():
         run = runs.get(run_name)
         if run is None or point not in run.acts:
@@ -181,7 +189,7 @@ def intervention_hook(
         tt = torch.tensor([iv.target.pos for _, iv in ivs], device=dev)
         uu = torch.tensor([iv.target.unit for _, iv in ivs], device=dev) if ivs[0][1].target.unit is not None else None
         w = _stack_weights([iv.op for _, iv in ivs], dev) if mix else None  # type: ignore[misc]
-        tables.append((_canon(run.acts[point], point.kind), ii, tt, uu, w))
+        tables.append((_canon(run.acts[point], point.kind), ii, tt, tt - getattr(run, "pos0", 0), uu, w))
 
     def fn(x: Tensor, ctx: RunCtx) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -191,9 +199,9 @@ def intervention_hook(
         xv = xv.unflatten(0, (P, N))
         off, n = ctx.pos_offset, xv.shape[2]
         ar = torch.arange(N, device=x.device)
-        for s, ii, tt, uu, w in tables:
+        for s, ii, tt, ts, uu, w in tables:  # tt: absolute positions; ts: where they sit in the source run
             where = (ii[:, None], ar[None, :], (tt - off)[:, None]) + (() if uu is None else (uu[:, None],))
-            val = s[(ar[None, :], tt[:, None]) + (() if uu is None else (uu[:, None],))].to(x.dtype)
+            val = s[(ar[None, :], ts[:, None]) + (() if uu is None else (uu[:, None],))].to(x.dtype)
             if w is not None:  # mix: cur + w · (val − cur), w per intervention (may require grad)
                 cur = xv[where]
                 val = cur + w.to(x.dtype).view(-1, *([1] * (cur.dim() - 1))) * (val - cur)

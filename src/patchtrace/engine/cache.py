@@ -4,6 +4,14 @@ A :class:`RunCache` holds one forward over an equal-length group of examples: ev
 ``resid_pre`` (where a resumed run starts), the hook points a sweep asked for (the values it patches
 in or rebuilds joining rows from), every layer's keys and values (the prefix a suffix-only run
 attends to) and the last-position logits (the unpatched metric).
+
+Only the positions a sweep reads are kept. A sweep whose patches all start at position ``p`` or
+later (a last-position head or neuron sweep: ``p = T − 1``) never reads an activation before ``p``:
+the fast path recomputes positions ``p..T−1`` from the cached residual stream and attends to the
+cached *keys and values* of the earlier positions, and every patched value sits at a position
+``≥ p``. So :func:`collect` with ``from_pos=p`` keeps activations of positions ``p..T−1`` only
+(``pos0 = p``; keys/values stay whole): a 30-layer last-position head sweep's two runs shrink
+from ~160 MB to ~15 MB. Readers index absolute positions through :meth:`RunCache.local`.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patchtrace.kinds import needs_explicit_attention
+from patchtrace.kinds import kind_info, needs_explicit_attention
 from patchtrace.models.load import Model
 from patchtrace.models.runner import HookFn, RunCtx
 from patchtrace.sites import HookPoint
@@ -26,14 +34,24 @@ class RunCache:
     """Activations of one run over an equal-length group of examples.
 
     Attributes:
-        acts: full-length activations per hook point, ``[N, T, ...]`` (``pattern``: ``[N, H, T, T]``).
-        kv: per layer, keys and values ``[N, K, T, d]``.
+        acts: activations per hook point of positions ``pos0..T−1``, ``[N, T − pos0, ...]``
+            (``pattern``: ``[N, H, T − pos0, T]``, query positions trimmed).
+        kv: per layer, keys and values ``[N, K, T, d]`` (all positions: the prefix a resumed run
+            attends to).
         logits: last-position logits ``[N, V]``.
+        pos0: the first position held in ``acts`` (0: every position).
     """
 
     acts: dict[HookPoint, Tensor]
     kv: list[tuple[Tensor, Tensor]]
     logits: Tensor
+    pos0: int = 0
+
+    def local(self, pos: int) -> int:
+        """Where absolute position ``pos`` sits in ``acts`` (refuses one that was not kept)."""
+        if pos < self.pos0:
+            raise IndexError(f"position {pos} was not recorded (this run keeps positions {self.pos0}.. only)")
+        return pos - self.pos0
 
     @property
     def length(self) -> int:
@@ -47,9 +65,10 @@ def collect(
     points: Iterable[HookPoint] = (),
     *,
     hooks: dict[HookPoint, list[HookFn]] | None = None,
+    from_pos: int = 0,
 ) -> RunCache:
-    """One forward over ``ids`` ``[N, T]``, recording ``resid_pre`` of every layer, the given points,
-    all keys/values, and the last-position logits."""
+    """One forward over ``ids`` ``[N, T]``, recording ``resid_pre`` of every layer, the given points
+    (positions ``from_pos..T−1`` only), all keys/values, and the last-position logits."""
     n_layers = model.dims.n_layers
     want = set(points) | {HookPoint("resid_pre", i) for i in range(n_layers)}
     acts: dict[HookPoint, Tensor] = {}
@@ -58,8 +77,10 @@ def collect(
         all_hooks[hp].extend(fns)
 
     def rec(hp: HookPoint) -> HookFn:
+        dim = kind_info(hp.kind).pos_dim
+
         def fn(x: Tensor, ctx: RunCtx) -> None:
-            acts[hp] = x.detach().clone()
+            acts[hp] = x.detach().narrow(dim, from_pos, x.shape[dim] - from_pos).clone()
 
         return fn
 
@@ -70,7 +91,7 @@ def collect(
         out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit)
     assert out.logits is not None and out.kv is not None
     kv = [(k.clone(), v.clone()) for k, v in out.kv if k is not None]  # type: ignore[misc]
-    return RunCache(acts, kv, out.logits[:, -1].float())
+    return RunCache(acts, kv, out.logits[:, -1].float(), from_pos)
 
 
 __all__ = ["RunCache", "collect"]

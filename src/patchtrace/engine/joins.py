@@ -30,7 +30,7 @@ from torch import Tensor
 from patchtrace.engine.apply import intervention_hook
 from patchtrace.engine.cache import RunCache
 from patchtrace.engine.patch import Patch
-from patchtrace.kinds import KINDS, kind_info
+from patchtrace.kinds import KINDS, available, kind_info
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
 from patchtrace.sites import HookPoint
@@ -84,7 +84,7 @@ def patch_base_points(patch: Patch, model: Model) -> set[HookPoint]:
     if rules == {"resid_post"}:
         return {HookPoint("resid_post", L)}
     out = "attn_out" if key[1] == 1 else "mlp_out"
-    pts = {HookPoint(out, L)} | {HookPoint(k, L) for k in KINDS if KINDS[k].feeds == out}
+    pts = {HookPoint(out, L)} | {HookPoint(k, L) for k in KINDS if KINDS[k].feeds == out and available(k, model.dims)}
     if out == "mlp_out":
         pts.add(HookPoint("attn_out", L) if model.dims.parallel_residual else HookPoint("resid_mid", L))
     return pts
@@ -115,7 +115,7 @@ def joining_rows(
     runner = model.runner
 
     def cached(kind: str, layer: int) -> Tensor:
-        t = base.acts[HookPoint(kind, layer)][:, p:]
+        t = base.acts[HookPoint(kind, layer)][:, base.local(p):]
         return t.repeat(R, *([1] * (t.dim() - 1)))
 
     def patched(x: Tensor, kind: str, layer: int) -> Tensor:
@@ -157,7 +157,7 @@ def joins(
         if is_shortcut(key):
             rows = joining_rows(model, base, runs, block, key, p, N, T)
         else:
-            rows = base.acts[HookPoint("resid_pre", L)][:, p:].repeat(len(block), 1, 1)
+            rows = base.acts[HookPoint("resid_pre", L)][:, base.local(p):].repeat(len(block), 1, 1)
         parts[("mid" if stage == 1 else "pre", L)].append(rows)
     return {k: torch.cat(v, dim=0) if len(v) > 1 else v[0] for k, v in parts.items()}
 

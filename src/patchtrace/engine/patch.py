@@ -17,7 +17,7 @@ from torch import Tensor
 
 from patchtrace.errors import PatchtraceError
 from patchtrace.interventions import Intervention, SourceRef
-from patchtrace.kinds import kind_info
+from patchtrace.kinds import available, kind_info
 from patchtrace.metrics import Metric
 from patchtrace.models.load import Model
 from patchtrace.sites import Site
@@ -75,6 +75,9 @@ def resolve(site: Site, model: Model, T: int) -> Site:
         raise EngineError(f"site {site}: layer {site.layer} out of range (model has {d.n_layers} layers)")
     if info.sequential_only and d.parallel_residual:
         raise EngineError(f"site {site}: {model.family.name} blocks are parallel; there is no {site.kind}")
+    if not available(site.kind, d):
+        mlp = "a mixture of experts (sites: router, expert)" if info.blocks == "dense" else "one dense MLP"
+        raise EngineError(f"site {site}: {model.family.name} MLPs are {mlp}; there is no {site.kind}")
     if site.unit is not None:
         n_units = info.units(d)
         if n_units is not None and not 0 <= site.unit < n_units:

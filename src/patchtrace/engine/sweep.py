@@ -107,8 +107,8 @@ def run_patches(
     if fast:
         missing = base_points(patches, model) - set(base.acts)
         if missing:
-            extra = collect(model, base_ids, missing, hooks=base_hooks)
-            base = RunCache({**base.acts, **extra.acts}, base.kv, base.logits)
+            extra = collect(model, base_ids, missing, hooks=base_hooks, from_pos=base.pos0)
+            base = RunCache({**base.acts, **extra.acts}, base.kv, base.logits, base.pos0)
             all_runs["base"] = base
     groups: dict[int, list[int]] = defaultdict(list)
     base_metric: Tensor | None = None
@@ -161,7 +161,7 @@ def _is_noop(patch: Patch, base: RunCache, source: RunCache) -> bool:
         return False
     for site in patch.sites:
         a, b = base.acts.get(site.point), source.acts.get(site.point)
-        if a is None or b is None or not torch.equal(select(a, site), select(b, site)):
+        if a is None or b is None or not torch.equal(select(a, site, base.pos0), select(b, site, source.pos0)):
             return False
     return True
 
@@ -218,7 +218,7 @@ def _run_chunk_fast(
         else:
             stage, start_layer = min(rows, key=lambda k: (k[1], k[0] == "mid"))
             first = rows.pop((stage, start_layer)) if stage == "pre" else None
-            h0 = first if first is not None else base.acts[HookPoint("resid_pre", start_layer)][:, p:][:0]
+            h0 = first if first is not None else base.acts[HookPoint("resid_pre", start_layer)][:, base.local(p):][:0]
             if start_layer >= model.dims.n_layers:
                 res = RunOutput(model.runner.unembed(h0[:, -1:], cols), h0, None)
             else:

@@ -223,7 +223,8 @@ class PatchingJob:
         m, tok, cfg, idx = self.model, self.tok, self.cfg, self.groups[gi]
         ids_c, ids_k = tok.ids("clean", idx).to(m.device), tok.ids("corrupt", idx).to(m.device)
         need = self.points | (base_points(self.patches[gi], m) if cfg.fast else set())
-        clean, corrupt = collect(m, ids_c, need), collect(m, ids_k, need)
+        p0 = min((pt.start_pos for pt in self.patches[gi]), default=0)  # keep only the positions read
+        clean, corrupt = collect(m, ids_c, need, from_pos=p0), collect(m, ids_k, need, from_pos=p0)
         ref = torch.log_softmax(clean.logits, -1) if self.metric.name == "kl" else None
         scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref)
         c_m, k_m = scorer(clean.logits, 1, False)[0].cpu(), scorer(corrupt.logits, 1, False)[0].cpu()

@@ -62,6 +62,13 @@ class Family:
     post_attn_norm: str | None = None
     post_mlp_norm: str | None = None
     rope_by_layer_type: bool = False
+    moe_router: str | None = None
+    moe_experts: str | None = None
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLP is a mixture of experts (see :mod:`patchtrace.models.moe`)."""
+        return self.moe_router is not None
 
     @property
     def post_norms(self) -> bool:
@@ -110,6 +117,12 @@ GEMMA3 = Family(
         "post_mlp_norm": "post_feedforward_layernorm",
         "rope_by_layer_type": True,
     }
+)
+
+# Mixtral: Mistral attention; the MLP is a top-k mixture of experts with a linear router
+# (``mlp.gate``) and experts stored as 3-D tensors (``mlp.experts.gate_up_proj`` / ``down_proj``).
+MIXTRAL = Family(
+    **{**LLAMA.__dict__, "name": "mixtral", "model_types": ("mixtral",), "moe_router": "gate", "moe_experts": "experts"}
 )
 
 GPT2 = Family(
@@ -161,7 +174,7 @@ NEOX = Family(
     rotary="gpt_neox.rotary_emb",
 )
 
-FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA3, GEMMA, LLAMA, GPT2, NEOX)
+FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA3, GEMMA, MIXTRAL, LLAMA, GPT2, NEOX)
 
 
 def supported_model_types() -> list[str]:
@@ -195,6 +208,8 @@ class Dims:
     layer_windows: tuple[int | None, ...] = ()
     layer_types: tuple[str, ...] = ()
     final_softcap: float | None = None
+    n_experts: int = 0
+    top_k: int = 0
 
     def window(self, layer: int | None) -> int | None:
         """The attention window of ``layer`` (None: global causal attention, or no layer)."""
@@ -272,7 +287,7 @@ def _windows(config: Any, n_layers: int) -> tuple[int | None, ...]:
         if "sliding_attention" in types and not window:
             raise UnsupportedModelError(f"{config.model_type}: sliding_attention layers without a sliding_window")
         return tuple(window if t == "sliding_attention" else None for t in types[:n_layers])
-    if config.model_type == "mistral" and window:
+    if config.model_type in ("mistral", "mixtral") and window:
         return (window,) * n_layers
     if getattr(config, "use_sliding_window", False) and window:
         raise UnsupportedModelError(f"{config.model_type}: use_sliding_window without layer_types is not implemented")
@@ -302,6 +317,7 @@ def dims_for(config: Any, family: Family) -> Dims:
     present = [w for w in windows if w is not None]
     types = tuple(getattr(config, "layer_types", None) or ("full_attention",) * n_layers)[:n_layers]
     cap = getattr(config, "final_logit_softcapping", None) if family.name == "gemma3" else None
+    n_experts, top_k = _moe_dims(config) if family.moe else (0, 0)
     return Dims(
         n_layers=n_layers,
         d_model=d,
@@ -317,7 +333,20 @@ def dims_for(config: Any, family: Family) -> Dims:
         layer_windows=windows,
         layer_types=types,
         final_softcap=float(cap) if cap else None,
+        n_experts=n_experts,
+        top_k=top_k,
     )
+
+
+def _moe_dims(config: Any) -> tuple[int, int]:
+    """(experts, experts per token) of a mixture-of-experts config, refusing what the runner lacks."""
+    n, k = int(config.num_local_experts), int(config.num_experts_per_tok)
+    if not 1 <= k <= n:
+        raise UnsupportedModelError(f"{config.model_type} option num_experts_per_tok={k} with {n} experts")
+    for flag in ("norm_topk_prob",):  # Mixtral always renormalises the top-k weights; other values are not it
+        if getattr(config, flag, True) is False:
+            raise UnsupportedModelError(f"{config.model_type} option {flag}=False is not implemented")
+    return n, k
 
 
 def get_path(root: Any, path: str) -> Any:

@@ -213,7 +213,13 @@ class Runner(Stages):
         return self._hook(hooks, "attn_out", li, self.attn_out(li, z, lrp), ctx)
 
     def _mlp_sublayer(self, li: int, h: Tensor, call: _Call) -> Tensor:
-        """``mlp_out`` of layer ``li`` from the stream entering its MLP (hooked at neuron and mlp_out)."""
+        """``mlp_out`` of layer ``li`` from the stream entering its MLP (hooked at neuron and mlp_out;
+        mixture-of-experts MLPs at router, expert and mlp_out)."""
+        if self.family.moe:
+            x = self.mlp_in(li, h, call.lrp)
+            logits = self._hook(call.hooks, "router", li, self.router(li, x), call.ctx)
+            per = self._hook(call.hooks, "expert", li, self.experts(li, x, logits, call.lrp), call.ctx)
+            return self._hook(call.hooks, "mlp_out", li, per.sum(-2), call.ctx)
         act = self.mlp_hidden(li, self.mlp_in(li, h, call.lrp), call.lrp)
         act = self._hook(call.hooks, "neuron", li, act, call.ctx)
         return self._hook(call.hooks, "mlp_out", li, self.mlp_out(li, act, call.lrp), call.ctx)

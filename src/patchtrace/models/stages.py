@@ -282,6 +282,23 @@ class Stages:
             prod = 0.5 * prod + 0.5 * prod.detach()
         return prod
 
+    def router(self, li: int, x: Tensor) -> Tensor:
+        """Router logits ``[B, n, E]`` of a mixture-of-experts MLP (see :mod:`patchtrace.models.moe`)."""
+        from patchtrace.models.moe import router_logits
+
+        assert self.family.moe_router is not None
+        return router_logits(getattr(self._blocks[li].mlp, self.family.moe_router), x)
+
+    def experts(self, li: int, x: Tensor, router: Tensor, lrp: LRPRules | None = None) -> Tensor:
+        """Each expert's weighted output ``[B, n, E, D]``, routed by the (maybe patched) logits."""
+        from patchtrace.models.moe import expert_outputs, routing_weights
+
+        if lrp is not None:
+            raise RunnerError(f"{self.family.name}: LRP rules for mixture-of-experts MLPs are not implemented")
+        assert self.family.moe_experts is not None
+        w = routing_weights(router, self.dims.top_k)
+        return expert_outputs(getattr(self._blocks[li].mlp, self.family.moe_experts), self.act, x, w)
+
     def mlp_out(self, li: int, act: Tensor, lrp: LRPRules | None = None) -> Tensor:
         """What layer ``li``'s MLP adds to the residual stream: the down projection of ``act``, then
         the post-feedforward norm where the family has one."""
@@ -321,6 +338,8 @@ class Stages:
         per_pos = 6 * d.d_model + 4 * d.d_mlp + 4 * d.n_heads * d.d_head + 3 * d.n_heads * T
         if self.family.post_norms:
             per_pos += 2 * d.d_model
+        if self.family.moe:  # router, routing weights and every expert's output row
+            per_pos += d.n_experts * (d.d_model + 3)
         logits = ncols if ncols is not None else d.vocab
         return el * n * per_pos + 4 * logits * 2
 
