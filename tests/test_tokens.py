@@ -53,3 +53,13 @@ def test_not_byte_spelling_left_alone():
     # a word-level token with a Latin-1 letter that is not valid UTF-8 as bytes: shown as it is
     assert token_bytes("Köln") is None and display_token("Köln") == "Köln"
     assert display_token("a b") == "a␣b"
+
+
+def test_error_messages_show_decoded_tokens(smol_tokenizer):
+    """The issue's `['ĠK','Ã¶','ln']` for " Köln": an error names the tokens as a reader sees them."""
+    from patchtrace.tasks.base import Example, Task, TaskError
+
+    task = Task("t", [Example("The city is", "The town is", " Köln", " Paris")])
+    with pytest.raises(TaskError) as e:
+        task.tokenize(smol_tokenizer)
+    assert "['␣K', 'ö', 'ln']" in str(e.value) and "Ã" not in str(e.value)

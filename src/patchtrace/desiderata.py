@@ -50,6 +50,7 @@ from torch import Tensor
 
 from patchtrace.errors import PatchtraceError
 from patchtrace.jsonl import iter_jsonl
+from patchtrace.tokens import display_tokens
 
 DesideratumKind = Literal["value", "invariance", "other"]
 KINDS: tuple[str, ...] = ("value", "invariance", "other")
@@ -180,7 +181,7 @@ def _single_token(tokenizer: Any, text: str, where: str, what: str) -> int:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise DesiderataError(
-            f"{where}: {what} {text!r} is {len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}; "
+            f"{where}: {what} {text!r} is {len(ids)} tokens {display_tokens(tokenizer.convert_ids_to_tokens(ids))}; "
             "targets must be single tokens"
         )
     return int(ids[0])
@@ -225,8 +226,8 @@ def tokenize_desiderata(desiderata: Sequence[Desideratum], tokenizer: Any) -> li
             if len(o) != len(a):
                 raise DesiderataError(
                     f"{where}: original has {len(o)} tokens but alternate has {len(a)}; patching is "
-                    f"position-wise and needs equal lengths.\n  original:  {tokenizer.convert_ids_to_tokens(o)}"
-                    f"\n  alternate: {tokenizer.convert_ids_to_tokens(a)}"
+                    f"position-wise and needs equal lengths.\n  original:  {display_tokens(tokenizer.convert_ids_to_tokens(o))}"
+                    f"\n  alternate: {display_tokens(tokenizer.convert_ids_to_tokens(a))}"
                 )
             orig.append(list(o))
             alt.append(list(a))

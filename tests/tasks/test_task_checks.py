@@ -34,7 +34,7 @@ def test_degenerate_allowed_only_with_the_flag_and_a_warning(smol_tokenizer):
 
 def test_missing_leading_space_warns_with_both_tokens(smol_tokenizer):
     t = Task("t", [Example("The capital of France is", "The capital of Italy is", "Paris", "Rome")])
-    with pytest.warns(TaskWarning, match=r"example 0 scores 'Paris'.*continue with 'ĠParis'"):
+    with pytest.warns(TaskWarning, match=r"example 0 scores 'Paris'.*continue with '␣Paris'"):
         tok = t.tokenize(smol_tokenizer)
     assert tok.scored_tokens(smol_tokenizer, 0) == (["Paris"], ["Rome"])
     good = Task("t", [Example("The capital of France is", "The capital of Italy is", " Paris", " Rome")])

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.errors import PatchtraceError, PatchtraceWarning
+from patchtrace.tokens import display_token, display_tokens
 
 
 class TaskError(PatchtraceError, ValueError):
@@ -130,7 +131,8 @@ class Task:
             c = tokenizer(ex.clean).input_ids
             k = tokenizer(ex.corrupt).input_ids
             if len(c) != len(k):
-                ct, kt = tokenizer.convert_ids_to_tokens(c), tokenizer.convert_ids_to_tokens(k)
+                ct = display_tokens(tokenizer.convert_ids_to_tokens(c))  # decoded, ␣ = leading space
+                kt = display_tokens(tokenizer.convert_ids_to_tokens(k))
                 raise TaskError(
                     f"example {i}: clean prompt has {len(c)} tokens but corrupt has {len(k)}; "
                     f"position-wise patching needs equal lengths.\n  clean:   {ct}\n  corrupt: {kt}"
@@ -197,8 +199,9 @@ class Task:
                 idx.append(i)
                 if len(odd) < 2:
                     odd.append(
-                        f"example {i} scores {tok.convert_ids_to_tokens(answers[i][:1])[0]!r} (answer {text!r}) "
-                        f"where the prompt would continue with {tok.convert_ids_to_tokens(spaced[:1])[0]!r}"
+                        f"example {i} scores {display_token(tok.convert_ids_to_tokens(answers[i][:1])[0])!r} "
+                        f"(answer {text!r}) where the prompt would continue with "
+                        f"{display_token(tok.convert_ids_to_tokens(spaced[:1])[0])!r}"
                     )
         if idx:
             warnings.warn(
@@ -220,7 +223,7 @@ class Task:
                 raise TaskError(f"example {i}: {what} {t!r} tokenizes to nothing")
             if len(ids) > 1 and not first_token:
                 raise TaskError(
-                    f"example {i}: {what} {t!r} is {len(ids)} tokens {tok.convert_ids_to_tokens(ids)}; "
+                    f"example {i}: {what} {t!r} is {len(ids)} tokens {display_tokens(tok.convert_ids_to_tokens(ids))}; "
                     "answers must be single tokens (or pass first_token=True to score the first token)"
                 )
             out.append(ids[0])
