@@ -145,6 +145,9 @@ def test_cli_circuit_and_compare_edges(tmp_path, smol_tokenizer):
     assert "faithfulness (outside)" in r.output
     c = Circuit.load(tmp_path / "c" / "circuit")
     assert 0 < c.n_edges <= 12 and (tmp_path / "c" / "faithfulness.png").is_file()
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "c")])  # the edge grid's page shows the circuit graph
+    assert r.exit_code == 0, r.output
+    assert "circuit graph" in (tmp_path / "c" / "report.html").read_text()
     r = CliRunner().invoke(app, ["compare", "--sites", "edges", "--methods", "eap", "--model", str(d), "--n", "2",
                                  "--out", str(tmp_path / "cmp")])
     assert r.exit_code == 0, r.output

@@ -78,7 +78,21 @@ def write_report(
         html_report(sections, root / "report.html", title=title or f"patchtrace report: {root.name}", top=top, note=note,
                     by=by)
     )
+    _embed_circuit(root, written[-1])
     return written
+
+
+def _embed_circuit(root: Path, html: Path) -> None:
+    """Append the circuit graph (``circuit.png`` written by ``patchtrace circuit``) to the page, inline."""
+    png = root / "circuit.png"
+    if not png.is_file():
+        return
+    import base64
+
+    img = base64.b64encode(png.read_bytes()).decode("ascii")
+    section = f'<section><h2>circuit graph</h2><img alt="circuit graph" style="max-width:100%" src="data:image/png;base64,{img}"></section>'
+    text = html.read_text()
+    html.write_text(text.replace("</body>", section + "</body>", 1) if "</body>" in text else text + section)
 
 
 __all__ = ["find_results", "heatmap_png", "html_report", "write_report"]
