@@ -103,3 +103,17 @@ def test_sweep_counts_noop_patches_at_once(tiny_llama):
     same_token = int((ids_c[0] == ids_k[0]).sum())  # layer 0 (embeddings): every position with the same token
     assert ticks[0] == same_token + first_diff > 0  # the skipped no-ops, reported first
     assert sum(ticks) == len(patches)
+
+
+def test_compare_reports_each_method_run(tiny_llama):
+    """`compare` was silent for minutes: it now reports the reference sweep and each estimator run."""
+    from patchtrace import SiteSpec
+    from patchtrace.methods import compare as cmp
+    from patchtrace.tasks.base import Example, Task
+
+    task = Task("t", [Example("When Mary and John went out, John gave it to",
+                              "When Mary and John went out, Mary gave it to", " Mary", " John")])
+    calls: list[tuple[int, int]] = []
+    cmp.run(tiny_llama, task, [SiteSpec("head", per_unit=True, layers=(0,))], ["atp", "ig"],
+            on_progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -98,7 +98,8 @@ def register(app: typer.Typer) -> None:
         t0 = time.perf_counter()
         m = common.load(model, device, dtype, trust_remote_code)
         tok = common.build_task(task, n, seed, m).tokenize(m.tokenizer)
-        report = cmp.run(m, tok, specs, names, cfg, out_dir=root).report
+        with common.progress("compare (method runs)") as bar:  # the reference sweep, then each estimator
+            report = cmp.run(m, tok, specs, names, cfg, out_dir=root, on_progress=bar.update).report
         others = [x for x in dict.fromkeys(names) if x != cmp.REFERENCE]
         table = Table(title=f"agreement with exact patching ({tok.task.name}, n={len(tok)})")
         table.add_column("site kind")

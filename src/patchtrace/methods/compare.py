@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from patchtrace.methods.gradients import AttributionError, Direction
 from patchtrace.methods.registry import MethodRegistryError, MethodSpec, estimators_of, get_method
 from patchtrace.methods.validate import ConfigError, check_direction, check_instance, check_int, check_metric
 from patchtrace.models.load import Model
+from patchtrace.progress import counter
 from patchtrace.results import Scores
 from patchtrace.sites import SiteSpec
 from patchtrace.tasks.base import Task, TokenizedTask
@@ -250,6 +251,7 @@ def run(
     config: CompareConfig | None = None,
     *,
     out_dir: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> CompareResult:
     """Run the estimators on the same task and grids and compare each with exact patching.
 
@@ -261,6 +263,8 @@ def run(
             ``activation_patching`` always runs and may be listed).
         config: :class:`CompareConfig`.
         out_dir: save the result there (:meth:`CompareResult.save`).
+        on_progress: ``on_progress(done, total)`` in method runs (the reference, then each
+            estimator × ``repeats``), so a long comparison shows how far it is.
 
     Returns:
         a :class:`CompareResult`.
@@ -282,6 +286,7 @@ def run(
     pairs: list[float] = []
     scores: dict[str, list[Scores]] = {}
     times: dict[str, float] = {}
+    tick = counter(on_progress, 1 + len(names) * cfg.repeats)
     for name in [REFERENCE, *names]:
         for _ in range(1 if name == REFERENCE else cfg.repeats):
             pairs.append(forward_pair_seconds(model, tok))
@@ -290,6 +295,7 @@ def run(
                 get_method(name), model, tok, specs, cfg
             )
             times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+            tick(1)
     pair = min(pairs)
     kinds = {
         spec_tag(spec): {name: _agreement(scores[REFERENCE][j], scores[name][j], cfg.top_k) for name in names}
