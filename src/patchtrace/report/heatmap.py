@@ -1,7 +1,10 @@
 """PNG heatmaps of :class:`~patchtrace.results.Scores` with matplotlib.
 
-Layers run down, the other axis across: layers × heads for a head sweep, layers × positions (the
-prompt's tokens as tick labels) for a residual-stream sweep. The colour map is diverging and centred
+The layout follows the grid's shape (:mod:`patchtrace.report.layouts`): layers down and the other
+axis across for layers × heads or layers × positions (the prompt's decoded tokens as tick labels);
+one facet per layer, drawn as one image with gutters, for heads × positions; a binned overview for a
+neuron sweep. Axis titles and the colour-bar label are always drawn, and the layout's note (bin
+width, a trace's window) goes under the title. The colour map is diverging and centred
 at 0 (red = the patch moves the metric up, blue = down), with symmetric limits so that equal colours
 mean equal magnitudes. The title names the method, site kind, metric, direction and baselines.
 

@@ -1,9 +1,12 @@
 """A single self-contained HTML report: interactive heatmaps, top-k tables, baselines and provenance.
 
 The file works offline and makes no request of any kind: no CDN, no fonts, no images from elsewhere.
-A Content-Security-Policy meta tag (``default-src 'none'``) makes browsers enforce that. The
-heatmaps are drawn by a small inline script on a ``<canvas>`` from data embedded as JSON; hovering a
-cell shows its site string, value, normalized recovery and prompt token.
+A Content-Security-Policy meta tag (``default-src 'none'``) makes browsers enforce that, and it
+allows the page's one inline script and one stylesheet by their SHA-256 hashes only
+(:func:`content_security_policy`; no ``'unsafe-inline'``), so even a string that escaped the escaping
+could not run. The heatmaps are drawn by that script on ``<canvas>`` elements, in the layout chosen
+for the grid's shape (:mod:`patchtrace.report.layouts`), from data embedded as JSON; hovering a cell
+shows its site string, value, normalized recovery and prompt token (decoded, :mod:`patchtrace.tokens`).
 
 Prompt-derived text is untrusted (a task file can contain anything, including ``</script>``).
 Therefore:
