@@ -66,10 +66,9 @@ def test_engine_sweep_on_gemma3_matches_the_reference(gemma3):
     p0 = int((ids_c[0] != ids_k[0]).nonzero()[0])
     answer = torch.tensor([[_tok(gemma3, " Mary")], [_tok(gemma3, " Anna")]])
     wrong = torch.tensor([[_tok(gemma3, " John")], [_tok(gemma3, " Peter")]])
-    cells = [
-        (Site("head", 3, 1, -1),), (Site("head", 11, 2, -1),), (Site("neuron", 9, 100, -1),),
-        (Site("resid_pre", 4, None, p0),), (Site("attn_out", 16, None, -1),), (Site("mlp_out", 5, None, p0),),
-        (Site("q", 12, 0, -1),), (Site("k", 2, 0, p0),), (Site("v", 7, 0, p0),),
+    cells = [  # local (sliding) and global layers, both join rules, a KV head under GQA (1 KV head)
+        (Site("head", 11, 2, -1),), (Site("neuron", 9, 100, -1),), (Site("resid_pre", 4, None, p0),),
+        (Site("mlp_out", 5, None, p0),), (Site("k", 2, 0, p0),),
     ]
     patches = [Patch(tuple(resolve(s, gemma3, T) for s in c)) for c in cells]
     points = {s.point for p in patches for s in p.sites}

@@ -90,7 +90,11 @@ def collect(
     with torch.no_grad():
         out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit)
     assert out.logits is not None and out.kv is not None
-    kv = [(k.clone(), v.clone()) for k, v in out.kv if k is not None]  # type: ignore[misc]
+    kv: list[tuple[Tensor, Tensor]] = []
+    for i, pair in enumerate(out.kv):  # copy each layer's keys/values and drop the forward's at once
+        if pair is not None:
+            kv.append((pair[0].clone(), pair[1].clone()))
+            out.kv[i] = None
     return RunCache(acts, kv, out.logits[:, -1].float(), from_pos)
 
 
