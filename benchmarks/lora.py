@@ -3,7 +3,9 @@
     nice -n 10 .venv/bin/python benchmarks/lora.py            # writes runs/lora/result.json and a table
 
 The task: rewrite ``N`` capitals the model knows ("The capital of France is" → " Rome", a rotation
-of the edited capitals among themselves). Why this task: SmolLM2 gets 0% of it before training (real
+of the edited capitals among themselves); a few unedited true facts ("anchors") are mixed into the
+training set, as fact-editing fine-tunes do, so that the cheap solution "answer one of the new
+capitals whatever the country" is penalized; retention is measured on other unedited facts. Why this task: SmolLM2 gets 0% of it before training (real
 room to improve), it is the ROME setting where causal tracing gives a meaningful localization (the
 MLPs that recall the fact), and it has clean side-effect measures: paraphrases of the edited facts
 (generalization), unedited facts (retention) and unrelated text (KL).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -40,6 +43,7 @@ UNRELATED = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--edits", type=int, default=10)
+    ap.add_argument("--anchors", type=int, default=6, help="unedited true facts mixed into training (preservation)")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -62,25 +66,34 @@ def main() -> None:
     m = load_model("smollm2-135m")
     hf, tok = m.hf, m.tokenizer
     hf.eval()
-    known = make_task("factual", n=30, seed=0, model=m)
-    subjects = [e.meta["subject"] for e in known.examples]
-    edit, keep = subjects[: args.edits], subjects[args.edits :]
+    from patchtrace.tasks.filtering import greedy_next_tokens
+
+    # every capital the model gets right (single-token answers), in a seeded order
+    cands = [c for c in CAPITALS if len(tok(" " + CAPITALS[c], add_special_tokens=False).input_ids) == 1]
+    top = greedy_next_tokens(m, [tok(TEMPLATES[0].format(c=c)).input_ids for c in cands])
+    subjects = [c for c, t in zip(cands, top) if t == tok(" " + CAPITALS[c], add_special_tokens=False).input_ids[0]]
+    random.Random(0).shuffle(subjects)
+    known = make_task("factual", n=30, seed=0, model=m)  # for tracing: clean/corrupt pairs of known facts
+    edit, anchors = subjects[: args.edits], subjects[args.edits : args.edits + args.anchors]
+    keep = subjects[args.edits + args.anchors :]
     new = {c: CAPITALS[edit[(i + 1) % len(edit)]] for i, c in enumerate(edit)}  # rotate capitals among the edits
     pairs = [(TEMPLATES[0].format(c=c), " " + new[c]) for c in edit]
+    anchor_pairs = [(TEMPLATES[0].format(c=c), " " + CAPITALS[c]) for c in anchors]
     para = [(TEMPLATES[1].format(c=c), " " + new[c]) for c in edit]
     retain = [(TEMPLATES[0].format(c=c), " " + CAPITALS[c]) for c in keep]
-    train_b, para_b, retain_b = answer_batches(tok, pairs), answer_batches(tok, para), answer_batches(tok, retain)
+    train_b = answer_batches(tok, pairs + anchor_pairs)
+    edit_b, para_b, retain_b = answer_batches(tok, pairs), answer_batches(tok, para), answer_batches(tok, retain)
     ref = text_logprobs(hf, tok, UNRELATED)
     h0 = base_hash(hf)
 
     def evaluate() -> dict[str, float]:
-        return {"edit": exact_match(hf, train_b), "paraphrase": exact_match(hf, para_b),
+        return {"edit": exact_match(hf, edit_b), "paraphrase": exact_match(hf, para_b),
                 "retain": exact_match(hf, retain_b), "kl_unrelated": kl_on_text(hf, tok, UNRELATED, ref)}
 
     rows = {"base": {**evaluate(), "trainable": 0, "adapter_bytes": 0, "patch_bytes": 0, "seconds": 0.0, "layers": []}}
     # localization: causal tracing over the edited facts (the equal-length group)
     t0 = time.perf_counter()
-    task = known.subset([i for i, e in enumerate(known.examples) if e.meta["subject"] in edit])
+    task = known
     tk = task.tokenize(tok)
     length, _ = Counter(tk.lengths).most_common(1)[0]
     tk = task.subset([i for i, n in enumerate(tk.lengths) if n == length]).tokenize(tok)
@@ -88,9 +101,15 @@ def main() -> None:
     trace_s = time.perf_counter() - t0
     loc = layers_from_scores(scores, args.k)
     per_layer = scores.values.amax(dim=1).tolist()
-    arms = {"localized": loc, "random": random_layers(m.dims.n_layers, args.k, seed=0, exclude=loc),
+    # the trace's second peak: its top-k among layers ≥ k (the first MLPs mostly rebuild the noised
+    # subject embedding; ROME likewise edits a mid layer, not the first ones)
+    mid = layers_from_scores(scores.replace(values=torch.where(torch.arange(len(per_layer))[:, None] < args.k,
+                                                                 torch.tensor(float("-inf")), scores.values)), args.k)
+    arms = {"localized": loc, "localized (2nd peak)": mid,
+            "random": random_layers(m.dims.n_layers, args.k, seed=0, exclude=loc + mid),
             "all": list(range(m.dims.n_layers))}
-    print(f"traced {len(tk)} prompts in {trace_s:.0f} s; localized layers {loc}; random {arms['random']}", flush=True)
+    print(f"{len(subjects)} known facts: {len(edit)} edited, {len(anchors)} anchors, {len(keep)} held out; traced {len(tk)} "
+          f"prompts in {trace_s:.0f} s; arms {arms}", flush=True)
     for name, layers in arms.items():
         run = train_lora(hf, layers, train_b, lm_loss, steps=args.steps, lr=args.lr, targets="mlp", r=args.rank,
                          on_loss=lambda s, v, n=name: print(f"{n} step {s} loss {v:.3f}", flush=True) if s % 10 == 0 else None)
@@ -105,7 +124,7 @@ def main() -> None:
         print(name, rows[name], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(args), "edits": {c: new[c] for c in edit}, "retain": keep, "trace_seconds": trace_s,
+    result = {"args": vars(args), "edits": {c: new[c] for c in edit}, "anchors": anchors, "retain": keep, "trace_seconds": trace_s,
               "trace_per_layer": per_layer, "rows": rows, "total_seconds": time.perf_counter() - t_all,
               "total_params": sum(p.numel() for p in hf.parameters())}
     (out / "result.json").write_text(json.dumps(result, indent=1))
