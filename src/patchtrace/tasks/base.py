@@ -184,7 +184,8 @@ class Task:
             return
         msg = f"task {self.name!r}: " + "; ".join(problems)
         if not allow:
-            raise TaskError(msg + "; fix or drop them (or pass allow_degenerate=True to run anyway)")
+            raise TaskError(msg + "; fix or drop them (or run them anyway: allow_degenerate=True in Python, "
+                            "--allow-degenerate on `patchtrace patch`)")
         warnings.warn(msg + " (running anyway: allow_degenerate=True)", TaskWarning, stacklevel=3)
 
     def _check_leading_space(self, tok: Any, answers: list[list[int]]) -> None:
