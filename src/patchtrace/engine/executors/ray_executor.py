@@ -247,7 +247,7 @@ class RayExecutor:
             while todo or running:
                 while idle and todo:
                     slot, b = idle.pop(), todo.popleft()
-                    gen = self._actors[slot].run_block.options(num_returns="streaming").remote(token, ref, b.index)
+                    gen = self._actors[slot].run_block.options(num_returns="streaming").remote(token, [ref], b.index)
                     running[gen] = [slot, b, 0]
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for gen in ready:

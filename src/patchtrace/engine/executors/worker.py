@@ -60,17 +60,22 @@ class SweepWorker:
             "error": self.error,
         }
 
-    def _job(self, token: str, data: Any) -> Any:
+    def _job(self, token: str, data: list[Any]) -> Any:
         from patchtrace.engine.executors.shipping import load_job
 
         job = self.jobs.get(token)
-        if job is None:
-            self.jobs = {token: load_job(data, self.model)}  # one sweep at a time: drop the previous job
+        if job is None:  # first block of this sweep here: fetch and unpickle the job once
+            import ray
+
+            self.jobs = {token: load_job(ray.get(data[0]), self.model)}  # one sweep at a time
             job = self.jobs[token]
         return job
 
-    def run_block(self, token: str, data: Any, index: int) -> Iterator[Any]:
-        """Run block ``index`` of the job; yield progress ticks (ints), then the block's tensors."""
+    def run_block(self, token: str, data: list[Any], index: int) -> Iterator[Any]:
+        """Run block ``index`` of the job; yield progress ticks (ints), then the block's tensors.
+
+        ``data`` is ``[ObjectRef of the pickled job]``: wrapped in a list so that Ray does not fetch
+        it for every block; it is fetched once per sweep by :meth:`_job`."""
         job = self._job(token, data)
         block = job.blocks()[index]
         ticks: queue.Queue[tuple[str, Any]] = queue.Queue()
