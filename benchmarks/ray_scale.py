@@ -10,7 +10,7 @@ The engine cuts it into blocks of ``ROWS_PER_BLOCK`` = 2,048 rows (128 cells × 
 
 Modes, in one run, side by side (each sweep repeated ``--reps`` times, the fastest kept):
 
-* ``local``: :class:`LocalExecutor` in this process, torch threads = cores;
+* ``local``: :class:`LocalExecutor` in this process, torch threads = cores (and once with 1 thread);
 * ``ray ×1``: one Ray worker with as many torch threads;
 * ``ray ×2``: two Ray workers, one thread each.
 
@@ -85,6 +85,12 @@ def main() -> None:
     n_blocks = -(-n_cells * len(tok) // 2048)
     rows.append({"mode": "local (this process)", "workers": 1, "threads": cores, "sweep_s": min(times), "equal": True,
                  "start_s": 0.0})
+    if cores > 1:  # the same process with one thread: separates "more processes" from "fewer threads each"
+        torch.set_num_threads(1)
+        t, s1 = _sweep(model, tok, spec)
+        torch.set_num_threads(cores)
+        rows.append({"mode": "local, 1 thread", "workers": 1, "threads": 1, "sweep_s": t, "start_s": 0.0,
+                     "equal": torch.equal(s1.values, ref.values) and torch.equal(s1.per_example, ref.per_example)})
 
     t0 = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
