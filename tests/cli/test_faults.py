@@ -488,3 +488,59 @@ def test_usage_errors_are_one_line_naming_the_value():
         for n in needles:
             assert n in line, (n, line)
 
+
+
+# -- inputs that used to fail and now work ------------------------------------------------------------
+
+
+def test_jsonl_with_a_byte_order_mark_is_read(inputs, loaded_once, tmp_path, monkeypatch):
+    """Editors on some systems start UTF-8 files with a byte-order mark; the task reads the same."""
+    import patchtrace.models.load as load_mod
+    from patchtrace.tasks import make_task
+
+    rec = {"clean": "When Mary and John went to the park, John gave a book to",
+           "corrupt": "When Mary and John went to the park, Mary gave a book to", "answer": " Mary", "wrong": " John"}
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    bom.write_text(json.dumps(rec) + "\n", encoding="utf-8-sig")
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert make_task(str(bom)).examples == make_task(str(plain)).examples
+    csv = tmp_path / "bom.csv"
+    csv.write_text("clean,corrupt,answer,wrong\n" + ",".join(json.dumps(rec[k]) for k in ("clean", "corrupt", "answer", "wrong"))
+                   + "\n", encoding="utf-8-sig")
+    assert make_task(str(csv)).examples == make_task(str(plain)).examples
+    monkeypatch.setattr(load_mod, "load_model", loaded_once)
+    r = runner.invoke(APP, ["patch", "--model", inputs["model"], "--task", str(bom), "--sites", "resid_pre", "--layers",
+                            "0", "--out", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert Scores.load(tmp_path / "o").provenance["task"]["name"] == "bom"
+
+
+def test_show_and_report_walk_a_compare_folder(tmp_path):
+    """``compare --out X`` writes ``X/<method>/<kind>/``: show and report find them there."""
+    vals = {"activation_patching": torch.tensor([0.5, 2.0]), "atp": torch.tensor([0.25, 1.5])}
+    for method, v in vals.items():
+        Scores(v, ("layer",), "resid_pre", baselines={"clean": 2.0, "corrupt": 0.0}).save(tmp_path / method / "resid_pre")
+    (tmp_path / "report.json").write_text("{}")
+    shown = runner.invoke(APP, ["show", str(tmp_path), "--top", "1"])
+    assert shown.exit_code == 0, shown.output
+    for method in vals:
+        assert str(tmp_path / method / "resid_pre") in shown.stdout
+    assert "+2.0000" in shown.stdout and "+1.5000" in shown.stdout  # each folder's own top value
+    rep = runner.invoke(APP, ["report", str(tmp_path)])
+    assert rep.exit_code == 0, rep.output
+    assert (tmp_path / "atp" / "resid_pre" / "heatmap.png").is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_degenerate_examples_run_only_when_asked_with_a_warning_naming_them(inputs, loaded_once, tmp_path, monkeypatch):
+    import patchtrace.models.load as load_mod
+
+    monkeypatch.setattr(load_mod, "load_model", loaded_once)
+    base = ["patch", "--model", inputs["model"], "--task", inputs["same_answer_jsonl"], "--sites", "resid_pre",
+            "--layers", "0", "-q"]
+    refused = runner.invoke(APP, [*base, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and "example(s) 0" in refused.stderr and "--allow-degenerate" in refused.stderr
+    allowed = runner.invoke(APP, [*base, "--out", str(tmp_path / "b"), "--allow-degenerate"])
+    assert allowed.exit_code == 0, allowed.output
+    warning = [line for line in allowed.stderr.splitlines() if line.startswith("warning:")]
+    assert warning and "example(s) 0" in warning[0] and "same token" in warning[0], allowed.stderr
