@@ -36,7 +36,7 @@ from patchtrace.grid import Grid, declare_axis
 from patchtrace.interventions import Intervention, Mean, Resample, SourceRef, Zero
 from patchtrace.kinds import needs_explicit_attention
 from patchtrace.models.load import Model
-from patchtrace.multihop.generate import encode
+from patchtrace.multihop.generate import encode, first_token
 from patchtrace.multihop.queries import MultihopError
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import Site, SiteSpec
@@ -120,7 +120,7 @@ def ablate(
         if not target.strip():
             raise MultihopError(f"example {i}: target is empty")
     cells, grid = _cells(model, sites)
-    tok = [encode(model, " " + t.strip(), f"target {i}")[0] for i, t in enumerate(targets)]
+    tok = [first_token(model, t, f"target {i}") for i, t in enumerate(targets)]
     groups = _by_length(model, prompts, "prompt")
     refs = _by_length(model, reference, "reference prompt") if reference is not None else None
     for T, idx in groups.items():

@@ -38,7 +38,7 @@ from patchtrace.engine.checkpoint import run_key
 from patchtrace.engine.job import Block, BlockResult, execute
 from patchtrace.engine.xprompt import write_resid_suffix
 from patchtrace.models.load import Model
-from patchtrace.multihop.generate import decode_from, encode, to_text
+from patchtrace.multihop.generate import decode_from, encode, first_token, to_text
 from patchtrace.multihop.queries import MultihopError, TwoHopQuery, entity_last_token, matches
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import HookPoint
@@ -86,8 +86,7 @@ def _prepare(model: Model, queries: Sequence[TwoHopQuery], cfg: BackpatchConfig)
         pos = len(ids) - 1 if cfg.position == "last" else entity_last_token(model.tokenizer, q)
         if not 0 <= pos < len(ids):
             raise MultihopError(f"{q.name}: position {pos} is outside the prompt's {len(ids)} tokens")
-        tgt = encode(model, " " + q.target.strip(), q.name)
-        out.append((ids, pos, tgt[0]))
+        out.append((ids, pos, first_token(model, q.target, q.name)))
     return out
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from patchtrace.engine.cache import collect
 from patchtrace.engine.xprompt import write_resid_suffix
 from patchtrace.models.load import Model
-from patchtrace.multihop.generate import decode_from, encode, to_text
+from patchtrace.multihop.generate import decode_from, encode, first_token, to_text
 from patchtrace.multihop.queries import MultihopError, TwoHopQuery, entity_last_token, matches
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import HookPoint
@@ -103,7 +103,7 @@ def bridge_readout(model: Model, queries: Sequence[TwoHopQuery], config: BridgeC
         if q.entity is None or q.bridge is None:
             raise MultihopError(f"{q.name}: the bridge readout needs 'entity' and 'bridge'")
         entity_last_token(model.tokenizer, q)
-    tokens = [encode(model, " " + q.target.strip(), q.name)[0] for q in queries]
+    tokens = [first_token(model, q.target, q.name) for q in queries]
     e1s, lasts = zip(*(_states(model, q) for q in queries), strict=True)
     e1, last = torch.stack(e1s), torch.stack(lasts)
     bridge_txt = _readout(model, e1, cfg)

@@ -39,6 +39,22 @@ def encode(model: Model, prompt: str, name: str = "prompt") -> list[int]:
     return ids
 
 
+def first_token(model: Model, answer: str, name: str = "target") -> int:
+    """The first token of ``" " + answer`` as a continuation (no BOS), the token a log-prob metric reads.
+
+    Raises:
+        MultihopError: an empty answer.
+    """
+    if not answer.strip():
+        raise MultihopError(f"{name}: target is empty")
+    if model.tokenizer is None:
+        raise MultihopError(f"{name}: the model has no tokenizer")
+    ids = list(model.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids)
+    if not ids:
+        raise MultihopError(f"{name}: target {answer!r} has no tokens")
+    return int(ids[0])
+
+
 def prefill(model: Model, ids: Tensor) -> tuple[Tensor, KV]:
     """Unpatched prefill of ``ids`` ``[B, T]``: last-position logits ``[B, V]`` and keys/values."""
     with torch.no_grad():
@@ -141,4 +157,4 @@ def summarize(queries: Sequence[TwoHopQuery], composed: Sequence[bool]) -> dict[
 
 
 
-__all__ = ["classify", "decode_from", "encode", "greedy", "prefill", "summarize", "to_text"]
+__all__ = ["classify", "decode_from", "encode", "first_token", "greedy", "prefill", "summarize", "to_text"]
