@@ -36,6 +36,10 @@ test-qwen: venv
 	$(BIN)/pip install -q -e ".[qwen15]" "$(TORCH)"
 	PATCHTRACE_TEST_QWEN=1 $(BIN)/pytest -q -m qwen tests
 
+# opt-in: the committed small text-to-image model (generates images; a few minutes of CPU)
+test-t2i: venv
+	PATCHTRACE_TEST_T2I=1 $(BIN)/pytest -q -m t2i_small tests/diffusion
+
 # the suite runs on every core (pytest-xdist), one test file per worker at a time (module fixtures built once)
 test: venv lint
 	$(BIN)/pytest -q -n auto --dist loadfile tests

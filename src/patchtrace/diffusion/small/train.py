@@ -36,6 +36,22 @@ RECIPE: dict[str, Any] = {
     "ema": 0.995,
     "caption_dropout": 0.1,
     "threads": 1,
+    # stage 1 stops here (601 updates of the 1000-step schedule: its EMA at step index 600)
+    "stop_at": 601,
+}
+#: stage 2 starts from stage 1's EMA weights (fresh optimizer) and samples 70% of its timesteps from the
+#: noisier half, where the image must come from the text (stage 1 had learned to denoise but bound the
+#: words weakly: at t = 999 it predicted only the background)
+STAGE2: dict[str, Any] = {
+    "seed": 1,
+    "steps": 500,
+    "batch": 64,
+    "lr": 1e-3,
+    "warmup": 10,
+    "ema": 0.99,
+    "caption_dropout": 0.1,
+    "threads": 1,
+    "high_noise_share": 0.7,
 }
 
 
@@ -56,7 +72,8 @@ def _save(ema_te: Any, ema_unet: Any, path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_every: int = 0) -> dict[str, Any]:
+def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_every: int = 0,
+              init: Path | None = None, name: str = "small_t2i") -> dict[str, Any]:
     """Train the text encoder + UNet per ``recipe``; write ``small_t2i.safetensors`` + JSON to ``out``."""
     import copy
 
@@ -70,6 +87,12 @@ def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_e
     rng = np.random.default_rng(recipe["seed"])
     tok = model.build_tokenizer()
     te, unet = model.build_text_encoder(len(tok)), model.build_unet()
+    if init is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(init))
+        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        te.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
     sched = model.build_scheduler("ddpm")
     ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     params = list(te.parameters()) + list(unet.parameters())
@@ -77,7 +100,8 @@ def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_e
     specs = data.all_specs(held_out=False)
     alphas = sched.alphas_cumprod
     losses, t0 = [], time.time()
-    for step in range(recipe["steps"]):
+    T = sched.config.num_train_timesteps
+    for step in range(recipe.get("stop_at", recipe["steps"])):
         for g in opt.param_groups:
             g["lr"] = _lr(step, recipe)
         x, caps, _ = data.sample_batch(rng, recipe["batch"], specs)
@@ -86,7 +110,11 @@ def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_e
         ids = tok(caps, padding="max_length", max_length=model.MAX_LEN, truncation=True, return_tensors="pt")
         cond = te(ids.input_ids).last_hidden_state
         x0 = torch.from_numpy(x)
-        t = torch.from_numpy(rng.integers(0, sched.config.num_train_timesteps, len(caps)))
+        t_np = rng.integers(0, T, len(caps))
+        if recipe.get("high_noise_share"):
+            high = rng.random(len(caps)) < recipe["high_noise_share"]
+            t_np = np.where(high, rng.integers(T // 2, T, len(caps)), t_np)
+        t = torch.from_numpy(t_np)
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -107,7 +135,7 @@ def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_e
             out.mkdir(parents=True, exist_ok=True)
             _save(ema_te, ema_unet, out / f"snapshot_{step}.safetensors")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "small_t2i.safetensors"
+    path = out / f"{name}.safetensors"
     _save(ema_te, ema_unet, path)
     meta = {
         "recipe": recipe,
@@ -117,7 +145,7 @@ def train_t2i(recipe: dict[str, Any], out: Path, log_every: int = 25, snapshot_e
         "torch": torch.__version__,
         "prediction_type": "sample",
     }
-    (out / "small_t2i.json").write_text(json.dumps(meta, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
@@ -125,16 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry: train the model (and the classifiers) into ``--out``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    p.add_argument("--steps", type=int, default=RECIPE["steps"])
     p.add_argument("--snapshot-every", type=int, default=0)
-    p.add_argument("--what", choices=("all", "t2i", "scorer"), default="all")
+    p.add_argument("--what", choices=("all", "t2i", "stage2", "scorer"), default="all")
     a = p.parse_args(argv)
     if a.what in ("all", "scorer"):
         from patchtrace.diffusion.small.scorer import train_scorer
 
         print(train_scorer(a.out))
     if a.what in ("all", "t2i"):
-        print(train_t2i({**RECIPE, "steps": a.steps}, a.out, snapshot_every=a.snapshot_every))
+        stage1 = train_t2i(RECIPE, a.out, snapshot_every=a.snapshot_every, name="stage1")
+        print(stage1)
+        print(train_t2i(STAGE2, a.out, snapshot_every=a.snapshot_every, init=a.out / "stage1.safetensors"))
+    if a.what == "stage2":
+        print(train_t2i(STAGE2, a.out, snapshot_every=a.snapshot_every, init=a.out / "stage1.safetensors"))
 
 
 if __name__ == "__main__":
