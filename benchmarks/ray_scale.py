@@ -3,8 +3,9 @@ and an estimate for the full 46,080-neuron sweep and a 7B model on 8 GPUs.
 
 The sweep is a slice of the 46,080-neuron sweep of BENCHMARKS.md: the first ``--units`` (512) MLP
 neurons of layer 14 of the bundled SmolLM2-135M-Instruct at the last position, 16 IOI pairs
-(``make_task("ioi", n=16, seed=0)``), ``logit_diff``. A patch at layer 14 runs 16 of the 30 layers,
-close to the average over all 30 layers (15.5), so its per-cell cost stands for the whole sweep's.
+(``make_task("ioi", n=16, seed=0)``), ``logit_diff``. A neuron patch at layer 14 joins the batch at
+layer 15 and runs 15 of the 30 layers, close to the average over all 30 layers (14.5), so its
+per-cell cost stands for the whole sweep's.
 The engine cuts it into blocks of ``ROWS_PER_BLOCK`` = 2,048 rows (128 cells × 16 examples): 4 blocks
 (12 with ``--units 1536``).
 
@@ -45,14 +46,14 @@ def _sweep(model: Any, tok: Any, spec: Any, executor: Any = None) -> tuple[float
 
 
 def _flops_per_row(model: Any, layer: int) -> float:
-    """Multiply-add FLOPs of one patched row: one token through layers ``layer..L-1`` (attention
-    projections and MLP; the attention over ~15 cached positions is negligible) plus 2 unembedding
-    columns."""
+    """FLOPs of one neuron-patch row: one token through layers ``layer+1..L-1`` (a neuron patch joins
+    at the next layer; attention projections and MLP, the attention over ~15 cached positions is
+    negligible) plus 2 unembedding columns."""
     d = model.dims
     head_dim = d.d_model // d.n_heads
     attn = d.d_model * head_dim * (2 * d.n_heads + 2 * d.n_kv_heads)  # q, o and k, v projections
     mlp = 3 * d.d_model * d.d_mlp  # gate, up, down
-    return 2.0 * ((d.n_layers - layer) * (attn + mlp) + 2 * d.d_model)
+    return 2.0 * ((d.n_layers - layer - 1) * (attn + mlp) + 2 * d.d_model)
 
 
 def main() -> None:
