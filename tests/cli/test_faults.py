@@ -77,15 +77,26 @@ _DATA_FILES = (
     Bad("records without the fields", "{wrong_fields_jsonl}", "wrong_fields.jsonl"),
 )
 _CHOICE = (Bad("unknown name", "nosuch-choice"),)
+_INPUT_FOLDERS = (
+    Bad("missing folder", "{missing}/input-folder", "input-folder"),
+    Bad("a file", "{a_file}", "a_file.txt"),
+    Bad("empty folder", "{empty_dir}", "empty_dir"),
+)
+_MODELS = (
+    Bad("missing folder", "{missing}/no-such-model", "no-such-model"),
+    Bad("a file", "{a_file}", "a_file.txt"),
+    Bad("folder without config.json", "{empty_dir}", "empty_dir"),
+    Bad("hub id, no network", "nobody-xyz/no-such-model", "no-such-model"),
+)
 
 #: Bad values by option name (the option's role). Commands share these names through cli/common.py.
 ROLE_VALUES: dict[str, tuple[Bad, ...]] = {
-    "model": (
-        Bad("missing folder", "{missing}/no-such-model", "no-such-model"),
-        Bad("a file", "{a_file}", "a_file.txt"),
-        Bad("folder without config.json", "{empty_dir}", "empty_dir"),
-        Bad("hub id, no network", "nobody-xyz/no-such-model", "no-such-model"),
-    ),
+    "model": _MODELS,
+    "base": _MODELS,
+    "tuned": _MODELS,
+    "patch": _INPUT_FOLDERS,
+    "localize": _RESULTS_FOLDERS,
+    "queries": _DATA_FILES,
     "task": (
         Bad("unknown name", "nosuchtask"),
         *_DATA_FILES,
@@ -233,14 +244,23 @@ def cases() -> list[Any]:
 CASES = cases()
 
 
-def base_args(cmd: Any, tested: str, fill: dict[str, str], out: Path, words: tuple[str, ...] = ()) -> list[str] | str:
-    """The command line with every option at its cheap setting except ``tested``, or the name of a
-    required parameter that has no known good value (the command cannot be exercised)."""
+def base_args(
+    cmd: Any, tested: str, bad: str, fill: dict[str, str], out: Path, words: tuple[str, ...] = ()
+) -> list[str] | str:
+    """The command line with ``tested`` set to ``bad`` and every other option at its cheap setting
+    (positional arguments in their order), or the name of a required parameter that has no known
+    good value (the command cannot be exercised)."""
     base = {**BASE, **COMMAND_BASE.get(" ".join(words), {})}
     args: list[str] = []
     positional: list[str] = []
     for p in cmd.params:
-        if p.name in ("help", tested) or p.name in EXCLUSIVE.get(tested, ()):
+        if p.name == tested:
+            if _is_argument(p):
+                positional.append(bad)
+            else:
+                args.append(f"{_word(p)}={bad}")
+            continue
+        if p.name == "help" or p.name in EXCLUSIVE.get(tested, ()):
             continue
         word = _word(p)
         if p.name == "out":
@@ -393,20 +413,14 @@ def assert_one_error_line(result: Any, shown: str) -> str:
 @pytest.mark.parametrize(("words", "option", "bad"), CASES)
 def test_bad_input_is_one_named_error(words, option, bad, inputs, loaded_once, tmp_path, monkeypatch):
     cmd = COMMANDS[words]
-    param = next(p for p in cmd.params if p.name == option)
     out = tmp_path / "out"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    args = base_args(cmd, option, inputs, out, words)
+    args = base_args(cmd, option, bad.value.format(**inputs), inputs, out, words)
     if isinstance(args, str):
         pytest.skip(f"{' '.join(words)}: required parameter {args!r} has no known good value (add one to BASE "
                     "or COMMAND_BASE to exercise this command)")
-    value = bad.value.format(**inputs)
-    if _is_argument(param):
-        args = [value, *args]
-    else:
-        args = [*args, f"{_word(param)}={value}"]
     watched = (cwd, Path(inputs["root"]))
     before = snapshot(*watched)
     result = runner.invoke(APP, [*words, *args])
