@@ -89,3 +89,43 @@ def test_layers_from_scores_and_controls():
         attach(tiny_llama(), [7])
     with pytest.raises(WeightPatchError, match="no module named like"):
         attach(tiny_llama(), [1], targets="conv_in")
+
+
+class Tower(torch.nn.Module):
+    """No numbered blocks (like a diffusers UNet): LoRA is attached by module name."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.ModuleDict({"attn": torch.nn.Linear(8, 8), "ff": torch.nn.Linear(8, 8)})
+        self.up = torch.nn.ModuleDict({"attn": torch.nn.Linear(8, 8), "ff": torch.nn.Linear(8, 4)})
+
+    def forward(self, x):
+        x = torch.relu(self.down["ff"](self.down["attn"](x)))
+        return self.up["ff"](self.up["attn"](x))
+
+
+def test_any_module_by_module_names():
+    torch.manual_seed(0)
+    net = Tower()
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    pm = attach(net, ["down.attn", "up.ff"], r=2, alpha=4)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss(pm, (x, y)).backward()
+        opt.step()
+    with_grad = {n for n, p in pm.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n and (".down.attn." in n or ".up.ff." in n) for n in with_grad)
+    patch = merged_patch(pm)
+    assert sorted(patch.names) == ["down.attn.weight", "up.ff.weight"]
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    mine, _ = apply_state(patch, base)
+    for n in merged:
+        torch.testing.assert_close(mine[n], merged[n], rtol=0, atol=2e-6)
+    with pytest.raises(WeightPatchError, match=r"no module 'mid\.attn'"):
+        attach(Tower(), ["mid.attn"])

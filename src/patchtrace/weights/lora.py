@@ -91,17 +91,39 @@ def _pattern(mod: Any) -> str:
     raise WeightPatchError("attach: the model has no numbered blocks (layers.N / h.N / blocks.N) to choose from")
 
 
-def attach(model: Any, layers: Sequence[int], targets: str | Sequence[str] = "mlp", r: int = 8, alpha: float = 16.0,
-           dropout: float = 0.0, seed: int = 0) -> Any:
+def _attach_modules(mod: Any, names: Sequence[str], r: int, alpha: float, dropout: float) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    mods = dict(mod.named_modules())
+    for n in names:
+        if n not in mods:
+            raise WeightPatchError(f"attach: the model has no module {n!r}")
+        if not isinstance(mods[n], (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)) and type(mods[n]).__name__ != "Conv1D":
+            raise WeightPatchError(f"attach: module {n!r} is a {type(mods[n]).__name__}; LoRA needs a Linear/Conv layer")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names),  # type: ignore[arg-type]
+                     bias="none")  # (lora_alpha: int in peft's hints)
+    return get_peft_model(mod, cfg)
+
+
+def attach(model: Any, layers: Sequence[int] | Sequence[str], targets: str | Sequence[str] = "mlp", r: int = 8,
+           alpha: float = 16.0, dropout: float = 0.0, seed: int = 0) -> Any:
     """Wrap ``model`` (in place) with LoRA on ``targets`` of ``layers`` only; returns the peft model.
 
+    ``layers`` is either block indices (``[12, 13]``: the ``targets`` modules of those numbered blocks)
+    or full module names (``["down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k", ...]``: exactly
+    those modules, ``targets`` ignored), the form for models without numbered blocks (a diffusers UNet).
+
     Raises:
-        WeightPatchError: no layers, layers out of range, or no module of the chosen layers matches.
+        WeightPatchError: no layers, layers out of range, an unknown module name, or no module of the
+            chosen layers matches ``targets``.
     """
     from peft import LoraConfig, get_peft_model
 
     mod = module_of(model)
-    layers = sorted({int(i) for i in layers})
+    torch.manual_seed(seed)
+    if layers and all(isinstance(x, str) for x in layers):
+        return _attach_modules(mod, [str(x) for x in layers], r, alpha, dropout)
+    layers = sorted({int(i) for i in layers})  # type: ignore[arg-type]
     n_layers = 1 + max((x for n, _ in mod.named_modules() if (x := layer_of(n + ".")) is not None), default=-1)
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
         raise WeightPatchError(f"attach: layers {layers} must be within 0..{n_layers - 1}")
@@ -110,7 +132,6 @@ def attach(model: Any, layers: Sequence[int], targets: str | Sequence[str] = "ml
     found = [t for t in wanted if t in present]
     if not found:
         raise WeightPatchError(f"attach: no module named like {', '.join(wanted)} in the model")
-    torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,  # type: ignore[arg-type]
                      layers_to_transform=layers, layers_pattern=_pattern(mod), bias="none")  # (lora_alpha: int in peft's hints)
     return get_peft_model(mod, cfg)
@@ -171,12 +192,12 @@ class LoraRun:
     trainable: int
     total: int
     adapter_bytes: int
-    layers: list[int]
+    layers: list[Any]
     targets: list[str]
     seconds: float
 
 
-def train_lora(model: Any, layers: Sequence[int], batches: Iterable[Any], loss_fn: Callable[[Any, Any], Tensor],
+def train_lora(model: Any, layers: Sequence[int] | Sequence[str], batches: Iterable[Any], loss_fn: Callable[[Any, Any], Tensor],
                steps: int, lr: float = 1e-3, targets: str | Sequence[str] = "mlp", r: int = 8, alpha: float = 16.0,
                seed: int = 0, *, on_progress: Progress | None = None,
                on_loss: Callable[[int, float], None] | None = None) -> LoraRun:
@@ -215,11 +236,12 @@ def train_lora(model: Any, layers: Sequence[int], batches: Iterable[Any], loss_f
         seconds = time.perf_counter() - t0
         patch = merged_patch(pm)
         found = sorted(pm.peft_config["default"].target_modules)
+        chosen: list[Any] = list(layers) if any(isinstance(x, str) for x in layers) else sorted(layers)  # type: ignore[type-var]
     finally:
         inner = detach(pm)
         for n, p in inner.named_parameters():  # peft froze the base; give the caller's flags back
             p.requires_grad_(flags.get(n, p.requires_grad))
-    return LoraRun(patch, losses, trainable, total, 4 * trainable, sorted(layers), found, seconds)
+    return LoraRun(patch, losses, trainable, total, 4 * trainable, chosen, found, seconds)
 
 
 __all__ = ["TARGETS", "LoraRun", "attach", "base_state", "detach", "layers_from_scores", "merged_patch",
