@@ -155,5 +155,8 @@ def test_write_report_on_folder_of_results(tmp_path):
     data = extract_data(files[-1].read_text())
     assert {d["kind"] for d in data} == {"resid_pre", "head"}
     assert next(d for d in data if d["kind"] == "head")["panels"][0]["values"] == [[1.0, -2.0], [0.5, 0.0]]
-    with pytest.raises(ResultsError, match="no patchtrace results"):
+    with pytest.raises(ResultsError, match="no such folder"):
         write_report(tmp_path / "head" / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResultsError, match="no patchtrace results"):
+        write_report(tmp_path / "empty")
