@@ -63,7 +63,7 @@ def tiny_sd(seed: int = 0) -> Any:
     from patchtrace.diffusion.small.model import build_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -96,7 +96,7 @@ def tiny_sdxl(seed: int = 0) -> Any:
     from patchtrace.diffusion.small.model import build_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -124,3 +124,30 @@ def tiny_sdxl(seed: int = 0) -> Any:
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
+
+
+def tiny_sd3(seed: int = 0) -> Any:
+    """A ``StableDiffusion3Pipeline`` with random tiny weights: 3 joint-attention (MMDiT) blocks, no T5."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from patchtrace.diffusion.small.model import build_tokenizer
+
+    torch.manual_seed(seed)
+    tr: Any = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32, out_channels=4,
+    )  # fmt: skip
+    vae: Any = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=tr.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+        text_encoder=_clip(16, projection=True), tokenizer=build_tokenizer(16),
+        text_encoder_2=_clip(16, projection=True), tokenizer_2=build_tokenizer(16),
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
