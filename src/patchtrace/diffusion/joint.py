@@ -43,7 +43,7 @@ def joint_layers(pipe: Any) -> list[JointLayer]:
         raise DiffusionError(f"pipeline {name!r} has no supported joint attention; supported: {sorted(JOINT_FAMILIES)}")
     tr = pipe.transformer
     names = {id(m): n for n, m in tr.named_modules()}
-    out = []
+    out: list[JointLayer] = []
     for block in tr.transformer_blocks:
         attn = block.attn
         if getattr(attn, "add_k_proj", None) is None:

@@ -129,7 +129,12 @@ def tiny_sdxl(seed: int = 0) -> Any:
 def tiny_sd3(seed: int = 0) -> Any:
     """A ``StableDiffusion3Pipeline`` with random tiny weights: 3 joint-attention (MMDiT) blocks, no T5."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     from patchtrace.diffusion.small.model import build_tokenizer
 
@@ -143,7 +148,7 @@ def tiny_sd3(seed: int = 0) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
         shift_factor=0.0609, scaling_factor=1.5035,
     )  # fmt: skip
-    pipe = StableDiffusion3Pipeline(
+    pipe: Any = StableDiffusion3Pipeline(
         transformer=tr.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
         text_encoder=_clip(16, projection=True), tokenizer=build_tokenizer(16),
         text_encoder_2=_clip(16, projection=True), tokenizer_2=build_tokenizer(16),
