@@ -248,3 +248,22 @@ def test_cli_error_after_starting_ray_leaves_no_ray_process(model_dir, tmp_path)
     while _procs_mentioning(ray_tmp) and time.monotonic() < end:
         time.sleep(0.3)
     assert not _procs_mentioning(ray_tmp), f"Ray processes left: {_procs_mentioning(ray_tmp)}"
+
+
+def test_a_job_travels_without_its_model(model, task):
+    """The pickled job holds placeholders for the model and its weights, and the worker's own model
+    is plugged back in: the bytes are a tiny fraction of the weights, and a weight tensor the job
+    refers to comes back as the receiving model's own tensor."""
+    from patchtrace.engine.executors.shipping import dump_job, load_job
+    from patchtrace.models.load import load_model as load_again
+
+    job = ap.PatchingJob(model, task.tokenize(model.tokenizer), SITES, CFG)
+    job.extra_weight = model.hf.get_parameter("model.embed_tokens.weight")  # a job may point at weights too
+    data = dump_job(job, model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.hf.parameters())
+    assert len(data) < weight_bytes / 100, f"{len(data)} bytes shipped for {weight_bytes} bytes of weights"
+    other = load_again(model.source["spec"])  # what a worker loads itself
+    got = load_job(data, other)
+    assert got.model is other and got.extra_weight is other.hf.get_parameter("model.embed_tokens.weight")
+    assert got.key == job.key and [b.index for b in got.blocks()] == [b.index for b in job.blocks()]
+    assert torch.equal(got.run_block(got.blocks()[0])["patched"], job.run_block(job.blocks()[0])["patched"])

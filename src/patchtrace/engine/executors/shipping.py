@@ -10,7 +10,9 @@ its local cache or the hub, see :attr:`patchtrace.models.load.Model.source`) plu
 back in when it unpickles the job (``persistent_load``).
 
 What travels is therefore the job *description* (ids, plans, a few small tensors such as causal
-tracing's noise), a few kilobytes to megabytes, once per sweep per worker.
+tracing's noise), a few kilobytes to megabytes, once per sweep per worker. A tensor on the driver's
+GPU travels through host memory and lands on the worker's own device (``cuda:1`` on the driver may
+be a worker's ``cuda:0``).
 
 This is Ray's own transport (the driver and the workers are the user's processes): nothing is read
 back from disk, so the rule that results and weights are never unpickled is kept.
@@ -21,6 +23,8 @@ from __future__ import annotations
 import io
 import pickle
 from typing import Any
+
+import torch
 
 from patchtrace.errors import PatchtraceError
 from patchtrace.models.load import Model
@@ -55,7 +59,12 @@ def dump_job(job: Any, model: Model) -> bytes:
 
     class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc,name-defined]
         def persistent_id(self, obj: Any) -> Any:
-            return parts.get(id(obj))
+            pid = parts.get(id(obj))
+            if pid is None and isinstance(obj, torch.Tensor) and obj.device.type not in ("cpu", "meta"):
+                # a tensor on the driver's accelerator (causal tracing's noise ...): sent via the host and
+                # put on the worker's own device, whichever index the driver used
+                return ("to_device", obj.detach().cpu())
+            return pid
 
     buf = io.BytesIO()
     try:
@@ -73,6 +82,8 @@ def load_job(data: bytes, model: Model) -> Any:
     class _Unpickler(pickle.Unpickler):
         def persistent_load(self, pid: Any) -> Any:
             kind, name = pid
+            if kind == "to_device":
+                return name.to(model.device)
             if kind == "model":
                 return model
             if kind == "hf":
