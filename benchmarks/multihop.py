@@ -120,7 +120,7 @@ def fix_stage(m, args) -> None:
     cfg = BackpatchConfig(max_new=args.max_new, gen_pairs="upper")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    s = backpatch(m, pick, cfg, out_dir=str(OUT / f"fix{args.tag}"), overwrite=True)
+    s = backpatch(m, pick, cfg, out_dir=args.fix_out or str(OUT / f"fix{args.tag}"), overwrite=True)
     dt = time.perf_counter() - t0
     rates = fix_rate(s)
     succ = s.extras["success"].mean(0)
@@ -265,6 +265,7 @@ def main() -> None:
     ap.add_argument("--fix-queries", type=int, default=1000)
     ap.add_argument("--bridge-queries", type=int, default=20)
     ap.add_argument("--max-new", type=int, default=10)
+    ap.add_argument("--fix-out", default=None, help="checkpoint folder of the fix-rate run")
     ap.add_argument("--rr-random", type=int, default=5)
     ap.add_argument("--rr-items", type=int, default=60)
     ap.add_argument("--bridge-max-new", type=int, default=6)
