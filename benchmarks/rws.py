@@ -40,7 +40,11 @@ def tables(r: dict) -> str:
               f"clean+RWS {pct(mean('clean+RWS:{c}'))}, clean+RWS on all layers {pct(mean('clean+RWS_all_layers:{c}'))}; "
               f"share of the robust gain recovered by RWS: "
               f"{pct((mean('clean+RWS:{c}') - mean('clean')) / max(mean('robust:{c}') - mean('clean'), 1e-9))}%; "
-              f"transfer (split B): clean {pct(sum(a['B:clean'][c] for c in cs) / len(cs))}, "
+              + (f"clean model with only {'+'.join(r['config']['keep'])} fine-tuned on the corruption "
+                 f"{pct(mean('clean+shallow_ft:{c}'))} (clean acc "
+                 f"{pct(sum(a[f'clean+shallow_ft:{c}']['clean'] for c in cs) / len(cs))}); "
+                 if f"clean+shallow_ft:{cs[0]}" in a else "")
+              + f"transfer (split B): clean {pct(sum(a['B:clean'][c] for c in cs) / len(cs))}, "
               f"+RWS_A {pct(mean('B:clean+RWS_A:{c}'))}, robust_B {pct(mean('B:robust:{c}'))}.", ""]
     lines += ["(i) Per-layer ‖Δ‖/‖θ0‖ (mean over corruptions for the robust rows):", "",
               "| layer | clean fine-tune | robust fine-tune | robust − clean | RWS (projected) |", "|---|---|---|---|---|"]

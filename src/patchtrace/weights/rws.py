@@ -64,6 +64,7 @@ class RWSConfig:
     scheme: str = "linear"
     quant_grid: tuple[tuple[str, int], ...] = (("linear", 4), ("linear", 16), ("log", 15), ("tanh", 16), ("linear", 256))
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    shallow_finetune: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,7 +82,8 @@ class RWSConfig:
     def tiny(cls) -> RWSConfig:
         """The fast configuration of the test suite (same pipeline, two corruptions, few epochs)."""
         return cls(corruptions=("gaussian_noise", "contrast"), width=8, pretrain_size=500, split_size=300,
-                   pretrain_epochs=12, finetune_epochs=6, seeds=(0,), quant_grid=(("linear", 16),), alphas=(0.0, 1.0))
+                   pretrain_epochs=12, finetune_epochs=6, seeds=(0,), quant_grid=(("linear", 16),), alphas=(0.0, 1.0),
+                   shallow_finetune=False)
 
 
 @dataclass
@@ -123,8 +125,22 @@ def _train(state: State | None, cfg: RWSConfig, x: Tensor, y: Tensor, seed: int,
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _sgd_momentum(m: DigitsCNN, bs: list[tuple[Tensor, Tensor]], lr: float) -> None:
-    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+def shallow_finetune(ck: Checkpoints, cfg: RWSConfig, c: str, split: str = "A") -> State:
+    """The clean model fine-tuned on corruption ``c`` with only the signature's layers (``cfg.keep``)
+    trainable: how much robustness those layers *can* hold, the ceiling for a signature on them."""
+    s0 = cfg.seeds[0]
+    torch.manual_seed(s0 + 1)
+    m = DigitsCNN(cfg.width)
+    m.load_state_dict(ck.clean[(split, s0)])
+    x, y = ck.data[split]
+    keep = tuple(k + "." for k in cfg.keep)
+    _sgd_momentum(m, _batches(x, y, cfg.batch, cfg.finetune_epochs, s0 + 1, c), cfg.lr_finetune,
+                  [q for n, q in m.named_parameters() if n.startswith(keep)])
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _sgd_momentum(m: DigitsCNN, bs: list[tuple[Tensor, Tensor]], lr: float, params: list[Any] | None = None) -> None:
+    opt = torch.optim.SGD(params if params is not None else m.parameters(), lr=lr, momentum=0.9)
     m.train()
     for b in bs:
         opt.zero_grad(set_to_none=True)
@@ -205,5 +221,5 @@ def run_rws(cfg: RWSConfig | None = None, on_progress: Progress | None = None, c
     return res
 
 
-__all__ = ["Checkpoints", "RWSConfig", "RWSResult", "keep_selector", "run_rws", "signature",
+__all__ = ["Checkpoints", "RWSConfig", "RWSResult", "keep_selector", "run_rws", "shallow_finetune", "signature",
            "split_data", "train_checkpoints"]

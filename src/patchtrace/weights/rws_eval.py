@@ -17,7 +17,7 @@ from torch import Tensor
 
 from patchtrace.weights.digits import DigitsCNN, accuracy, corrupt
 from patchtrace.weights.patch import WeightPatch
-from patchtrace.weights.rws import Checkpoints, RWSConfig, RWSResult, keep_selector, signature
+from patchtrace.weights.rws import Checkpoints, RWSConfig, RWSResult, keep_selector, shallow_finetune, signature
 from patchtrace.weights.state import base_hash
 
 
@@ -70,6 +70,8 @@ def measure(cfg: RWSConfig, ck: Checkpoints) -> RWSResult:
         acc[f"clean+RWS:{c}"] = ev(clean, [(rws[c], 1.0)])
         acc[f"clean+RWS_q:{c}"] = ev(clean, [(rws[c].quantize(cfg.levels, cfg.scheme), 1.0)])
         acc[f"clean+RWS_all_layers:{c}"] = ev(clean, [(signature(ck, "A", s0, c, DigitsCNN.LAYERS), 1.0)])
+        if cfg.shallow_finetune:
+            acc[f"clean+shallow_ft:{c}"] = ev(shallow_finetune(ck, cfg, c))
     k = len(cs)
     acc["clean+composed"] = ev(clean, [(WeightPatch.compose([rws[c] for c in cs]), 1.0)])
     acc["clean+composed/K"] = ev(clean, [(WeightPatch.compose([rws[c] for c in cs], [1 / k] * k), 1.0)])
