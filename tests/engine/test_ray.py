@@ -267,3 +267,24 @@ def test_a_job_travels_without_its_model(model, task):
     assert got.model is other and got.extra_weight is other.hf.get_parameter("model.embed_tokens.weight")
     assert got.key == job.key and [b.index for b in got.blocks()] == [b.index for b in job.blocks()]
     assert torch.equal(got.run_block(got.blocks()[0])["patched"], job.run_block(job.blocks()[0])["patched"])
+
+
+def test_cli_patch_on_ray_saves_the_local_result(ex, model_dir, tmp_path, monkeypatch):
+    """`patch --executor ray` (joining the module's instance) saves exactly what `patch` saves."""
+    from typer.testing import CliRunner
+
+    from patchtrace.cli import build_app
+    from patchtrace.results import Scores
+
+    used = []
+    real_map = RayExecutor.map
+    monkeypatch.setattr(RayExecutor, "map", lambda self, *a: used.append(1) or real_map(self, *a))
+    common = ["patch", "--model", str(model_dir), "--n", "2", "--sites", "head", "--positions", "last", "-q"]
+    app = build_app()
+    r_ray = CliRunner().invoke(app, [*common, "--executor", "ray", "--out", str(tmp_path / "ray")])
+    assert r_ray.exit_code == 0, r_ray.output
+    r_loc = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "local")])
+    assert r_loc.exit_code == 0, r_loc.output
+    assert used, "the Ray executor was not used"
+    a, b = Scores.load(tmp_path / "ray"), Scores.load(tmp_path / "local")
+    assert torch.equal(a.values, b.values) and torch.equal(a.per_example, b.per_example)
