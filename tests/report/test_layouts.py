@@ -111,3 +111,20 @@ def test_html_axis_titles_colour_label_and_strict_csp(tmp_path):
     ]
     drill = data[1]["drill"]
     assert drill["prefix"][2] + drill["units"][700] + drill["suffix"][2] == "neuron[2].n700"
+
+
+def test_wide_facets_are_binned(tmp_path):
+    """Layers × neurons × positions: a facet per layer whose rows are bins of neurons (not 1536-row canvases)."""
+    torch.manual_seed(2)
+    v = torch.randn(2, 300, 3)
+    s = Scores(v, ("layer", "neuron", "pos"), "neuron", labels={"pos": ["a", "b", "c"]})
+    lay = layout(s)
+    p = lay.panels[1]
+    assert lay.kind == "facets" and p.values.shape == (len(p.spans), 3) and len(p.spans) <= 48
+    for j, (a, b) in enumerate(p.spans):
+        for t in range(3):
+            assert float(p.values[j, t]) == pytest.approx(max(v[1, a:b, t].tolist(), key=abs))
+    doc = html_report(s, tmp_path / "r.html").read_text()
+    assert '"sites": null' in doc and "bins of" in doc
+    assert s._repr_html_().count("<td class=pt-c") == 2 * 43  # layers × neuron bins (max over positions)
+    assert heatmap_png(s, tmp_path / "w.png").stat().st_size > 1000

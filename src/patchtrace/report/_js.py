@@ -70,6 +70,8 @@ function show(ev, lines){
 }
 function hide(){ tip.style.display = 'none'; }
 function cellLines(sec, P, r, c){
+  if (!P.sites) return [sec.facet_axis + ' ' + P.title + ', ' + P.rows[r] + ', ' + P.cols[c],
+    'largest |' + sec.value_name + '| in the bin: ' + fmt(P.values[r][c], 4)];
   const lines = [P.sites[r][c], sec.value_name + ' ' + fmt(P.values[r][c], 4)];
   if (P.recovery) lines.push('recovery ' + fmt(P.recovery[r][c], 3));
   if (P.tokens && P.tokens[r] && P.tokens[r][c] !== null) lines.push('token ' + P.tokens[r][c]);

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from patchtrace.report.layouts import Layout, Panel, color_label, layout
-from patchtrace.report.summary import order_phrase, top_rows
+from patchtrace.report.layouts import WIDE, Layout, Panel, color_label, layout
+from patchtrace.report.summary import axis_ticks, order_phrase, top_rows
 from patchtrace.results import Scores
 from patchtrace.tokens import display_tokens
 
@@ -50,14 +50,20 @@ def color(v: float, lim: float) -> str:
 
 
 def _facet_overview(scores: Scores) -> Layout:
-    """Heads × positions → layers × heads, each cell the largest-magnitude value over positions."""
+    """Heads × positions → layers × heads, each cell the largest-magnitude value over positions
+    (binned across when the second axis is wide, as a neuron sweep is)."""
     v = scores.values.detach().float()
     idx = torch.nan_to_num(v, nan=0.0).abs().argmax(-1, keepdim=True)
     best = v.gather(-1, idx)[..., 0]
     lay = layout(scores)
+    if v.shape[1] > WIDE:
+        flat = Scores(best, scores.axes[:2], scores.site_kind, scores.value_name, scores.metric)
+        over = layout(flat)
+        over.note = f"each cell: the largest-magnitude value over {scores.axes[2]}; " + over.note
+        return over
     rows = [p.title for p in lay.panels]
     cells: list[list[tuple[int, ...]]] = [[(i, j, int(idx[i, j, 0])) for j in range(v.shape[1])] for i in range(v.shape[0])]
-    panel = Panel("", best, rows, lay.panels[0].rows, cells)
+    panel = Panel("", best, rows, axis_ticks(scores, scores.axes[1]), cells)
     note = f"each cell: the largest-magnitude value over {scores.axes[2]} (the HTML report shows every {scores.axes[2]})"
     return Layout("matrix", [panel], scores.axes[0], scores.axes[1], lay.color_label, note, limit=lay.limit)
 

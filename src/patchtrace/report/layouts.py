@@ -90,6 +90,21 @@ def _limit(v: Tensor) -> float:
     return lim if lim > 0 else 1.0
 
 
+def _spans(n: int) -> list[tuple[int, int]]:
+    """At most :data:`BINS` ranges of equal width covering ``range(n)``."""
+    width = math.ceil(n / BINS)
+    return [(s, min(n, s + width)) for s in range(0, n, width)]
+
+
+def _bin_max(v: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """``[R, C]`` → ``[R, len(spans)]``: per bin of columns, the value of largest magnitude (sign kept)."""
+    out = torch.empty(v.shape[0], len(spans))
+    for j, (s, e) in enumerate(spans):
+        block = torch.nan_to_num(v[:, s:e], nan=0.0)
+        out[:, j] = block.gather(1, block.abs().argmax(1, keepdim=True))[:, 0]
+    return out
+
+
 def _axis_title(scores: Scores, axis: str) -> str:
     if axis == "pos" and "pos" in scores.labels:
         return "position: token (example 0)"
@@ -115,6 +130,14 @@ def layout(scores: Scores, values: Tensor | None = None, *, normalized: bool = F
     if kind == "facets":
         a0, a1, a2 = scores.axes
         t0, t1, t2 = (axis_ticks(scores, a) for a in (a0, a1, a2))
+        if v.shape[1] > WIDE:  # e.g. layers × neurons × positions: each facet's rows are bins of units
+            spans = _spans(v.shape[1])
+            rows = [f"{t1[s]}–{t1[e - 1]}" for s, e in spans]
+            panels = [Panel(t0[i], _bin_max(v[i].T, spans).T, rows, t2, None, spans) for i in range(v.shape[0])]
+            note = (f"each row of a facet is a bin of {spans[0][1]} consecutive {a1}s showing its largest-magnitude "
+                    f"value (sign kept); the top table lists single {a1}s") + (f"; {note}" if note else "")
+            return Layout("facets", panels, f"{a1} (bins of {spans[0][1]})", _axis_title(scores, a2), label, note,
+                          facet_axis=a0, bin=spans[0][1], limit=_limit(v))
         panels = [
             Panel(t0[i], v[i], t1, t2, [[(i, r, c) for c in range(v.shape[2])] for r in range(v.shape[1])])
             for i in range(v.shape[0])
@@ -122,14 +145,9 @@ def layout(scores: Scores, values: Tensor | None = None, *, normalized: bool = F
         return Layout("facets", panels, a1, _axis_title(scores, a2), label, note, facet_axis=a0, limit=_limit(v))
     if kind == "binned":
         a0, a1 = scores.axes
-        R, C = v.shape
-        width = math.ceil(C / BINS)
-        spans = [(s, min(C, s + width)) for s in range(0, C, width)]
-        binned = torch.empty(R, len(spans))
-        for j, (s, e) in enumerate(spans):
-            block = torch.nan_to_num(v[:, s:e], nan=0.0)
-            idx = block.abs().argmax(1, keepdim=True)
-            binned[:, j] = block.gather(1, idx)[:, 0]
+        spans = _spans(v.shape[1])
+        width = spans[0][1]
+        binned = _bin_max(v, spans)
         ticks = axis_ticks(scores, a1)
         cols = [f"{ticks[s]}–{ticks[e - 1]}" for s, e in spans]
         note = (f"overview: each cell is a bin of {width} consecutive {a1}s and shows the bin's largest-magnitude "
