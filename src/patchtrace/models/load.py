@@ -349,7 +349,10 @@ def load_model(
         ) from None
     family_for(config)  # refuse unsupported architectures before loading any weights
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, **kwargs)
+        from patchtrace.progress import quiet_third_party
+
+        with quiet_third_party():  # transformers' "Loading weights" bar only with PATCHTRACE_VERBOSE=1
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, **kwargs)
     except Exception as e:
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {type(e).__name__}: {str(e)[:400]}") from None
     hf = hf.to(dev)  # type: ignore[arg-type]
