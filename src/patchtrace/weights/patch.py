@@ -52,6 +52,22 @@ class WeightPatch:
         base_hash: :func:`~patchtrace.weights.state.base_hash` of the base (None: any base of ``arch``).
         quant: the tensors held quantized (their ``deltas`` entry is the dequantized value).
         meta: free JSON-able provenance (how it was made: selector, projection, scale, sources).
+
+    Example:
+        >>> base = {"w": torch.zeros(4), "b": torch.ones(2)}
+        >>> tuned = {"w": torch.tensor([0.5, -0.25, 0.0, 1.0]), "b": torch.ones(2)}
+        >>> p = WeightPatch.extract(base, tuned, select="w")   # only "w"
+        >>> p.names, p.nbytes
+        (['w'], 16)
+        >>> q = p.quantize(3, "linear")                         # grid -0.25, 0.375, 1.0
+        >>> q.deltas["w"]
+        tensor([ 0.3750, -0.2500, -0.2500,  1.0000])
+        >>> from patchtrace.weights import apply_state, remove_state
+        >>> new, receipt = apply_state(p.scaled(2.0), base)
+        >>> new["w"]
+        tensor([ 1.0000, -0.5000,  0.0000,  2.0000])
+        >>> torch.equal(remove_state(p.scaled(2.0), new, receipt)["w"], base["w"])
+        True
     """
 
     deltas: Mapping[str, Tensor]
