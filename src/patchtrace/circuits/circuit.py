@@ -3,7 +3,7 @@
 Saved as a folder with ``circuit.safetensors`` (the edge mask and the scores) and ``circuit.json``
 (graph dimensions, the edge list by name, method, faithfulness, curves, provenance). Nothing is
 pickled. :meth:`Circuit.draw` writes the graph picture: nodes by layer (input at the bottom, logits
-at the top, heads in a row per layer, the MLP at the right), edges coloured by the sign of their
+at the top, heads in a row per layer with their KV heads just below, the MLP at the right), edges coloured by the sign of their
 score and as wide as its magnitude, with q/k/v inputs drawn solid/dashed/dotted.
 
 Example:
@@ -142,9 +142,9 @@ class Circuit:
         if name.startswith("m"):
             return (g.n_heads + 0.8, layer + 0.5)
         unit = int(name.split(".")[1][2:] if ".kv" in name else name.split(".h")[1])
-        if ".kv" in name:  # the KV head's position: the middle of its query group
+        if ".kv" in name:  # a KV head: below its layer's heads, in the middle of its query group
             group = g.n_heads // g.n_kv_heads
-            return (unit * group + (group - 1) / 2, float(layer))
+            return (unit * group + (group - 1) / 2, layer - 0.35)
         return (float(unit), float(layer))
 
     def draw(self, path: str | Path, title: str | None = None, max_edges: int = 400) -> Path:
