@@ -14,6 +14,10 @@
   top-k tables, baselines and provenance; every prompt-derived string is escaped;
 * :func:`write_report` — both, for a results folder written by :meth:`Scores.save` (or a folder of
   such folders, one per site kind).
+
+Both lay a grid out by its shape (:mod:`patchtrace.report.layouts`: one heatmap, a facet per layer,
+or a binned overview with drill-down) and show tokens decoded (:mod:`patchtrace.tokens`); in a
+notebook, results render through :mod:`patchtrace.report.inline` (``_repr_html_``).
 """
 
 from __future__ import annotations
