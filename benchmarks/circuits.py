@@ -117,9 +117,8 @@ def phase_grid(args: argparse.Namespace) -> None:
         v, dt = _timed(lambda name=name, kw=kw: scores(p, name, **kw))
         est = v[mask]
         res[name] = {"seconds": dt, "pearson": pearson(ex, est), "spearman": spearman(ex, est)}
-        torch.save(v, OUT / f"{name}.pt") if OUT.exists() else None
-        _save("grid", res)
-    _save("grid", res)
+        _save("grid" + args.tag, res)
+    _save("grid" + args.tag, res)
 
 
 def phase_curves(args: argparse.Namespace) -> None:
@@ -128,7 +127,7 @@ def phase_curves(args: argparse.Namespace) -> None:
     noise, den = prepare(m, tok), prepare(m, tok, direction="denoise")
     G = noise.graph
     budgets = [b for b in (50, 100, 200, 500, 1000) if b <= G.n_edges]
-    res: dict = {"n": args.n, "budgets": budgets, "baselines": noise.baselines, "timing": {}}
+    res: dict = {"n": args.n, "budgets": budgets, "baselines": noise.baselines, "timing": {}, "pool": args.pool}
     sc = {}
     for name, kw in (("eap", {}), ("eap-ig", {"steps": 5})):
         sc[name], res["timing"][name] = _timed(lambda name=name, kw=kw: scores(noise, name, **kw))
@@ -215,11 +214,11 @@ def render() -> str:
         return json.loads(f.read_text()) if f.is_file() else None
 
     lines = ["## Circuits (issue 14)", ""]
-    g = load("grid")
+    g = load("grid") or load("grid-small")
     if g:
         gr, ex, nv = g["graph"], g["exact_sample"], g["naive"]
         lines += [
-            "Command: `nice -n 10 .venv/bin/python benchmarks/circuits.py --phase grid --n 4 --sample 300` "
+            f"Command: `nice -n 10 .venv/bin/python benchmarks/circuits.py --phase grid --n {g['n']} --sample {g['exact_sample']['edges']}` "
             f"(IOI, SmolLM2-135M-Instruct, n={g['n']}, CPU float32, {g['threads']} torch threads, under heavy "
             "contention: a 2-core box with load average 16-21 from other jobs, so absolute seconds are inflated "
             "several-fold; ratios are measured in the same process).",
@@ -252,11 +251,22 @@ def render() -> str:
                   "--acdc-pool 40 --thresholds 0.01` (same load).", "",
                   "![faithfulness](docs/img/circuits/ioi_faithfulness.png)", "",
                   "| circuit | edges after pruning | outside | restore |", "|---|---|---|---|"]
+        pool = c.get("pool", 200)
+        curves = []
         for name in ("eap", "eap-ig", "exact (eap-ig pool)"):
             if name in c:
                 cu = c[name]
-                for b, n, o, r in zip(cu["budgets"], cu["n_edges"], cu["values"]["outside"], cu["values"]["restore"], strict=True):
-                    lines.append(f"| {name} top-{b} | {n} | {o:.3f} | {r:.3f} |")
+                keep = [i for i, b in enumerate(cu["budgets"]) if not name.startswith("exact") or b <= pool]
+                vals = {k: [v[i] for i in keep] for k, v in cu["values"].items()}
+                curves.append(Curve(name if not name.startswith("exact") else f"exact (top-{pool} eap-ig edges re-ranked)",
+                                    [cu["budgets"][i] for i in keep], [cu["n_edges"][i] for i in keep], vals))
+                for i in keep:
+                    lines.append(f"| {name} top-{cu['budgets'][i]} | {cu['n_edges'][i]} | {cu['values']['outside'][i]:.3f} | "
+                                 f"{cu['values']['restore'][i]:.3f} |")
+        if "acdc_curve" in c:
+            a = c["acdc_curve"]
+            curves.append(Curve(a["label"], a["budgets"], a["n_edges"], a["values"]))
+        plot_curves(curves, IMG / "ioi_faithfulness.png", title=f"IOI on SmolLM2-135M (n={c['n']}): faithfulness")
         if "acdc_curve" in c:
             cu = c["acdc_curve"]
             for a, n, o, r in zip(c["acdc"], cu["n_edges"], cu["values"]["outside"], cu["values"]["restore"], strict=True):
@@ -289,6 +299,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=600, help="EAP-IG top edges re-ranked exactly")
     ap.add_argument("--acdc-pool", type=int, default=150)
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.002, 0.01, 0.03])
+    ap.add_argument("--tag", default="", help="suffix of the grid phase's result file (grid<tag>.json)")
     ap.add_argument("--qa-edges", type=int, default=500, help="edge budget of the QA circuit")
     ap.add_argument("--attnattrib-heads", type=lambda x: tuple(int(v) for v in x.split(".")), nargs="*",
                     default=[(18, 6), (23, 2)], help="ATTNATTRIB's heads (BENCHMARKS.md, issue 6: L18.H6, L23.H2)")

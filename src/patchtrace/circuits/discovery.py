@@ -72,16 +72,16 @@ def prune(graph: EdgeGraph, circuit: Tensor) -> Tensor:
 
 
 def top_n(graph: EdgeGraph, scores: Tensor, n: int, *, pruned: bool = True) -> Tensor:
-    """The ``n`` edges of largest ``|score|`` (then pruned, so possibly fewer).
+    """The ``n`` edges of largest ``|score|`` among those scored (then pruned, so possibly fewer).
 
     Raises:
         CircuitError: a budget outside ``1..n_edges`` or scores of the wrong shape.
     """
     check_budget(graph, n)
     k = _key(graph, scores)
-    idx = torch.topk(k.flatten(), n).indices
+    top = torch.topk(k.flatten(), n)
     c = torch.zeros(graph.n_senders * graph.n_receivers, dtype=torch.bool)
-    c[idx] = True
+    c[top.indices[top.values >= 0]] = True  # never an edge without a score (NaN: not computed)
     c = c.view(graph.n_senders, graph.n_receivers) & graph.mask
     return prune(graph, c) if pruned else c
 
