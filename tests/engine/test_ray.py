@@ -215,6 +215,15 @@ def test_workers_that_lack_the_model_fail_before_any_block(ex, model_dir, task, 
     assert not list((tmp_path / "out").glob(".partial/block-*")), "no block may run"
 
 
+def test_a_cuda_model_on_a_cluster_without_gpus_is_refused_before_any_worker(model_dir):
+    m = load_model(str(model_dir))
+    m.source = {**m.source, "device": "cuda"}  # as if loaded on a GPU (this cluster has none)
+    with RayExecutor(workers=1, threads=1) as one:
+        with pytest.raises(RayExecutorError, match="the model is on CUDA but the Ray cluster has no GPU"):
+            one.start(m)
+        assert one.worker_pids == []
+
+
 def _procs_mentioning(text: str) -> dict[int, str]:
     """Live processes whose command line contains ``text`` (this test process excluded)."""
     import psutil
