@@ -61,7 +61,17 @@ def test_tiny_pipeline_observations(tiny):
     assert set(r.layer_norms) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
 
 
-def test_corruptions_are_registrable_and_checked():
+@pytest.fixture()
+def clean_registry():
+    from patchtrace.weights import digits
+
+    saved = dict(digits._CORRUPTIONS)
+    yield
+    digits._CORRUPTIONS.clear()
+    digits._CORRUPTIONS.update(saved)
+
+
+def test_corruptions_are_registrable_and_checked(clean_registry):
     register_corruption("test_invert", lambda x, g: 1 - x, replace=True)
     x = torch.rand(3, 1, 8, 8)
     assert "test_invert" in corruptions() and torch.equal(corrupt(x, "test_invert", 0), 1 - x)
