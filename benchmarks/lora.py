@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--samples", type=int, default=3, help="causal-tracing noise samples")
     ap.add_argument("--window", type=int, default=5, help="causal-tracing MLP window")
+    ap.add_argument("--random-seeds", default="0", help="one random-layer arm per seed, e.g. '0,1,2'")
+    ap.add_argument("--no-all", action="store_true", help="skip the all-layers arm")
     ap.add_argument("--out", default="runs/lora")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -105,9 +107,11 @@ def main() -> None:
     # subject embedding; ROME likewise edits a mid layer, not the first ones)
     mid = layers_from_scores(scores.replace(values=torch.where(torch.arange(len(per_layer))[:, None] < args.k,
                                                                  torch.tensor(float("-inf")), scores.values)), args.k)
+    seeds = [int(x) for x in args.random_seeds.split(",")]
     arms = {"localized": loc, "localized (2nd peak)": mid,
-            "random": random_layers(m.dims.n_layers, args.k, seed=0, exclude=loc + mid),
-            "all": list(range(m.dims.n_layers))}
+            **{("random" if len(seeds) == 1 else f"random (seed {sd})"): random_layers(m.dims.n_layers, args.k, seed=sd, exclude=loc + mid)
+               for sd in seeds},
+            **({} if args.no_all else {"all": list(range(m.dims.n_layers))})}
     print(f"{len(subjects)} known facts: {len(edit)} edited, {len(anchors)} anchors, {len(keep)} held out; traced {len(tk)} "
           f"prompts in {trace_s:.0f} s; arms {arms}", flush=True)
     for name, layers in arms.items():
