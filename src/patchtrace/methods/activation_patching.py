@@ -56,7 +56,7 @@ from patchtrace.metrics import Metric, warn_zero_gap
 from patchtrace.models.load import Model
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import SiteSpec
-from patchtrace.tasks.base import Task, TokenizedTask
+from patchtrace.tasks.base import Task, TaskError, TokenizedTask
 
 Direction = Literal["denoise", "noise"]
 
@@ -94,6 +94,28 @@ class PatchingConfig:
         check_int(self, "max_memory", low=1, optional=True)
         check_bool(self, "sanity_check")
         check_int(self, "block_rows", low=1)
+
+
+def refuse_zero_gap(tok: TokenizedTask, idx: Sequence[int], clean: torch.Tensor, corrupt: torch.Tensor,
+                    tol: float = 1e-6) -> None:
+    """Refuse examples whose clean and corrupt metric coincide (a zero baseline gap): every effect on
+    them is zero by construction and their recovery divides by zero. With
+    ``tok.allow_degenerate`` they run, and :func:`~patchtrace.metrics.warn_zero_gap` names them.
+
+    Raises:
+        TaskError: such examples (names them, their metric, and how to run anyway).
+    """
+    if tok.allow_degenerate:
+        return
+    local = ((clean.float() - corrupt.float()).abs() <= tol).nonzero().flatten().tolist()
+    if local:
+        bad = [int(idx[i]) for i in local]
+        shown = ", ".join(str(i) for i in bad[:8]) + ("" if len(bad) <= 8 else f", ... ({len(bad)} in all)")
+        raise TaskError(
+            f"task {tok.task.name!r}: example(s) {shown} have a zero baseline gap (clean = corrupt metric "
+            f"{float(clean[local[0]]):+.4g}), so their effects are zero by construction; fix or drop them "
+            "(or run them anyway: allow_degenerate=True in tokenize, --allow-degenerate on `patchtrace patch`)"
+        )
 
 
 def build_grid(model: Model, spec: SiteSpec, tok: TokenizedTask) -> Grid:
@@ -228,6 +250,7 @@ class PatchingJob:
         ref = torch.log_softmax(clean.logits, -1) if self.metric.name == "kl" else None
         scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref)
         c_m, k_m = scorer(clean.logits, 1, False)[0].cpu(), scorer(corrupt.logits, 1, False)[0].cpu()
+        refuse_zero_gap(tok, idx, c_m, k_m)  # before any patch of this group is run
         sanity = 0.0
         if cfg.sanity_check:
             some = self.patches[gi][:: max(1, len(self.patches[gi]) // 3)][:3]

@@ -159,6 +159,7 @@ class Task:
             wrong=torch.tensor(wrongs, dtype=torch.long),
             tokens=[tokenizer.convert_ids_to_tokens(c) for c in clean_ids],
             corrupt_tokens=[tokenizer.convert_ids_to_tokens(k) for k in corrupt_ids],
+            allow_degenerate=allow_degenerate,
         )
 
     def _check_degenerate(
@@ -240,6 +241,9 @@ class TokenizedTask:
         clean, corrupt: token ids per example (equal lengths within an example).
         answer: ``[N, A]`` answer token ids; wrong: ``[N, W]`` wrong-answer token ids.
         tokens, corrupt_tokens: token strings per example (for labels in reports).
+        allow_degenerate: the user asked to run degenerate examples (``tokenize(allow_degenerate=True)``);
+            methods that find more of them once they run the model (a zero baseline gap) then warn
+            instead of refusing.
     """
 
     task: Task
@@ -249,6 +253,7 @@ class TokenizedTask:
     wrong: Tensor
     tokens: list[list[str]]
     corrupt_tokens: list[list[str]]
+    allow_degenerate: bool = False
 
     def __len__(self) -> int:
         return len(self.clean)
