@@ -55,6 +55,9 @@ STAGE2: dict[str, Any] = {
     "high_noise_share": 0.7,
     "fg_weight": 10.0,
 }
+#: stage 3: stage 2 continued (from its EMA weights, fresh optimizer, new seed); after stage 2 the
+#: model drew colour, background, position and style but not yet the glyph's shape
+STAGE3: dict[str, Any] = {**STAGE2, "seed": 2, "steps": 400}
 
 
 def _lr(step: int, r: dict[str, Any]) -> float:
@@ -160,19 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--snapshot-every", type=int, default=0)
-    p.add_argument("--what", choices=("all", "t2i", "stage2", "scorer"), default="all")
+    p.add_argument("--what", choices=("all", "t2i", "stage2", "stage3", "scorer"), default="all")
     a = p.parse_args(argv)
     if a.what in ("all", "scorer"):
         from patchtrace.diffusion.small.scorer import train_scorer
 
         print(train_scorer(a.out))
     if a.what in ("all", "t2i"):
-        stage1 = train_t2i(RECIPE, a.out, snapshot_every=a.snapshot_every, name="stage1")
-        print(stage1)
-        print(train_t2i(STAGE2, a.out, snapshot_every=a.snapshot_every, init=a.out / "stage1.safetensors"))
-    if a.what == "stage2":
-        print(train_t2i(STAGE2, a.out, snapshot_every=a.snapshot_every, init=a.out / "stage1.safetensors"))
-
+        print(train_t2i(RECIPE, a.out, snapshot_every=a.snapshot_every, name="stage1"))
+    if a.what in ("all", "t2i", "stage2"):
+        print(train_t2i(STAGE2, a.out, snapshot_every=a.snapshot_every, init=a.out / "stage1.safetensors", name="stage2"))
+    if a.what in ("all", "t2i", "stage2", "stage3"):
+        print(train_t2i(STAGE3, a.out, snapshot_every=a.snapshot_every, init=a.out / "stage2.safetensors"))
 
 if __name__ == "__main__":
     main()
