@@ -67,7 +67,7 @@ def check_address(address: str) -> None:
     Raises:
         RayExecutorError: a malformed or unreachable address.
     """
-    if address in ("auto", "local"):
+    if address == "auto":  # Ray finds the cluster (RAY_ADDRESS, or one started on this node)
         return
     hostport = address.split("://", 1)[-1]
     host, sep, port = hostport.rpartition(":")
@@ -109,10 +109,13 @@ class RayExecutor:
         self.address, self.workers, self.max_retries = address, workers, max_retries
         self.threads = threads or torch.get_num_threads()
         self.retries = 0  #: blocks re-run because their worker died (for tests and reports)
-        self._owns = False
+        self._owns = False  # this executor called ray.init: close() calls ray.shutdown (a local
+        # instance stops; a joined cluster keeps running, this driver disconnects)
         self._actors: list[Any] = []
         self._info: list[dict[str, Any]] = []
         self._source: dict[str, Any] | None = None
+        if address == "local":
+            address = None  # Ray's spelling of "start a new local instance"
         if address is not None:
             check_address(address)
         if self.ray.is_initialized():
@@ -121,13 +124,14 @@ class RayExecutor:
         try:
             if address is None:
                 self.ray.init(num_cpus=num_cpus, **kwargs)
-                self._owns = True
             else:
                 self.ray.init(address=address, **kwargs)
+            self._owns = True
         except Exception as e:
-            self.close()
-            where = "a local Ray instance" if address is None else f"the Ray cluster at {address!r}"
-            raise RayExecutorError(f"cannot start {where}: {type(e).__name__}: {str(e)[:300]}") from None
+            with _suppress():
+                self.ray.shutdown()  # whatever part of a local instance had started
+            what = "start a local Ray instance" if address is None else f"join the Ray cluster at {address!r}"
+            raise RayExecutorError(f"cannot {what}: {type(e).__name__}: {str(e)[:300]}") from None
 
     # -- workers -------------------------------------------------------------------------------------
 
@@ -289,7 +293,8 @@ class RayExecutor:
     # -- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the workers; shut down the local instance this executor started (nothing left running)."""
+        """Stop the workers; shut down the local instance this executor started (nothing left
+        running), or disconnect from the cluster it joined (the cluster keeps running)."""
         if self.ray.is_initialized():
             self._kill_actors()
             if self._owns:
