@@ -109,3 +109,31 @@ def tiny_model(request, smol_tokenizer) -> Model:
 def smollm2() -> Model:
     """The real SmolLM2-135M-Instruct, float32 on CPU."""
     return load_model("smollm2-135m")
+
+
+# Tiny diffusion pipelines (tests/diffusion), one per module, built from configs in a fraction of a second.
+# They live here rather than in tests/diffusion/conftest.py: a second module named `conftest` would shadow this one
+# for every test file that does `from conftest import make_tiny`.
+@pytest.fixture(scope="module")
+def sd():
+    from patchtrace.diffusion.tiny import tiny_sd
+
+    p = tiny_sd()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from patchtrace.diffusion.tiny import tiny_sdxl
+
+    p = tiny_sdxl()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def small_random():
+    from patchtrace.diffusion.small.pipeline import random_small
+
+    return random_small()
