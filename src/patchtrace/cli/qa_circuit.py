@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
             raise common.CLIError(f"--sites {sites!r}: use 'head' or 'mlp_out'")
         common.parse_top(top)
         lay = common.parse_layers(layers)
-        spec = SiteSpec(sites, per_unit=sites == "head", positions="last", layers=lay)
+        spec = SiteSpec("head", per_unit=True, positions="last", layers=lay) if sites == "head" else \
+            SiteSpec("mlp_out", positions="last", layers=lay)
         common.prepare_out(out, [out], overwrite)
         con, err = common.console(), common.err_console()
         t0 = time.perf_counter()
