@@ -311,6 +311,19 @@ def render() -> str:
             lines.append(f"| {h} | {r['node_rank_by_edge_score']} | {r['incoming_in_circuit']} / {r['incoming_edges']} | "
                          f"{r['outgoing_in_circuit']} / {r['outgoing_edges']} |")
         lines += ["", "![QA circuit](docs/img/circuits/qa_context_circuit.png)", ""]
+    lines += [
+        "Peers (same model, weights, prompts and metric were the plan): auto-circuit 1.0.1 (PyPI) and EAP-IG 2.0.0 "
+        "(hannamw/EAP-IG, `pip install --no-deps` of a checkout) install into `.venv-bench` with torch kept at "
+        "2.13.0, but neither imports: both are built on TransformerLens's `HookedTransformer`, which TransformerLens "
+        "4.x (4.3.0 there) removed. EAP-IG also creates its score and activation-difference tensors with "
+        "`device='cuda'`, so it cannot run on this CPU-only machine with any TransformerLens. A TransformerLens-2.x "
+        "environment did not finish installing under this load; `benchmarks/circuits_peers.py` is ready for one "
+        "(builds a HookedTransformer from SmolLM2's weights with TransformerLens's Llama converter and checks its "
+        "logits first). The closest thing that runs is the naive per-edge forward above: one hooked HF forward per "
+        "edge, which is what exact edge scoring costs in a hook-based library (EAP-IG's `get_scores_exact` pays two "
+        "forwards per edge: it re-runs the corrupt forward each time).",
+        "",
+    ]
     return "\n".join(lines)
 
 
