@@ -126,10 +126,14 @@ def test_causal_tracing_on_ray_equals_local(ex, model, monkeypatch):
 
 
 def test_a_killed_worker_costs_only_its_block(ex, model, task, local):
+    ex.start(model)  # workers up (already, when the tests above ran)
     pids = list(ex.worker_pids)
     victim: list[int] = []
 
+    calls: list[int] = []
+
     def on_progress(done: int, total: int) -> None:
+        calls.append(done)
         if not victim and done > 0:  # a worker is mid-sweep: kill its process
             victim.append(pids[0])
             os.kill(pids[0], signal.SIGKILL)
@@ -140,6 +144,7 @@ def test_a_killed_worker_costs_only_its_block(ex, model, task, local):
     assert victim and ex.retries == retries + 1, "exactly one block should have been re-run"
     assert victim[0] not in ex.worker_pids and not _wait_gone(set(victim), 5)
     assert len(ex.worker_pids) == 2  # the dead worker was replaced
+    assert calls[-1] == 12 and max(calls) == 12, "the re-run block's progress is not counted twice"
 
 
 DRIVER = textwrap.dedent("""
