@@ -107,7 +107,8 @@ def exact_stage(m, args) -> None:
             diffs.append(abs(float(lp) - float(s.per_example[0, j, i])))
         naive = (time.perf_counter() - t0) / len(pairs) * L * L
         rows.append({"query": q.name, "tokens": ids.shape[1], "fast_s": fast, "naive_s_extrapolated": naive,
-                     "naive_pairs": len(pairs), "max_abs_diff": max(diffs), "speedup": naive / fast})
+                     "naive_pairs": len(pairs), "max_abs_diff": max(diffs), "speedup": naive / fast,
+                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "dtype": args.dtype})
         print(rows[-1])
     _save("exact", {"rows": rows, "layers": L}, args.tag)
 
@@ -207,11 +208,12 @@ def render(tag: str = "") -> str:
     if e:
         out += [f"Log-probability grid ({e['layers']}×{e['layers']}, position `last`), fast path vs naive HF hooks "
                 "(one full forward per pair; timed on a random sample of pairs in the same run and scaled to the grid):", "",
-                "| query | tokens | fast (s) | naive (s, scaled) | speed-up | max abs diff (sampled pairs) |",
-                "|---|---|---|---|---|---|"]
+                "| query | dtype | tokens | fast (s) | naive (s, scaled) | speed-up | max abs diff (sampled pairs) "
+                "| peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
         for r in e["rows"]:
-            out.append(f"| {r['query']} | {r['tokens']} | {r['fast_s']:.2f} | {r['naive_s_extrapolated']:.1f} "
-                       f"({r['naive_pairs']} pairs) | {r['speedup']:.0f}× | {r['max_abs_diff']:.1e} |")
+            out.append(f"| {Path(r['query']).name} | {r.get('dtype', 'float32')} | {r['tokens']} | {r['fast_s']:.2f} | "
+                       f"{r['naive_s_extrapolated']:.1f} ({r['naive_pairs']} pairs) | {r['speedup']:.0f}× | "
+                       f"{r['max_abs_diff']:.1e} | {r.get('peak_rss_mb', float('nan')):.0f} |")
         out.append("")
     f = _load("fix", tag)
     if f:
