@@ -64,7 +64,8 @@ class _GuardedGroup(TyperGroup):
             if _boundary.debug() or _boundary.shows_help(e):
                 raise
             name = ctx.invoked_subcommand
-            message, code = _boundary.explain(e, self.get_command(ctx, name) if name else None, name, argv)
+            cmd, words = _boundary.leaf_command(self.get_command(ctx, name) if name else None, ctx, argv)
+            message, code = _boundary.explain(e, cmd, " ".join([name, *words]) if name else None, argv)
             fail(message, code=code)
 
 

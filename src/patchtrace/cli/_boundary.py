@@ -83,6 +83,20 @@ def os_error_message(e: OSError) -> str:
     return f"{type(e).__name__}: {where}{reason}{extra}; {advice}"
 
 
+def leaf_command(command: Any, ctx: Any, argv: list[str]) -> tuple[Any, list[str]]:
+    """The command that ran: ``command`` itself, or for a group (``weights apply``) the subcommand
+    named by the next words of ``argv``; also those words."""
+    words: list[str] = []
+    rest = list(argv[1:])  # argv[0] is the top-level command's own name
+    while command is not None and hasattr(command, "get_command") and rest:
+        sub = command.get_command(ctx, rest[0])
+        if sub is None:
+            break
+        words.append(rest.pop(0))
+        command = sub
+    return command, words
+
+
 def given_value(argv: list[str], opts: list[str]) -> str | None:
     """The word given to option ``opts`` on the command line ``argv`` (``--n abc`` or ``--n=abc``), if any."""
     for i, word in enumerate(argv):
@@ -134,5 +148,6 @@ def explain(
 
 
 __all__ = [
-    "EXIT_BAD_INPUT", "EXIT_INTERNAL", "debug", "explain", "one_line", "option_names", "os_error_message", "shows_help",
+    "EXIT_BAD_INPUT", "EXIT_INTERNAL", "debug", "explain", "given_value", "leaf_command", "one_line", "option_names",
+    "os_error_message", "shows_help",
 ]
