@@ -13,8 +13,7 @@ to the target prompt's cached keys/values of the earlier positions (exact, as in
 
 Example:
     >>> from patchtrace.models.load import load_model
-    >>> from patchtrace.interventions import Intervention
-from patchtrace.kinds import kind_info
+    >>> from patchtrace.interventions import Intervention, Replace, SourceRef
     >>> from patchtrace.sites import Site
     >>> m = load_model()
     >>> iv = Intervention(Site("resid_post", 3, pos=-1), Replace(), SourceRef("source", Site("resid_post", 20, pos=1)))
