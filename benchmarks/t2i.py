@@ -59,12 +59,12 @@ def main() -> None:
     tr, ho = all_specs(False), all_specs(True)
     n = 24 if a.quick else 64
     st = [tr[i] for i in rng.choice(len(tr), n, replace=False)]
-    sh = [ho[i] for i in rng.choice(len(ho), n, replace=False)]
+    sh = list(ho) if n >= len(ho) else [ho[i] for i in rng.choice(len(ho), n, replace=False)]
     t = time.time()
     acc_t, acc_h = accuracy(ad, sc, st, [0, 1]), accuracy(ad, sc, sh, [0, 1])
     js["accuracy"] = {"train": acc_t, "held_out": acc_h, "seconds": time.time() - t}
     md += ["### Generation accuracy (classifier agrees with the prompt)", "",
-           f"{n} random attribute combinations × 2 seeds each, {a.steps} DDIM steps, guidance 3.0.", "",
+           f"{n} random training combinations and {len(sh)} held-out ones (all of them), × 2 seeds each, {a.steps} DDIM steps, guidance 3.0.", "",
            "| attribute | training combinations | held-out (glyph, colour) combinations |", "|---|---|---|"]
     md += [f"| {k} | {acc_t[k]:.3f} | {acc_h[k]:.3f} |" for k in acc_t] + [""]
     print(md[-8:], flush=True)
