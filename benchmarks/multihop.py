@@ -137,6 +137,27 @@ def fix_stage(m, args) -> None:
     print(rates, f"{dt:.0f}s")
 
 
+def control_stage(m, args) -> None:
+    """Chance fixes: the same queries with every pair decoded; fixed by some j > i vs by some j < i patch."""
+    from patchtrace.multihop.backpatch import BackpatchConfig, backpatch
+
+    qs, comp = _queries(args)
+    pick = [q for q, c in zip(qs, comp, strict=True) if q.both_hops_ok and not c][: args.fix_queries]
+    t0 = time.perf_counter()
+    s = backpatch(m, pick, BackpatchConfig(max_new=args.max_new, gen_pairs="all"),
+                  out_dir=str(OUT / f"control{args.tag}"), overwrite=True)
+    succ = s.extras["success"].bool() & ~s.extras["base_correct"].bool()[:, None, None]
+    L = succ.shape[1]
+    lower = torch.tril(torch.ones(L, L, dtype=torch.bool), -1)  # [j, i] with j > i
+    d = {"queries": len(pick), "seconds": time.perf_counter() - t0, "max_new": args.max_new,
+         "fixed_j_above_i": int((succ & lower).flatten(1).any(1).sum()),
+         "fixed_j_below_i": int((succ & lower.T).flatten(1).any(1).sum()),
+         "cells_j_above_i": float((succ & lower).float().sum() / (lower.sum() * len(pick))),
+         "cells_j_below_i": float((succ & lower.T).float().sum() / (lower.sum() * len(pick)))}
+    _save("control", d, args.tag)
+    print(d)
+
+
 def _plot(grid: torch.Tensor, path: Path, title: str) -> None:
     import matplotlib
 
