@@ -8,6 +8,7 @@ Run it under different allocator settings to separate working set from allocator
     .venv/bin/python benchmarks/memory.py                         # default budget
     .venv/bin/python benchmarks/memory.py --budget-mib 16
     MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --neuron-blocks 6      # the 46,080-neuron job, last 6 blocks
 
 Linux only (reads /proc/self/status).
 """
@@ -31,7 +32,12 @@ def mem() -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-mib", type=int, default=None, help="engine working-memory budget (default: library default)")
+    ap.add_argument("--neuron-blocks", type=int, default=0,
+                    help="instead: build the all-neuron last-position job and run its last N checkpoint blocks")
     args = ap.parse_args()
+    if args.neuron_blocks:
+        neuron_blocks(args.neuron_blocks)
+        return
     import torch
 
     from patchtrace import PatchingConfig, SiteSpec, activation_patching, load_model, make_task
@@ -61,6 +67,24 @@ def main() -> None:
     print("| stage | VmRSS MiB | VmHWM MiB |\n|---|---|---|")
     for name, rss, hwm in rows:
         print(f"| {name} | {rss} | {hwm} |")
+
+
+def neuron_blocks(n: int) -> None:
+    """VmRSS/VmHWM after building the 46,080-neuron activation-patching job and after each of its
+    last ``n`` blocks (layer 29: cheap to run, same caches and batch sizes as the whole sweep)."""
+    from patchtrace import PatchingConfig, SiteSpec, load_model, make_task
+    from patchtrace.methods import activation_patching as apm
+
+    model = load_model()
+    tok = make_task("ioi", n=16, seed=0).tokenize(model.tokenizer)
+    print(f"| loaded | {' | '.join(map(str, mem()))} |")
+    job_cls = next(v for v in vars(apm).values() if isinstance(v, type) and hasattr(v, "run_block"))
+    job = job_cls(model, tok, SiteSpec("neuron", per_unit=True, positions="last"), PatchingConfig())
+    blocks = job.blocks()
+    print(f"| job built ({len(blocks)} blocks) | {' | '.join(map(str, mem()))} |")
+    for b in blocks[-n:]:
+        job.run_block(b)
+        print(f"| block {b.index} | {' | '.join(map(str, mem()))} |")
 
 
 if __name__ == "__main__":
