@@ -32,6 +32,20 @@ def test_specialization_by_hand():
     assert out["label"].tolist() == [1, -1, 0]
 
 
+def test_fold_consistency_drops_an_effect_carried_by_one_fold():
+    a = torch.zeros(20, 2)
+    b = torch.zeros(20, 2)
+    a[:, 0] = torch.arange(20.0) % 2 + 5.0   # every fold: recall higher
+    b[:, 0] = torch.arange(20.0) % 2
+    a[:, 1] = torch.arange(20.0) % 2          # column 1: only fold 0's items of a are high ...
+    a[0::5, 1] += 50.0
+    b[:, 1] = torch.arange(20.0) % 2 + 0.5    # ... elsewhere reasoning is higher
+    loose = specialization(a, b, alpha=1.0, d_min=0.0)
+    strict = specialization(a, b, alpha=1.0, d_min=0.0, folds=5)
+    assert loose["label"].tolist() == [1, 1]
+    assert strict["label"].tolist() == [1, 0]
+
+
 def test_constant_features_are_not_specialized():
     a = torch.ones(10, 2)
     b = torch.ones(10, 2)
@@ -61,10 +75,10 @@ def test_items_are_matched_over_the_same_facts():
 
 def test_pipeline_on_tiny_model(smol_tokenizer):
     m = make_tiny("llama", tokenizer=smol_tokenizer)
-    r = recall_reasoning(m, QS, RRConfig(n_random=1, max_group=3))
+    r = recall_reasoning(m, QS, RRConfig(n_random=1, max_group=3, folds=2))
     c = r.counts()
     assert c["head"]["total"] == 3 * 4 and c["neuron"]["total"] == 3 * 96 and c["layer"]["total"] == 3
     for g, row in r.ablation.items():
         assert row["size"] == len(r.groups[g]) <= 3
-    with pytest.raises(MultihopError, match="4 items"):
-        recall_reasoning(m, QS[:2])
+    with pytest.raises(MultihopError, match="10 items per set"):
+        recall_reasoning(m, QS)  # 5 folds need 10 items per set

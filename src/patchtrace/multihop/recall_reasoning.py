@@ -14,7 +14,8 @@ neuron's activation. Each feature is compared between the sets with a Mann-Whitn
 Benjamini-Hochberg correction over the components of a level, and Cohen's d (recall − reasoning,
 pooled standard deviation); a component is *specialized* when it passes the level's thresholds
 (methods.md §10: layers α = 0.01 and |d| > 0.8; heads α = 1e-4 and |d| > 1.0; neurons p < 0.001 and
-|d| > 0.5), labelled recall when d > 0 and reasoning when d < 0.
+|d| > 0.5) and keeps the sign of d in each of 5 folds of the items, labelled recall when d > 0 and
+reasoning when d < 0.
 
 Statistics are correlational, so the causal test follows: zero the recall-specialized heads (their
 slice before ``o_proj``), then the reasoning-specialized ones, and measure first-token accuracy on
@@ -52,16 +53,18 @@ class RRConfig:
         seed: seed of the random groups.
         max_items: cap per item set (the first ones, in a fixed order).
         max_group: cap on a specialized group's size (the heads with the largest |d|).
+        folds: k-fold sign consistency required of a specialized component (0 or 1: off).
     """
 
     n_random: int = 5
     seed: int = 0
     max_items: int = 60
     max_group: int = 20
+    folds: int = 5
 
     def __post_init__(self) -> None:
-        if self.n_random < 0 or self.max_items < 4 or self.max_group < 1:
-            raise MultihopError("n_random must be ≥ 0, max_items ≥ 4 and max_group ≥ 1")
+        if self.n_random < 0 or self.max_items < 4 or self.max_group < 1 or self.folds < 0:
+            raise MultihopError("n_random must be ≥ 0, max_items ≥ 4, max_group ≥ 1 and folds ≥ 0")
 
 
 def items(queries: Sequence[TwoHopQuery], max_items: int = 60) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -121,9 +124,28 @@ def features(model: Model, prompts: Sequence[str]) -> dict[str, Tensor]:
     return {k: torch.stack(v) for k, v in out.items()}  # type: ignore[arg-type]
 
 
-def specialization(a: Tensor, b: Tensor, alpha: float, d_min: float) -> dict[str, Tensor]:
+def _cohen_d(a: Tensor, b: Tensor) -> Tensor:
+    na, nb = a.shape[0], b.shape[0]
+    pooled = (((na - 1) * a.double().var(0) + (nb - 1) * b.double().var(0)) / (na + nb - 2)).sqrt()
+    return (a.double().mean(0) - b.double().mean(0)) / pooled.clamp_min(1e-12)
+
+
+def fold_consistent(a: Tensor, b: Tensor, d: Tensor, folds: int) -> Tensor:
+    """Whether Cohen's d keeps the sign of ``d`` in each of ``folds`` interleaved folds of both sets
+    (item ``k`` of a set is in fold ``k mod folds``): a difference carried by a few items fails."""
+    ok = torch.ones_like(d, dtype=torch.bool)
+    for f in range(folds):
+        fa, fb = a[f::folds], b[f::folds]
+        if fa.shape[0] < 2 or fb.shape[0] < 2:
+            raise MultihopError(f"{folds}-fold consistency needs ≥ {2 * folds} items per set")
+        ok &= _cohen_d(fa, fb).sign() == d.sign()
+    return ok
+
+
+def specialization(a: Tensor, b: Tensor, alpha: float, d_min: float, folds: int = 0) -> dict[str, Tensor]:
     """Mann-Whitney U per column of ``a`` ``[Na, C]`` vs ``b`` ``[Nb, C]``, BH-adjusted p, Cohen's d
-    (a − b), and the label: +1 (specialized for ``a``), −1 (for ``b``), 0."""
+    (a − b), and the label: +1 (specialized for ``a``), −1 (for ``b``), 0. With ``folds`` > 1 a
+    specialized column must also keep its sign of d in every fold (:func:`fold_consistent`)."""
     from scipy.stats import false_discovery_control, mannwhitneyu
 
     an, bn = a.double().numpy(), b.double().numpy()
@@ -134,11 +156,12 @@ def specialization(a: Tensor, b: Tensor, alpha: float, d_min: float) -> dict[str
         p[live] = torch.from_numpy(mannwhitneyu(an[:, live.numpy()], bn[:, live.numpy()], axis=0).pvalue).double()
     p = p.nan_to_num(1.0)
     q = torch.from_numpy(false_discovery_control(p.numpy(), method="bh"))
-    na, nb = a.shape[0], b.shape[0]
-    pooled = (((na - 1) * a.double().var(0) + (nb - 1) * b.double().var(0)) / (na + nb - 2)).sqrt()
-    d = (a.double().mean(0) - b.double().mean(0)) / pooled.clamp_min(1e-12)
+    d = _cohen_d(a, b)
     d = torch.where(const, torch.zeros_like(d), d)
-    label = torch.where((q < alpha) & (d.abs() > d_min), d.sign(), torch.zeros_like(d)).to(torch.int8)
+    passed = (q < alpha) & (d.abs() > d_min)
+    if folds > 1:
+        passed &= fold_consistent(a, b, d, folds)
+    label = torch.where(passed, d.sign(), torch.zeros_like(d)).to(torch.int8)
     return {"p": p, "q": q, "d": d, "label": label}
 
 
@@ -170,16 +193,17 @@ def recall_reasoning(model: Model, queries: Sequence[TwoHopQuery], config: RRCon
     """
     cfg = config or RRConfig()
     rec_items, rea_items = items(queries, cfg.max_items)
-    if len(rec_items) < 4 or len(rea_items) < 4:
-        raise MultihopError(f"recall vs reasoning needs ≥ 4 items per set (got {len(rec_items)} recall, "
+    need = max(4, 2 * cfg.folds)
+    if len(rec_items) < need or len(rea_items) < need:
+        raise MultihopError(f"recall vs reasoning needs ≥ {need} items per set (got {len(rec_items)} recall, "
                             f"{len(rea_items)} reasoning); give queries with bridges and capital/continent relations")
     fa = features(model, [p for p, _ in rec_items])
     fb = features(model, [p for p, _ in rea_items])
     stats = {
-        "layer": specialization(fa["layer"], fb["layer"], *THRESHOLDS["layer"]),
-        "head": specialization(fa["head_concentration"], fb["head_concentration"], *THRESHOLDS["head"]),
-        "head_entropy": specialization(fa["head_entropy"], fb["head_entropy"], *THRESHOLDS["head"]),
-        "neuron": specialization(fa["neuron"], fb["neuron"], *THRESHOLDS["neuron"]),
+        "layer": specialization(fa["layer"], fb["layer"], *THRESHOLDS["layer"], cfg.folds),
+        "head": specialization(fa["head_concentration"], fb["head_concentration"], *THRESHOLDS["head"], cfg.folds),
+        "head_entropy": specialization(fa["head_entropy"], fb["head_entropy"], *THRESHOLDS["head"], cfg.folds),
+        "neuron": specialization(fa["neuron"], fb["neuron"], *THRESHOLDS["neuron"], cfg.folds),
     }
     H = model.dims.n_heads
     head = stats["head"]
