@@ -87,7 +87,9 @@ def test_whole_layer_subset_and_report_labels(llama, tok, tmp_path):
     assert as_matrix(s).rows == ["L1", "L2"]
     assert {r["site"] for r in top_rows(s, 2)} == {"head[1]@-1", "head[2]@-1"}
     data = _section_data("x", s)
-    assert [row[0] for row in data["sites"]] == ["head[1]@-1", "head[2]@-1"]  # tooltips agree with row labels
+    (panel,) = data["panels"]
+    assert panel["rows"] == ["L1", "L2"]
+    assert [row[0] for row in panel["sites"]] == ["head[1]@-1", "head[2]@-1"]  # tooltips agree with row labels
 
 
 def test_saved_and_loaded_keeps_the_names(llama, tok, tmp_path):
