@@ -79,6 +79,10 @@ def test_greedy_grows_from_the_logits_and_budgets_are_checked(setup):
     for _, r in G.edge_list(c):
         assert r == G.logits_receiver or bool(c[G.receiver_owner_senders(r)].any())
     assert int(c[:, G.logits_receiver].sum()) >= 1
+    partial = sc.clone()
+    partial[:, : G.n_receivers // 2] = float("nan")  # edges not scored are never chosen
+    picked = discovery.top_n(G, partial, 40, pruned=False)
+    assert 0 < int(picked.sum()) <= 40 and torch.isfinite(partial[picked]).all()
     with pytest.raises(CircuitError, match="budget"):
         discovery.top_n(G, sc, G.n_edges + 1)
     with pytest.raises(CircuitError, match="budget"):

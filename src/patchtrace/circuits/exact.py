@@ -272,9 +272,9 @@ def edge_grid(
     for g in p.groups:
         diff = g.src_out - g.base_out
         per = max(1, max_rows // len(g.idx))
-        for layer, edges in sorted(by_layer.items()):
-            for c in range(0, len(edges), per):
-                chunk = edges[c:c + per]
+        for layer, layer_edges in sorted(by_layer.items()):
+            for c in range(0, len(layer_edges), per):
+                chunk = layer_edges[c:c + per]
                 m = _run_rows(p, g, OneEdgeRows(G, chunk, diff), len(chunk), layer)
                 eff_k = (m - g.m_base).sum(1)
                 for (s, r), e in zip(chunk, eff_k.tolist(), strict=True):
