@@ -4,7 +4,9 @@ Usage (from the repository root; results in runs/bench-circuits/, pictures in do
 
     nice -n 10 .venv/bin/python benchmarks/circuits.py --phase grid    # counts, cost, fast vs naive, agreement
     nice -n 10 .venv/bin/python benchmarks/circuits.py --phase curves  # faithfulness curves, ACDC
+    nice -n 10 .venv/bin/python benchmarks/circuits.py --phase acdc --acdc-pool 40 --thresholds 0.003  # more ACDC points
     nice -n 10 .venv/bin/python benchmarks/circuits.py --phase qa      # QA context-use circuit at edge level
+    .venv/bin/python benchmarks/circuits.py --phase render             # the BENCHMARKS.md section
 
 What is measured (all in one process, so contention hits every side alike):
 
@@ -165,6 +167,28 @@ def phase_curves(args: argparse.Namespace) -> None:
     c = Circuit(G, discovery.top_n(G, sc["eap-ig"], 200), sc["eap-ig"], "eap-ig top-200")
     c.draw(IMG / "ioi_eap_ig_200.png")
     _save("curves", res)
+
+
+def phase_acdc(args: argparse.Namespace) -> None:
+    """More ACDC thresholds on the same EAP-IG pool, added to curves.json's ACDC points."""
+    from patchtrace.circuits.faithfulness import faithfulness
+
+    m = load_model()
+    tok = make_task("ioi", n=args.n, seed=0).tokenize(m.tokenizer)
+    noise, den = prepare(m, tok), prepare(m, tok, direction="denoise")
+    G = noise.graph
+    start = discovery.top_n(G, scores(noise, "eap-ig", steps=5), args.acdc_pool, pruned=False)
+    res = json.loads((OUT / "curves.json").read_text())
+    for th in args.thresholds:
+        (c, stats), dt = _timed(lambda th=th: discovery.acdc(noise, th, start=start))
+        f = faithfulness(c, outside=noise, restore=den)
+        res.setdefault("acdc", []).append({"threshold": th, "edges": int(c.sum()), "seconds": dt, **stats})
+        cu = res["acdc_curve"]
+        cu["budgets"].append(int(th * 1000))
+        cu["n_edges"].append(int(c.sum()))
+        for k, v in f.items():
+            cu["values"][k].append(v[0])
+        _save("curves", res)
 
 
 def phase_qa(args: argparse.Namespace) -> None:
@@ -329,7 +353,7 @@ def render() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=("grid", "curves", "qa", "render"), required=True)
+    ap.add_argument("--phase", choices=("grid", "curves", "acdc", "qa", "render"), required=True)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--sample", type=int, default=300, help="random edges scored exactly")
     ap.add_argument("--naive", type=int, default=12, help="edges timed with the naive per-edge forward")
@@ -346,7 +370,7 @@ def main() -> None:
     if args.phase == "render":
         print(render())
         return
-    {"grid": phase_grid, "curves": phase_curves, "qa": phase_qa}[args.phase](args)
+    {"grid": phase_grid, "curves": phase_curves, "acdc": phase_acdc, "qa": phase_qa}[args.phase](args)
 
 
 if __name__ == "__main__":
