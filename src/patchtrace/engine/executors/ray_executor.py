@@ -298,7 +298,9 @@ class RayExecutor:
         if self.ray.is_initialized():
             self._kill_actors()
             if self._owns:
+                ours = _ray_children()
                 self.ray.shutdown()
+                _reap(ours)
         self._owns = False
 
     def __enter__(self) -> RayExecutor:
@@ -306,6 +308,35 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ray_children() -> list[Any]:
+    """This process's descendants that Ray started (raylet, GCS, workers): ours to stop."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with _suppress():
+            line = " ".join(p.cmdline()[:3])
+            if "ray" in line or p.name().startswith("ray"):
+                found.append(p)
+    return found
+
+
+def _reap(procs: list[Any], grace: float = 10.0) -> None:
+    """Wait for ``procs`` to exit after ``ray.shutdown``; kill the ones still running after ``grace`` s.
+
+    ``ray.shutdown`` stops the raylet, and the workers notice that and exit on their own, but on a
+    loaded machine that can take many seconds: a local instance this executor started must leave
+    nothing running when it is closed, so stragglers are killed.
+    """
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with _suppress():
+            p.kill()
+    psutil.wait_procs(alive, timeout=5.0)
 
 
 class _suppress:
