@@ -107,7 +107,8 @@ def main() -> None:
     # 4. LocoEdit on style=boxed: localized window vs all layers vs the least-localized window
     r = best["style"]
     loc = list(r.best_window())
-    worst = list(r.windows[int(r.scores.values.argmin())])
+    disjoint = [i for i, w in enumerate(r.windows) if not set(w) & set(loc)]  # a control sharing no layer
+    worst = list(r.windows[min(disjoint, key=lambda i: float(r.scores.values[i]))])
     concept, anchors, _ = attribute_prompts("style", "boxed", 8, seed=5)
     md += ["### LocoEdit on style=boxed (concept: 8 boxed prompts → anchors: the same without the box; λ = 0.01)", "",
            "Efficacy: share of fresh boxed prompts (all paraphrases) still drawn boxed, before → after. Specificity: "
