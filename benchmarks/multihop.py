@@ -246,6 +246,11 @@ def render(tag: str = "") -> str:
             out.append(f"| {r} | {v['incorrect']} | {v['fixed']} | {v['rate']:.0%} | {'57–66%' if r == 'all' else ''} |")
         out += ["", "Most successful (j, i) pairs (fraction of these queries fixed): "
                 + ", ".join(f"({j}, {i}) {v:.2f}" for j, i, v in f["best"]), ""]
+    k = _load("control", tag)
+    if k:
+        out += [f"Chance-fix control ({k['queries']} queries, every pair decoded, {k['max_new']} tokens, "
+                f"{k['seconds']:.0f} s): fixed by some j > i patch {k['fixed_j_above_i']}, by some j < i patch "
+                f"{k['fixed_j_below_i']}; fixing cells {k['cells_j_above_i']:.1%} (j > i) vs {k['cells_j_below_i']:.1%} (j < i).", ""]
     b = _load("bridge", tag)
     if b:
         keys = list(b)
