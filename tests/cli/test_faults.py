@@ -352,7 +352,9 @@ def inputs(tmp_path_factory, smol_tokenizer) -> dict[str, str]:
 
 
 class ComputeReached(Exception):
-    """Raised by the battery's models on their first forward: a bad value must be refused before."""
+    """Raised on the first forward pass of any module during a battery case: a bad value must be
+    refused before any compute (a global forward pre-hook, so it holds for every model a command
+    builds: the patched LM, a diffusion pipeline, a scorer ...)."""
 
 
 def _no_compute(module: Any, args: Any) -> None:
@@ -365,8 +367,8 @@ def _no_compute(module: Any, args: Any) -> None:
 @pytest.fixture(scope="module")
 def loaded_once():
     """Load each model spec once for the whole battery (a failing load is not cached: it raises each
-    time). The loaded models refuse to compute: every module raises :class:`ComputeReached` on
-    forward, so a bad value that is only noticed during (or after) compute fails its case, and no
+    time). Together with the global hook of each case (every module raises :class:`ComputeReached`
+    on forward), a bad value that is only noticed during (or after) compute fails its case, and no
     case spends time computing."""
     import patchtrace.models.load as load_mod
 
@@ -376,10 +378,7 @@ def loaded_once():
     def cached(spec: str = load_mod.DEFAULT_MODEL, **kw: Any) -> Any:
         key = (spec, tuple(sorted((k, str(v)) for k, v in kw.items())))
         if key not in cache:
-            m = real(spec, **kw)
-            for module in m.hf.modules():
-                module.register_forward_pre_hook(_no_compute)
-            cache[key] = m
+            cache[key] = real(spec, **kw)
         return cache[key]
 
     mp = pytest.MonkeyPatch()
@@ -423,7 +422,13 @@ def test_bad_input_is_one_named_error(words, option, bad, inputs, loaded_once, t
                     "or COMMAND_BASE to exercise this command)")
     watched = (cwd, Path(inputs["root"]))
     before = snapshot(*watched)
-    result = runner.invoke(APP, [*words, *args])
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    guard = register_module_forward_pre_hook(_no_compute)
+    try:
+        result = runner.invoke(APP, [*words, *args])
+    finally:
+        guard.remove()
     shown = f"patchtrace {' '.join(words)} {' '.join(args)}\nexit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     assert "Traceback" not in result.stdout + result.stderr, shown
     assert result.exit_code == 2, shown
