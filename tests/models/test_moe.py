@@ -203,3 +203,33 @@ def test_unsupported_moe_options_are_refused_by_name():
     cfg.num_experts_per_tok = 5
     with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=5 with 4 experts"):
         wrap_model(AutoModelForCausalLM.from_config(_config(512)).__class__(cfg))
+
+
+def test_atp_on_expert_sites_equals_a_first_order_reference(moe):
+    """AtP's estimate for expert ``e`` at the last position is ``(clean_e − corrupt_e) · ∂M/∂mlp_out``:
+    the expert outputs add up to the MLP output. The gradient comes from HF autograd here (a hook on
+    each layer's ``mlp`` output), the expert outputs from the reference hooks above."""
+    from patchtrace.methods import atp
+
+    tok = make_task("ioi", n=2, seed=0).tokenize(moe.tokenizer)
+    s = atp.run(moe, tok, SiteSpec("expert", per_unit=True, positions="last"))
+    ids_c, ids_k = tok.ids("clean", [0, 1]), tok.ids("corrupt", [0, 1])
+    _, src = _ref_run(moe, ids_c, record=True)
+    _, base = _ref_run(moe, ids_k, record=True)
+    outs: dict[int, torch.Tensor] = {}
+    hs = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: (o.retain_grad(), outs.__setitem__(i, o))[1])
+          for i, layer in enumerate(moe.hf.model.layers)]
+    try:
+        _ld(moe.hf(ids_k).logits[:, -1].float(), tok.answer, tok.wrong).sum().backward()
+    finally:
+        for h in hs:
+            h.remove()
+        moe.hf.zero_grad(set_to_none=True)
+    T = ids_c.shape[1]
+    for li in range(3):
+        g = outs[li].grad[:, -1]  # [B, D]
+        for e in range(E):
+            diff = (src[("experts", li)][e] - base[("experts", li)][e]).view(2, T, -1)[:, -1]
+            want = float((diff * g).sum(-1).mean())
+            assert abs(float(s.values[li, e]) - want) < 1e-4, (li, e, float(s.values[li, e]), want)
+    assert float(s.values.abs().max()) > 1e-3
