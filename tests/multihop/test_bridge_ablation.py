@@ -101,3 +101,26 @@ def test_ablation_bad_input(tiny):
         ablate(tiny, PROMPTS, TARGETS, [[Site("head", 0, unit=7)]])
     with pytest.raises(MultihopError, match="mode"):
         AblationConfig(mode="noise")  # type: ignore[arg-type]
+
+
+def test_ablated_generation_matches_hf_generate_with_the_hook_at_every_step(tiny):
+    tok = tiny.tokenizer
+    mlp = decoder_layers(tiny.hf)[1].mlp
+    refs = []
+    for p in PROMPTS:
+        ids = torch.tensor([tok(p).input_ids])
+        h = mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+        try:
+            with torch.no_grad():
+                g = tiny.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+                                     do_sample=False, pad_token_id=0)
+        finally:
+            h.remove()
+        refs.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert all(len(r) > 1 for r in refs)
+    s = ablate(tiny, PROMPTS, TARGETS, [[Site("mlp_out", 1)]], AblationConfig(max_new=3), aliases=[[r] for r in refs])
+    assert s.extras["gen_correct"][:, 0].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(MultihopError, match="zero ablation"):
+        AblationConfig(mode="mean", max_new=3)
+    with pytest.raises(MultihopError, match="without a position"):
+        ablate(tiny, PROMPTS, TARGETS, [[Site("mlp_out", 1, pos=-1)]], AblationConfig(max_new=2))

@@ -55,7 +55,7 @@ def test_backpatch_command_equals_library(tiny_dir, qfile, tmp_path):
 
 
 def test_other_commands_run(tiny_dir, qfile, tmp_path):
-    res = invoke("ablate", "--model", tiny_dir, "--queries", qfile, "--group", "head[0].h1,mlp_out[2]", "--out",
+    res = invoke("ablate", "--model", tiny_dir, "--queries", qfile, "--group", "head[0].h1,mlp_out[2]", "--max-new", "2", "--out",
                  tmp_path / "ab", "-q")
     assert res.exit_code == 0, res.output
     assert Scores.load(tmp_path / "ab").axes == ("group",)

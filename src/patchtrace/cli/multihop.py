@@ -161,6 +161,7 @@ def register(app: typer.Typer) -> None:
         positions: str = typer.Option("all-at-once", help="'all-at-once' (every position), 'last', or '0,3,-1'"),
         reference: str | None = typer.Option(None, help="text file of reference prompts (one a line) for mean/resample"),
         use: str = typer.Option("composed", help="which prompts of the queries: composed, hop1 or hop2"),
+        max_new: int = typer.Option(0, help="also generate this many tokens, ablated at every step (zero mode), alias match"),
         out: str = typer.Option("runs/ablate", help="results folder"),
         model: str = _MODEL,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -169,14 +170,14 @@ def register(app: typer.Typer) -> None:
         from patchtrace.multihop.ablation import AblationConfig, ablate
         from patchtrace.sites import SiteSpec, parse_site
 
-        cfg = AblationConfig(mode=mode, seed=seed)  # type: ignore[arg-type]
+        cfg = AblationConfig(mode=mode, seed=seed, max_new=max_new)  # type: ignore[arg-type]
         qs = _queries(queries, n_cities, seed)
         if use == "composed":
-            pairs = [(q.prompt, q.target) for q in qs]
+            pairs = [(q.prompt, q.target, q.aliases) for q in qs]
         elif use == "hop2":
-            pairs = [(q.hop2_prompt, q.target) for q in qs if q.hop2_prompt]
+            pairs = [(q.hop2_prompt, q.target, q.aliases) for q in qs if q.hop2_prompt]
         elif use == "hop1":
-            pairs = [(q.hop1_prompt, q.bridge) for q in qs if q.hop1_prompt and q.bridge]
+            pairs = [(q.hop1_prompt, q.bridge, q.bridge_aliases) for q in qs if q.hop1_prompt and q.bridge]
         else:
             common.fail(f"--use must be composed, hop1 or hop2, not {use!r}")
         if group:
@@ -187,10 +188,12 @@ def register(app: typer.Typer) -> None:
         ref = [x for x in Path(reference).read_text().splitlines() if x.strip()] if reference else None
         m = common.load(model)
         with common.progress(f"ablating ({mode})", quiet=quiet) as bar:
-            s = ablate(m, [p for p, _ in pairs], [t for _, t in pairs], grid, cfg, reference=ref, on_progress=bar.update)
+            s = ablate(m, [p for p, _, _ in pairs], [t for _, t, _ in pairs], grid, cfg, reference=ref,
+                       aliases=[a for _, _, a in pairs], on_progress=bar.update)
         s.save(out)
         con = common.console()
-        con.print(f"clean: log p {s.baselines['clean']:.3f}, accuracy {s.baselines['clean_accuracy']:.2f}", markup=False)
+        con.print(f"clean: log p {s.baselines['clean']:.3f}, accuracy {s.baselines['clean_accuracy']:.2f}"
+                  + (f", generation accuracy {s.baselines['clean_gen_accuracy']:.2f}" if max_new else ""), markup=False)
         con.print(common.scores_table(s, 10, title="largest changes of log p(target) under ablation"))
         con.print(f"saved {out}", markup=False)
 

@@ -36,8 +36,8 @@ from patchtrace.grid import Grid, declare_axis
 from patchtrace.interventions import Intervention, Mean, Resample, SourceRef, Zero
 from patchtrace.kinds import needs_explicit_attention
 from patchtrace.models.load import Model
-from patchtrace.multihop.generate import encode, first_token
-from patchtrace.multihop.queries import MultihopError
+from patchtrace.multihop.generate import decode_from, encode, first_token, to_text
+from patchtrace.multihop.queries import MultihopError, matches, usable_aliases
 from patchtrace.results import Scores, make_provenance
 from patchtrace.sites import Site, SiteSpec
 
@@ -49,14 +49,20 @@ class AblationConfig:
     Attributes:
         mode: ``zero``, ``mean`` or ``resample``.
         seed: the resample permutation's seed.
+        max_new: also greedy-decode this many tokens with the ablation in force at every step and
+            score the text by alias match (0: off). Zero ablation of sites without a position only
+            (a mean or a resampled value does not exist for generated positions).
     """
 
     mode: Literal["zero", "mean", "resample"] = "zero"
     seed: int = 0
+    max_new: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("zero", "mean", "resample"):
             raise MultihopError(f"ablation mode must be zero, mean or resample, not {self.mode!r}")
+        if self.max_new < 0 or (self.max_new > 0 and self.mode != "zero"):
+            raise MultihopError(f"generation (max_new={self.max_new}) needs max_new ≥ 0 and zero ablation")
 
 
 def _derangement(n: int, seed: int) -> tuple[int, ...]:
@@ -97,6 +103,7 @@ def ablate(
     config: AblationConfig | None = None,
     *,
     reference: Sequence[str] | None = None,
+    aliases: Sequence[Sequence[str]] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Scores:
     """Ablate each cell (or group) and measure the change of log p(target) and the accuracy.
@@ -106,7 +113,9 @@ def ablate(
         ``values`` the mean change of log p(target's first token) (ablated − clean), ``per_example``
         ``[N, *grid]``; extras ``accuracy`` (first-token argmax, per cell), ``correct`` ``[N, *grid]``,
         ``clean_logprob`` and ``clean_correct`` ``[N]``; baselines ``clean`` (mean log-prob) and
-        ``clean_accuracy``.
+        ``clean_accuracy``. With ``max_new``: ``gen_accuracy`` per cell, ``gen_correct`` ``[N, *grid]``,
+        ``clean_gen_correct`` ``[N]`` and baseline ``clean_gen_accuracy`` (target or ``aliases[i]`` found
+        in the generated text, aliases of ≤ 1 character dropped).
 
     Raises:
         MultihopError: empty or mismatched prompts/targets, an empty target, a site outside the
@@ -120,6 +129,13 @@ def ablate(
         if not target.strip():
             raise MultihopError(f"example {i}: target is empty")
     cells, grid = _cells(model, sites)
+    if cfg.max_new > 0:
+        timed = [str(s) for c in cells for s in c if s.pos is not None]
+        if timed:
+            raise MultihopError(f"site {timed[0]}: generation needs sites without a position (ablated at every step)")
+    if aliases is not None and len(aliases) != len(targets):
+        raise MultihopError(f"{len(aliases)} alias lists for {len(targets)} targets")
+    al = [usable_aliases((t, *(aliases[i] if aliases else ()))) for i, t in enumerate(targets)]
     tok = [first_token(model, t, f"target {i}") for i, t in enumerate(targets)]
     groups = _by_length(model, prompts, "prompt")
     refs = _by_length(model, reference, "reference prompt") if reference is not None else None
@@ -137,6 +153,8 @@ def ablate(
     lp = torch.zeros(N, C)
     ok = torch.zeros(N, C, dtype=torch.bool)
     clean_lp, clean_ok = torch.zeros(N), torch.zeros(N, dtype=torch.bool)
+    gen_ok = torch.zeros(N, C, dtype=torch.bool)
+    clean_gen = torch.zeros(N, dtype=torch.bool)
     points = sorted({s.point for c in cells for s in c}, key=str)
     explicit = needs_explicit_attention(p.kind for p in points)
     done = 0
@@ -149,12 +167,15 @@ def ablate(
                 [encode(model, reference[i]) for i in refs.get(T, next(iter(refs.values())))],  # type: ignore[index]
                 device=model.device)
             ref_run = collect(model, ref_ids, points)
-        with torch.no_grad():
-            base = model.runner.forward(ids, last_only=True).logits[:, -1]  # type: ignore[index]
-        clean_lp[idx] = torch.log_softmax(base.float(), -1).gather(1, t[:, None])[:, 0].cpu()
-        clean_ok[idx] = (base.argmax(-1) == t).cpu()
+        base = _run_cell(model, ids, [], cfg, None, explicit)
+        clean_lp[idx] = torch.log_softmax(base[0].float(), -1).gather(1, t[:, None])[:, 0].cpu()
+        clean_ok[idx] = (base[0].argmax(-1) == t).cpu()
+        if cfg.max_new > 0:
+            clean_gen[idx] = _hits(model, base[1], [al[i] for i in idx])
         for c, cell in enumerate(cells):
-            logits = _run_cell(model, ids, cell, cfg, ref_run, explicit)
+            logits, gen = _run_cell(model, ids, cell, cfg, ref_run, explicit)
+            if gen is not None:
+                gen_ok[idx, c] = _hits(model, gen, [al[i] for i in idx])
             lp[idx, c] = torch.log_softmax(logits.float(), -1).gather(1, t[:, None])[:, 0].cpu()
             ok[idx, c] = (logits.argmax(-1) == t).cpu()
             done += len(idx)
@@ -166,16 +187,25 @@ def ablate(
     prov["cells"] = [[str(s) for s in c] for c in cells]
     labels = grid.labels()
     return Scores(eff.mean(0), grid.axes, grid.kind, value_name="effect", metric="logprob",
-                  baselines={"clean": float(clean_lp.mean()), "clean_accuracy": float(clean_ok.float().mean())},
+                  baselines={"clean": float(clean_lp.mean()), "clean_accuracy": float(clean_ok.float().mean()),
+                             **({"clean_gen_accuracy": float(clean_gen.float().mean())} if cfg.max_new > 0 else {})},
                   labels=labels, per_example=eff,
                   extras={"accuracy": ok.float().mean(0).view(shape), "correct": ok.float().view(N, *shape),
-                          "clean_logprob": clean_lp, "clean_correct": clean_ok.float()},
+                          "clean_logprob": clean_lp, "clean_correct": clean_ok.float(),
+                          **({"gen_accuracy": gen_ok.float().mean(0).view(shape), "gen_correct": gen_ok.float().view(N, *shape),
+                              "clean_gen_correct": clean_gen.float()} if cfg.max_new > 0 else {})},
                   provenance=prov)
 
 
+def _hits(model: Model, gen: Tensor | None, aliases: Sequence[Sequence[str]]) -> Tensor:
+    assert gen is not None
+    return torch.tensor([matches(txt, a) for txt, a in zip(to_text(model, gen), aliases, strict=True)])
+
+
 def _run_cell(model: Model, ids: Tensor, cell: Sequence[Site], cfg: AblationConfig, ref: RunCache | None,
-              explicit: bool) -> Tensor:
-    """Last-position logits of ``ids`` with every site of ``cell`` ablated."""
+              explicit: bool) -> tuple[Tensor, Tensor | None]:
+    """Last-position logits of ``ids`` with every site of ``cell`` ablated, and (with ``max_new``) the
+    greedy generation with the ablation in force at every step."""
     n = ids.shape[0]
     ivs: list[Intervention] = []
     for s in cell:
@@ -191,10 +221,15 @@ def _run_cell(model: Model, ids: Tensor, cell: Sequence[Site], cfg: AblationConf
             ivs.append(Intervention(s, Resample(order), SourceRef("source")))
     runs = {"source": ref} if ref is not None else {}
     hooks = base_interventions_hooks(ivs, runs, n)
+    gen = cfg.max_new > 0
     with torch.no_grad():
-        out = model.runner.forward(ids, hooks=hooks, last_only=True, explicit_attention=explicit)
+        out = model.runner.forward(ids, hooks=hooks, last_only=True, explicit_attention=explicit, keep_kv=gen)
     assert out.logits is not None
-    return out.logits[:, -1]
+    if not gen:
+        return out.logits[:, -1], None
+    assert out.kv is not None
+    kv = [x for x in out.kv if x is not None]
+    return out.logits[:, -1], decode_from(model, out.logits[:, -1], kv, ids.shape[1], cfg.max_new, hooks=hooks)
 
 
 __all__ = ["AblationConfig", "ablate"]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.models.load import Model
+from patchtrace.models.runner import Hooks
 from patchtrace.multihop.queries import MultihopError, TwoHopQuery, matches
 
 KV = list[tuple[Tensor, Tensor]]
@@ -63,7 +64,7 @@ def prefill(model: Model, ids: Tensor) -> tuple[Tensor, KV]:
     return out.logits[:, -1], [kv for kv in out.kv if kv is not None]
 
 
-def decode_from(model: Model, logits: Tensor, kv: KV, length: int, max_new: int) -> Tensor:
+def decode_from(model: Model, logits: Tensor, kv: KV, length: int, max_new: int, hooks: Hooks | None = None) -> Tensor:
     """Greedy continuation of ``B`` prefills: token ids ``[B, max_new]``.
 
     Args:
@@ -71,13 +72,15 @@ def decode_from(model: Model, logits: Tensor, kv: KV, length: int, max_new: int)
         kv: per layer, each row's keys/values ``[B, K, length, d]``.
         length: the prefill's length (the first new token's absolute position).
         max_new: tokens to generate (the first is the prefill logits' argmax).
+        hooks: run at every decoding step (an ablation that lasts the whole generation); none by
+            default (back-patching patches the prefill only).
     """
     out = [logits.argmax(-1)]
     cache = [(k, v) for k, v in kv]
     with torch.no_grad():
         for s in range(1, max_new):
             step = model.runner.forward(out[-1][:, None], pos_offset=length + s - 1, past_kv=cache, keep_kv=True,
-                                        last_only=True)
+                                        last_only=True, hooks=hooks)
             assert step.logits is not None and step.kv is not None
             new = step.kv
             cache = [(torch.cat((k, nk[0]), 2), torch.cat((v, nk[1]), 2))  # type: ignore[index]
