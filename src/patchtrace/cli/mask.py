@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         out: str | None = typer.Option(None, help="results folder (default runs/mask-<task>)"),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
-        max_memory: str | None = typer.Option(None, help="working-memory budget of the evaluation, e.g. '4GB' (default: 64 MiB on CPU, half the free GPU memory on CUDA)"),
+        max_memory: str | None = typer.Option(None, help="working-memory budget of the evaluation, e.g. '4GB' (default: 16 MiB on CPU, half the free GPU memory on CUDA)"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(help="results folder (default runs/<task>-<sites>); a rerun resumes")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
         dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
-        max_memory: Annotated[str | None, typer.Option(help="working-memory budget, e.g. '4GB' (default: 64 MiB on CPU, half the free GPU memory on CUDA)")] = None,
+        max_memory: Annotated[str | None, typer.Option(help="working-memory budget, e.g. '4GB' (default: 16 MiB on CPU, half the free GPU memory on CUDA)")] = None,
         fast: Annotated[bool, typer.Option("--fast/--no-fast", help="fast exact path, or one full forward per patch")] = True,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="print the sweep plan and exit without computing")] = False,
         top: Annotated[int, typer.Option(help="rows in the printed top-k table")] = 10,

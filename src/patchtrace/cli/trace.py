@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         out: str | None = typer.Option(None, help="results folder (default runs/trace-<task>-<kind>)"),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
-        max_memory: str | None = typer.Option(None, help="working-memory budget, e.g. '4GB' (default: 64 MiB on CPU, half the free GPU memory on CUDA)"),
+        max_memory: str | None = typer.Option(None, help="working-memory budget, e.g. '4GB' (default: 16 MiB on CPU, half the free GPU memory on CUDA)"),
         fast: bool = typer.Option(True, "--fast/--no-fast", help="fast exact path, or full forwards"),
         top: int = typer.Option(10, help="rows in the printed top-k table"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let transformers run the model repo's code"),

@@ -126,7 +126,7 @@ def run_patches(
     for p, idx in sorted(groups.items()):
         idx.sort(key=lambda i: join_key(patches[i], model) if fast else (0, 0, 0))
         n = T - p
-        per_chunk = patches_per_chunk(model, n, T, ncols if fast else None, N, budget)
+        per_chunk = patches_per_chunk(model, n, T, ncols if fast else None, N, budget, strict=max_memory is not None)
         for c0 in range(0, len(idx), per_chunk):
             sel = idx[c0 : c0 + per_chunk]
             chunk = [patches[i] for i in sel]

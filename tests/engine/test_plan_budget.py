@@ -1,0 +1,47 @@
+"""The default working-memory budget is a preference (a patch that needs more still runs, one per
+chunk, with the same numbers); a budget the caller gives is a limit (refused before compute)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from patchtrace.engine import plan
+from patchtrace.engine.sweep import (
+    EngineError,
+    Patch,
+    Scorer,
+    collect,
+    patches_per_chunk,
+    resolve,
+    row_bytes,
+    run_patches,
+)
+from patchtrace.metrics import Metric
+from patchtrace.sites import Site
+from patchtrace.tasks import make_task
+
+
+def test_default_budget_is_a_preference_and_an_explicit_one_a_limit(smol_tokenizer, monkeypatch):
+    model = make_tiny("llama", tokenizer=smol_tokenizer)
+    need = row_bytes(model, 14, 14, None) * 4
+    assert patches_per_chunk(model, 14, 14, None, 4, need - 1, strict=False) == 1
+    with pytest.raises(EngineError, match="cannot hold one patch"):
+        patches_per_chunk(model, 14, 14, None, 4, need - 1)
+    assert plan.default_budget(model) <= plan.DEFAULT_BUDGET_CAP == 16 << 20
+
+    tok = make_task("ioi", n=2, seed=1).tokenize(smol_tokenizer)
+    ids_c, ids_k = tok.ids("clean", [0, 1]), tok.ids("corrupt", [0, 1])
+    T = ids_c.shape[1]
+    patches = [Patch((resolve(Site("resid_pre", L, None, p), model, T),)) for L in range(3) for p in range(T)]
+    scorer = Scorer(Metric("logit_diff"), tok.answer, tok.wrong)
+    c, k = collect(model, ids_c, []), collect(model, ids_k, [])
+    roomy = run_patches(model, ids_k, k, c, patches, scorer, max_memory=1 << 30, skip_noops=False)
+    monkeypatch.setattr(plan, "DEFAULT_BUDGET_CAP", 1)  # a default smaller than one patch
+    chunks: list[int] = []
+    tight = run_patches(model, ids_k, k, c, patches, scorer, on_chunk=chunks.append, skip_noops=False)
+    assert chunks and max(chunks) == 1  # one patch per chunk, not a refusal
+    torch.testing.assert_close(tight, roomy, atol=1e-5, rtol=0)  # other batch shapes: rounding only
+    with pytest.raises(EngineError, match="cannot hold one patch"):
+        run_patches(model, ids_k, k, c, patches, scorer, max_memory=1)
