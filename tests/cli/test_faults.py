@@ -563,3 +563,16 @@ def test_degenerate_examples_run_only_when_asked_with_a_warning_naming_them(inpu
     assert allowed.exit_code == 0, allowed.output
     warning = [line for line in allowed.stderr.splitlines() if line.startswith("warning:")]
     assert warning and "example(s) 0" in warning[0] and "same token" in warning[0], allowed.stderr
+
+
+def test_inside_a_command_group_the_line_names_the_leaf_command():
+    """``patchtrace weights apply --scale abc``: the hint is the leaf's ``--help``, not the group's."""
+    leaves = [(w, p) for w, cmd in COMMANDS.items() if len(w) > 1 and not any(q.required for q in cmd.params)
+              for p in cmd.params if _annotation(p) in (int, float) and not _is_argument(p)]
+    if not leaves:
+        pytest.skip("no command group with a numeric option is registered")
+    words, param = leaves[0]
+    result = runner.invoke(APP, [*words, f"{_word(param)}=abc"])
+    assert result.exit_code == 2, result.output
+    line = assert_one_error_line(result, result.output)
+    assert f"patchtrace {' '.join(words)} --help" in line and "'abc'" in line, line
