@@ -62,6 +62,12 @@ def _seeds(text: str) -> list[int]:
         raise DiffusionError(f"--seeds {text!r}: expected integers separated by commas") from None
 
 
+def _check_guidance(guidance: float) -> None:
+    common.check_finite(guidance, "--guidance")
+    if guidance < 0:
+        raise common.CLIError(f"--guidance {guidance}: must be 0 or more (1 = no guidance)")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``t2i`` command group."""
     t2i = typer.Typer(help="Text-to-image: LocoGen localization, LocoEdit editing, text-encoder tracing.")
@@ -99,6 +105,12 @@ def register(app: typer.Typer) -> None:
         from patchtrace.diffusion.report import locogen_report
         from patchtrace.diffusion.small.prompts import attribute_prompts
 
+        common.check_count(window, "--window")
+        common.check_count(prompts, "--prompts")
+        common.check_count(steps, "--steps")
+        _check_guidance(guidance)
+        common.check_count(neurons, "--neurons", low=0)
+        common.check_out(out)
         _sc, score = _scorer(attribute, value)
         seed_list = _seeds(seeds)
         a = _adapter(pipeline, steps, guidance)
@@ -141,17 +153,28 @@ def register(app: typer.Typer) -> None:
         from patchtrace.diffusion.edit_eval import evaluate_edit
         from patchtrace.diffusion.locoedit import locoedit
 
-        sc, _ = _scorer(attribute, value)
         if not layers.strip():
             raise DiffusionError("--layers is required (e.g. the best window of `patchtrace t2i localize`)")
-        layer_list = [int(x) for x in layers.split(",")]
+        layer_list = list(common.parse_layers(layers) or ())
+        common.check_count(prompts, "--prompts")
+        common.check_finite(lam, "--lambda")
+        if lam < 0:
+            raise common.CLIError(f"--lambda {lam}: must be 0 or more")
+        common.check_count(steps, "--steps")
+        seed_list = _seeds(seeds)
+        common.check_out(out)
+        sc, _ = _scorer(attribute, value)
         a = _adapter(pipeline, steps, 3.0)
+        bad = [x for x in layer_list if x >= a.n_layers]
+        if bad:
+            raise common.CLIError(f"--layers {layers!r}: layer {bad[0]} out of range (the pipeline has {a.n_layers} "
+                                  "cross-attention layers)")
         from patchtrace.diffusion.small.prompts import attribute_prompts
 
         concept, anchors, _ = attribute_prompts(attribute, value, prompts, seed=5)
         patch = locoedit(a, layer_list, concept, anchors, lam)
         patch.save(out / "patch")
-        rep = evaluate_edit(a, sc, patch, attribute, value, _seeds(seeds))
+        rep = evaluate_edit(a, sc, patch, attribute, value, seed_list)
         (out / "edit.json").write_text(json.dumps(rep, indent=1))
         con = common.console()
         for k, v in rep.items():
@@ -173,6 +196,10 @@ def register(app: typer.Typer) -> None:
         from patchtrace.diffusion.small.prompts import attribute_prompts
         from patchtrace.diffusion.textloc import param_fraction, text_localization
 
+        common.check_count(prompts, "--prompts")
+        common.check_count(steps, "--steps")
+        seed_list = _seeds(seeds)
+        common.check_out(out)
         sc, _ = _scorer("glyph", glyph_a)
         _scorer("glyph", glyph_b)
         a = _adapter("small", steps, 3.0)
@@ -191,7 +218,7 @@ def register(app: typer.Typer) -> None:
                                  for i, p in enumerate(pidx)]).float() for x in others]  # fmt: skip
             return torch.stack(per).mean(0)
 
-        r = text_localization(a, pa, pb, agree, keep, _seeds(seeds))
+        r = text_localization(a, pa, pb, agree, keep, seed_list)
         out.mkdir(parents=True, exist_ok=True)
         con = common.console()
         rows = []
@@ -219,12 +246,16 @@ def register(app: typer.Typer) -> None:
         from patchtrace.diffusion.small.prompts import attribute_prompts
         from patchtrace.diffusion.te_trace import trace_text_encoder
 
+        common.check_count(prompts, "--prompts")
+        common.check_count(steps, "--steps")
+        seed_list = _seeds(seeds)
+        common.check_out(out)
         _, score = _scorer(attribute, value)
         a = _adapter(pipeline, steps, 3.0)
         ps, _, _specs = attribute_prompts(attribute, value, prompts)
         words = {"glyph": GLYPH_WORDS.get(value, value), "style": None}.get(attribute, value)
         word_list = [w if w is not None else ("box" if "box" in p else "frame") for p, w in zip(ps, [words] * len(ps))]
-        s, _, _ = trace_text_encoder(a, ps, word_list, score, _seeds(seeds))
+        s, _, _ = trace_text_encoder(a, ps, word_list, score, seed_list)
         s.save(out / "scores")
         con = common.console()
         con.print(f"clean {s.baselines['clean']:.3f}  corrupted {s.baselines['corrupt']:.3f}")
