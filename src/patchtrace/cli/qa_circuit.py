@@ -58,11 +58,15 @@ def register(app: typer.Typer) -> None:
         lay = common.parse_layers(layers)
         spec = SiteSpec("head", per_unit=True, positions="last", layers=lay) if sites == "head" else \
             SiteSpec("mlp_out", positions="last", layers=lay)
+        common.check_out(out)
         common.prepare_out(out, [out], overwrite)
         con, err = common.console(), common.err_console()
         t0 = time.perf_counter()
         ex = common.executor(executor, ray_address)  # an unreachable cluster fails here, before loading
         m = common.load(model, device, dtype, trust_remote_code)
+        if lay is not None and max(lay) >= m.dims.n_layers:
+            raise common.CLIError(f"--layers {layers!r}: layer {max(lay)} out of range (the model has "
+                                  f"{m.dims.n_layers} layers)")
         from patchtrace.progress import step
 
         with step(f"building the QA patching task ({n} items the model answers from the context)", err):
