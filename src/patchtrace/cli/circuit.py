@@ -69,6 +69,10 @@ def register(app: typer.Typer) -> None:
         from patchtrace.circuits.faithfulness import Curve, plot_curves
 
         # checked before anything is loaded
+        common.check_finite(threshold, "--threshold")
+        if threshold < 0:
+            raise common.CLIError(f"--threshold {threshold}: must be 0 or more (a fraction of the clean - corrupt gap)")
+        common.parse_top(top)
         cfg = CircuitConfig(method=method, edges=edges, select=select, steps=steps, threshold=threshold,  # type: ignore[arg-type]
                             metric=metric, curve=_budgets(curve))
         root = out or Path("runs") / f"circuit-{Path(task).stem}-{method}"
