@@ -117,3 +117,23 @@ def test_compare_reports_each_method_run(tiny_llama):
     cmp.run(tiny_llama, task, [SiteSpec("head", per_unit=True, layers=(0,))], ["atp", "ig"],
             on_progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_a_bar_closed_early_prints_its_last_state_once():
+    """`mask` ends the training bar before the baseline's bar starts (one live bar at a time): closing it again
+    when its block ends must not add a plain final line under the finished live bar (nor a second one in a log)."""
+    import io
+
+    from rich.console import Console
+
+    from patchtrace.progress import bar
+
+    for terminal in (True, False):
+        out = io.StringIO()
+        con = Console(file=out, force_terminal=terminal, width=200)
+        with bar("training mask", con, every=1e9) as b:
+            b.update(1, 2)
+            b.update(2, 2)
+            b.close()
+        plain_final = out.getvalue().count("training mask: 2/2 (100%)")
+        assert plain_final == (0 if terminal else 1), out.getvalue()

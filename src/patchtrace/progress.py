@@ -115,6 +115,7 @@ class Bar:
         self._t0 = time.perf_counter()
         self._last_line = 0.0
         self._printed: tuple[int, int] | None = None
+        self._closed = False
 
     def update(self, done: int, total: int, note: str | None = None) -> None:
         """``on_progress(done, total)``; ``note`` (optional) is shown after the count (e.g. a loss)."""
@@ -159,7 +160,12 @@ class Bar:
         self._printed = (self.done, self.total)
 
     def close(self) -> None:
-        """End the step: stop the live bar, or print the last state if it was not printed yet."""
+        """End the step: stop the live bar, or print the last state if it was not printed yet.
+
+        Closing twice is harmless (a caller may end a step early, before its ``with`` block ends)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._rich is not None:
             self._rich.stop()
             self._rich = None

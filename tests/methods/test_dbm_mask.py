@@ -149,9 +149,15 @@ def test_trained_mask_finds_the_planted_head(smol_tokenizer, planted_problem, tm
     good = [t for t in triples if len(smol_tokenizer(t.target, add_special_tokens=False).input_ids) == 1]
     d = Desideratum("carrier", good[:24])
     cfg = dbm.DBMConfig(lam=0.02, steps=60, lr=0.05, baseline=True)
-    mask = dbm.run(model, [d], "head,mlp_out", cfg)
+    ranked: list[tuple[int, int]] = []
+    mask = dbm.run(model, [d], "head,mlp_out", cfg, on_ranking_progress=lambda done, total: ranked.append((done, total)))
     ev = mask.evaluation
     assert mask.kept == (planted,)
+    # the exact-patching baseline reports its sweep (it was silent): it counts up to its total, one patch per
+    # component per length group of the desideratum
+    n_comps = model.dims.n_layers * (model.dims.n_heads + 1)
+    assert ranked and ranked[-1][0] == ranked[-1][1] and ranked[-1][1] % n_comps == 0
+    assert [d for d, _ in ranked] == sorted(d for d, _ in ranked)
     assert ev["accuracy"] == 1.0 and ev["unpatched_accuracy"] == 0.0
     views = mask.to_scores()
     assert views["head"].extras["binary"][planted.layer, planted.unit] == 1.0

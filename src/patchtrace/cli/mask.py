@@ -86,10 +86,17 @@ def register(app: typer.Typer) -> None:
                               f"{tsk.params['n_generated']} generated items", markup=False)
             con.print(f"model {m.name} · desiderata " + ", ".join(f"{d.name} ({len(d)})" for d in ds)
                       + f" · sites {sites} · λ={lam}", markup=False)
-            with common.progress("training mask", quiet=quiet) as bar:  # plain lines when not a terminal
+            with (common.progress("training mask", quiet=quiet) as bar,  # plain lines when not a terminal
+                  common.progress("exact-patching baseline", quiet=quiet) as rbar):
+
+                def ranking(done: int, total: int) -> None:
+                    bar.close()  # training is over: one live bar at a time
+                    rbar.update(done, total)
+
                 result = dbm.run(
                     m, ds, specs, cfg,
                     on_step=lambda i, loss, k: bar.update(i + 1, steps, f"loss {loss:.4f} · {k} above threshold"),
+                    on_ranking_progress=ranking,
                     out_dir=folder,  # the exact-patching ranking checkpoints there and resumes
                 )
         except (DesiderataError, dbm.DBMError) as e:

@@ -41,6 +41,7 @@ def run(
     heldout: Sequence[Desideratum] | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     on_progress: Progress | None = None,
+    on_ranking_progress: Progress | None = None,
     out_dir: str | Path | None = None,
 ) -> Mask:
     """Learn a mask, binarize it and evaluate it exactly on held-out tuples.
@@ -53,6 +54,8 @@ def run(
         heldout: held-out desiderata; default: split ``task`` by ``config.train_fraction``.
         on_step: DBM's own telemetry, ``on_step(step, loss, n_above_threshold)`` after each step.
         on_progress: ``on_progress(done, config.steps)`` in training steps (:mod:`patchtrace.progress`).
+        on_ranking_progress: ``on_progress(done, total)`` of the exact-patching baseline's sweep, which
+            runs after training (``config.baseline``) and can take as long as training itself.
         out_dir: checkpoint the exact-patching ranking's sweep blocks in ``<out_dir>/ranking`` (a rerun
             resumes it); the caller saves the returned Mask.
 
@@ -90,7 +93,8 @@ def run(
     trained = train_mask(model, train_t, comps, cfg, on_step=steps, prepared=prepare(model, train_t, comps, runs))
     ranking = (
         exact_patching_ranking(model, train_t, specs, max_memory=cfg.max_memory, runs=runs,
-                               out_dir=None if out_dir is None else Path(out_dir) / "ranking")
+                               out_dir=None if out_dir is None else Path(out_dir) / "ranking",
+                               on_progress=on_ranking_progress)
         if cfg.baseline else []
     )
     evaluation = _evaluate(model, train_t, test_t, trained, ranking, cfg, runs)

@@ -200,6 +200,7 @@ def exact_patching_ranking(
     max_memory: int | None = None,
     runs: RunStore | None = None,
     out_dir: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[Site, float]]:
     """Rank components by exact single-site activation patching on the given tuples.
 
@@ -208,10 +209,11 @@ def exact_patching_ranking(
     source = alternate), one patch per component, with ``logit_diff`` of target vs contrast
     (:func:`contrasts` fills missing contrast tokens). A component's score is the sum over
     desiderata of its mean effect ``M(patched) − M(original)``. It runs as a :class:`RankingJob`:
-    with ``out_dir``, finished blocks are checkpointed there and a rerun resumes.
+    with ``out_dir``, finished blocks are checkpointed there and a rerun resumes; ``on_progress(done,
+    total)`` counts its patches (:mod:`patchtrace.progress`).
 
     Returns:
         ``(site, score)`` for every component, best first.
     """
     job = RankingJob(model, tds, specs, max_memory, runs)
-    return execute(job, out_dir=out_dir, save=lambda result, path: None)
+    return execute(job, out_dir=out_dir, save=lambda result, path: None, on_progress=on_progress)
