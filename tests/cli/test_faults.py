@@ -181,6 +181,7 @@ COMMAND_BASE: dict[str, dict[str, str]] = {
     "trace": {"task": "{subject_jsonl}"},  # causal tracing needs meta['subject']
     "compare": {"sites": "resid_pre", "methods": "atp"},  # --positions applies to items without '@'
     "circuit": {"edges": "5"},  # the tiny model's graph has fewer edges than the default budget
+    "twohop": {"model": None},  # type: ignore[dict-item]  # --model is only read with --classify (refused without)
 }
 #: Flags set for every case (quiet progress bars).
 FLAGS = ("quiet",)

@@ -66,13 +66,20 @@ def register(app: typer.Typer) -> None:
         n_cities: int = typer.Option(40, help="cities sampled as first-hop entities"),
         seed: int = typer.Option(0, help="sampling seed"),
         classify: bool = typer.Option(False, "--classify", help="ask the model each hop and the composition"),
-        model: str = _MODEL,
+        model: str = typer.Option("smollm2-135m", help="the model --classify asks (only used with --classify)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
     ) -> None:
         """Generate two-hop queries (and classify them with the model), written as JSONL."""
         from patchtrace.multihop.generate import classify as run_classify
         from patchtrace.multihop.kb import generate
         from patchtrace.multihop.queries import save_jsonl
 
+        common.check_count(n_cities, "--n-cities")
+        common.check_out(out, folder=False)
+        if Path(out).exists() and not overwrite:
+            common.fail(f"--out {out}: the file exists; use --overwrite to replace it, or another path")
+        if not classify and model != "smollm2-135m":
+            common.fail(f"--model {model}: only used with --classify (twohop alone generates queries without a model)")
         con = common.console()
         qs = generate(n_cities=n_cities, seed=seed)
         if classify:
@@ -100,6 +107,8 @@ def register(app: typer.Typer) -> None:
         """Back-patching grid over (source layer j, target layer i): log-probs, generations, fix rate, heatmap."""
         from patchtrace.multihop.backpatch import BackpatchConfig, backpatch, fix_rate
 
+        common.check_count(n_cities, "--n-cities")
+        common.check_out(out)
         cfg = BackpatchConfig(position=position, generate=generate, max_new=max_new, gen_pairs=gen_pairs)  # type: ignore[arg-type]
         qs = _queries(queries, n_cities, seed)
         if only_failures:
@@ -138,6 +147,9 @@ def register(app: typer.Typer) -> None:
         """Per-layer bridge-decoding rate (patchscope) and the layer where the answer appears (and logit lens)."""
         from patchtrace.multihop.bridge import IDENTITY_PROMPT, BridgeConfig, bridge_readout
 
+        common.check_count(n_cities, "--n-cities")
+        common.check_count(max_new, "--max-new")
+        common.check_out(out)
         cfg = BridgeConfig(identity_prompt=identity_prompt or IDENTITY_PROMPT, max_new=max_new)
         qs = _queries(queries, n_cities, seed)
         m = common.load(model)
@@ -170,6 +182,9 @@ def register(app: typer.Typer) -> None:
         from patchtrace.multihop.ablation import AblationConfig, ablate
         from patchtrace.sites import SiteSpec, parse_site
 
+        common.check_count(n_cities, "--n-cities")
+        common.check_count(max_new, "--max-new", low=0)
+        common.check_out(out)
         cfg = AblationConfig(mode=mode, seed=seed, max_new=max_new)  # type: ignore[arg-type]
         qs = _queries(queries, n_cities, seed)
         if use == "composed":
@@ -210,6 +225,10 @@ def register(app: typer.Typer) -> None:
         """Recall- vs reasoning-specialized layers/heads/neurons (MWU + BH + Cohen's d) and the ablation test."""
         from patchtrace.multihop.recall_reasoning import RRConfig, recall_reasoning
 
+        common.check_count(n_cities, "--n-cities")
+        common.check_count(n_random, "--n-random")
+        common.check_count(max_items, "--max-items")
+        common.check_out(out)
         qs = _queries(queries, n_cities, seed)
         m = common.load(model)
         r = recall_reasoning(m, qs, RRConfig(n_random=n_random, seed=seed, max_items=max_items))
@@ -238,6 +257,8 @@ def register(app: typer.Typer) -> None:
         from patchtrace.interventions import Intervention, Replace, SourceRef
         from patchtrace.sites import parse_site
 
+        common.check_count(max_new, "--max-new", low=0)
+        common.parse_top(top)
         ivs = []
         for w in write:
             a, sep, b = w.partition("->")
