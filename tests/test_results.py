@@ -93,3 +93,19 @@ def test_to_dataframe_rows_and_values():
     assert abs(row["patched"] - float(s.extras["patched"][2, 1, 3])) < 1e-7
     assert row["site"] == "head[2].h1@3"
     assert abs(df["effect"].sum() - float(s.values.sum())) < 1e-4
+
+
+def test_non_site_cells_are_named_by_their_axis_names_when_given():
+    """Edge grids carry node names (labels['sender_name'] / ['receiver_name']): tables must show them, not the
+    bare coordinates; a grid without names keeps the coordinate label."""
+    import torch
+
+    from patchtrace.results import Scores
+
+    v = torch.arange(6.0).reshape(2, 3)
+    named = Scores(v, ("sender", "receiver"), "edge", "effect", "logit_diff", {},
+                   {"sender_name": ["input", "a0.h1"], "receiver_name": ["a1.h0<q>", "m1", "logits"]})
+    assert named.cell_label((1, 2)) == "a0.h1 · logits"
+    assert named.cell_label((0, 0)) == "input · a1.h0<q>"
+    bare = Scores(v, ("sender", "receiver"), "edge", "effect", "logit_diff", {}, {})
+    assert "a0.h1" not in bare.cell_label((1, 2)) and bare.cell_label((1, 2)) == bare.grid.label((1, 2))

@@ -194,8 +194,20 @@ class Scores:
         return self.grid.site_at(index)
 
     def cell_label(self, index: tuple[int, ...]) -> str:
-        """A cell's name for tables: the site string, or the axis coordinates for non-site grids."""
-        return self.grid.label(index)
+        """A cell's name for tables: the site string, or the axis coordinates for non-site grids.
+
+        A non-site grid may carry a name per coordinate in ``labels["<axis>_name"]`` (edge grids do:
+        ``sender_name`` / ``receiver_name``); those names are used, e.g. ``a3.h2 · m5<in>`` rather
+        than the bare coordinates ``S7 · R40``.
+        """
+        named = [self.labels.get(f"{a}_name") for a in self.axes]
+        if self.grid.addresses_sites or all(n is None for n in named):
+            return self.grid.label(index)
+        plain = self.grid.label(index).split(" · ")
+        return " · ".join(
+            str(n[i]) if n is not None and 0 <= i < len(n) else plain[k]
+            for k, (n, i) in enumerate(zip(named, index, strict=True))
+        )
 
     @property
     def direction(self) -> str | None:
