@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 import typer
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from patchtrace.cli import build_app
@@ -148,7 +149,7 @@ ROLE_VALUES: dict[str, tuple[Bad, ...]] = {
 SEEDS = re.compile(r"(^|_)seed$")
 INDICES = re.compile(r"(^|_)(layer|head|position|pos|index|step_at)$")
 #: Float options for which a negative value means something (a steering strength can push away).
-SIGNED_FLOATS = frozenset({"steer", "min_margin"})
+SIGNED_FLOATS = frozenset({"steer", "min_margin", "scale"})  # weights --scale -1: subtract the patch
 #: Options with no bad value of their own, and why.
 NOT_TESTED = {"ray_address": "needs a Ray cluster (tests/engine/test_ray.py covers an unreachable one)"}
 
@@ -181,7 +182,14 @@ COMMAND_BASE: dict[str, dict[str, str]] = {
     "trace": {"task": "{subject_jsonl}"},  # causal tracing needs meta['subject']
     "compare": {"sites": "resid_pre", "methods": "atp"},  # --positions applies to items without '@'
     "circuit": {"edges": "5"},  # the tiny model's graph has fewer edges than the default budget
-    "twohop": {"model": None},  # type: ignore[dict-item]  # --model is only read with --classify (refused without)
+    "twohop": {"model": None},
+    "weights apply": {"model": "{w_base}", "patch": "{w_patch}"},
+    "weights remove": {"model": "{w_base}", "patch": "{w_patch}"},
+    "weights quantize": {"patch": "{w_patch}"},
+    "weights compose": {"patches": "{w_patch}"},
+    "weights extract": {"base": "{w_base}", "tuned": "{w_tuned}"},
+    "finetune": {"localize": "{good}", "k": "1"},
+    "xpatch": {"source": "Lyon is in", "target": "Paris is in", "write": "resid_post[0]@-1->resid_post[0]@-1"},  # type: ignore[dict-item]  # --model is only read with --classify (refused without)
 }
 #: Flags set for every case (quiet progress bars).
 FLAGS = ("quiet",)
@@ -339,6 +347,13 @@ def inputs(tmp_path_factory, smol_tokenizer) -> dict[str, str]:
     (d / "same_prompt.jsonl").write_text(json.dumps({**ioi, "corrupt": ioi["clean"]}) + "\n")
     fact = {"clean": "The capital of France is the city of", "corrupt": "The capital of Italy is the city of",
             "answer": " Paris", "wrong": " Rome", "subject": "France"}
+    g = torch.Generator().manual_seed(0)
+    w_base = {"fc.weight": torch.randn(4, 3, generator=g), "fc.bias": torch.randn(4, generator=g)}
+    save_file(w_base, str(d / "w_base.safetensors"), metadata={"format": "pt"})
+    save_file({k: v + 0.5 for k, v in w_base.items()}, str(d / "w_tuned.safetensors"), metadata={"format": "pt"})
+    made = runner.invoke(APP, ["weights", "extract", str(d / "w_base.safetensors"), str(d / "w_tuned.safetensors"),
+                               "--out", str(d / "w_patch")])
+    assert made.exit_code == 0, made.output
     (d / "subject.jsonl").write_text(json.dumps(fact) + "\n" + json.dumps({**fact, "answer": " Rome", "wrong": " Paris"}) + "\n")
     return {
         "model": str(model), "good": str(good), "missing": str(root / "missing"), "a_file": str(d / "a_file.txt"),
@@ -347,7 +362,8 @@ def inputs(tmp_path_factory, smol_tokenizer) -> dict[str, str]:
         "bad_jsonl": str(d / "bad.jsonl"), "empty_jsonl": str(d / "empty.jsonl"),
         "latin1_jsonl": str(d / "latin1.jsonl"), "wrong_fields_jsonl": str(d / "wrong_fields.jsonl"),
         "same_answer_jsonl": str(d / "same_answer.jsonl"), "same_prompt_jsonl": str(d / "same_prompt.jsonl"),
-        "subject_jsonl": str(d / "subject.jsonl"),
+        "subject_jsonl": str(d / "subject.jsonl"), "w_base": str(d / "w_base.safetensors"),
+        "w_tuned": str(d / "w_tuned.safetensors"), "w_patch": str(d / "w_patch"),
         "unwritable": _unwritable(root), "root": str(root),
     }
 

@@ -74,10 +74,14 @@ def register(app: typer.Typer) -> None:
         con = common.console()
         if method not in ("lora", "layers"):
             raise common.CLIError(f"--method {method!r}: use 'lora' or 'layers'")
-        if steps < 1 or batch < 1 or rank < 1:
-            raise common.CLIError("--steps, --batch and --rank must be ≥ 1")
+        for value, option in ((steps, "--steps"), (batch, "--batch"), (rank, "--rank"), (k, "--k")):
+            common.check_count(value, option)
+        for fvalue, option in ((alpha, "--alpha"), (lr, "--lr")):
+            if common.check_finite(fvalue, option) <= 0:
+                raise common.CLIError(f"{option} {fvalue}: must be positive")
         common.check_task(task, n or 1)
         folder = Path(out or Path("runs") / f"finetune-{Path(task).stem}")
+        common.check_out(folder)
         if (folder / "patch").exists() and not overwrite:
             raise common.CLIError(f"--out {folder}: holds a patch already; choose another folder or pass --overwrite")
         layers, how = _layers(localize, k)
