@@ -198,8 +198,8 @@ COMMAND_BASE: dict[str, dict[str, str]] = {
     "compare": {"sites": "resid_pre", "methods": "atp"},  # --positions applies to items without '@'
     "circuit": {"edges": "5"},  # the tiny model's graph has fewer edges than the default budget
     "twohop": {"model": None},
-    "weights apply": {"model": "{w_base}", "patch": "{w_patch}"},
-    "weights remove": {"model": "{w_base}", "patch": "{w_patch}"},
+    "weights apply": {"model": "{w_base_dir}", "patch": "{w_patch}"},  # a folder, as --out is
+    "weights remove": {"model": "{w_base_dir}", "patch": "{w_patch}"},
     "weights quantize": {"patch": "{w_patch}"},
     "weights compose": {"patches": "{w_patch}"},
     "weights extract": {"base": "{w_base}", "tuned": "{w_tuned}"},
@@ -368,6 +368,8 @@ def inputs(tmp_path_factory, smol_tokenizer) -> dict[str, str]:
     g = torch.Generator().manual_seed(0)
     w_base = {"fc.weight": torch.randn(4, 3, generator=g), "fc.bias": torch.randn(4, generator=g)}
     save_file(w_base, str(d / "w_base.safetensors"), metadata={"format": "pt"})
+    (d / "w_base_dir").mkdir()  # a model folder: `weights apply/remove` write a folder --out for it
+    save_file(w_base, str(d / "w_base_dir" / "model.safetensors"), metadata={"format": "pt"})
     save_file({k: v + 0.5 for k, v in w_base.items()}, str(d / "w_tuned.safetensors"), metadata={"format": "pt"})
     made = runner.invoke(APP, ["weights", "extract", str(d / "w_base.safetensors"), str(d / "w_tuned.safetensors"),
                                "--out", str(d / "w_patch")])
@@ -380,7 +382,7 @@ def inputs(tmp_path_factory, smol_tokenizer) -> dict[str, str]:
         "bad_jsonl": str(d / "bad.jsonl"), "empty_jsonl": str(d / "empty.jsonl"),
         "latin1_jsonl": str(d / "latin1.jsonl"), "wrong_fields_jsonl": str(d / "wrong_fields.jsonl"),
         "same_answer_jsonl": str(d / "same_answer.jsonl"), "same_prompt_jsonl": str(d / "same_prompt.jsonl"),
-        "subject_jsonl": str(d / "subject.jsonl"), "w_base": str(d / "w_base.safetensors"),
+        "subject_jsonl": str(d / "subject.jsonl"), "w_base": str(d / "w_base.safetensors"), "w_base_dir": str(d / "w_base_dir"),
         "w_tuned": str(d / "w_tuned.safetensors"), "w_patch": str(d / "w_patch"),
         "unwritable": _unwritable(root), "root": str(root),
     }

@@ -97,6 +97,10 @@ def test_model_folder_keeps_its_other_files_and_loads(app, tmp_path):
         (["weights", "compose", "{d}/p", "{d}/p", "--weights", "1", "--out", "{d}/c"], "1 weights for 2 patches"),
         (["weights", "info", "{d}/tampered"], "checksum"),
         (["weights", "apply", "{d}/base.safetensors", "{d}/p", "--out", "{d}/tuned.safetensors"], "exists"),
+        # a model file goes to a .safetensors file (a suffix-less --out used to end in an internal error
+        # after writing the model there and failing to put the undo file "inside" it)
+        (["weights", "apply", "{d}/base.safetensors", "{d}/p", "--out", "{d}/o"], "--out must be a .safetensors"),
+        (["weights", "remove", "{d}/base.safetensors", "{d}/p", "--out", "{d}/o"], "--out must be a .safetensors"),
     ],
 )
 def test_bad_input_exit_code_2_naming_the_item(app, files, args, match):
@@ -109,4 +113,4 @@ def test_bad_input_exit_code_2_naming_the_item(app, files, args, match):
     r = runner.invoke(app, [a.format(d=d) for a in args])
     assert r.exit_code == 2, r.output
     assert match in r.output and "Traceback" not in r.output
-    assert not (d / "o.safetensors").exists()
+    assert not (d / "o.safetensors").exists() and not (d / "o").exists()

@@ -29,6 +29,16 @@ from patchtrace.cli import common
 UNDO = "patchtrace-undo.safetensors"
 
 
+def _check_out_kind(model: str, out: str) -> None:
+    """A model file is written to a ``.safetensors`` file, a model folder to a folder (checked before any work)."""
+    m, o = Path(model), Path(out)
+    if m.is_file() and o.suffix != ".safetensors":
+        raise common.CLIError(f"--out {out}: MODEL {model} is one safetensors file, so --out must be a .safetensors "
+                              f"file too (e.g. {o.with_suffix('.safetensors').name})")
+    if m.is_dir() and o.suffix == ".safetensors":
+        raise common.CLIError(f"--out {out}: MODEL {model} is a folder, so --out must be a folder (not a .safetensors file)")
+
+
 def _undo_path(out: Path) -> Path:
     return out / UNDO if out.suffix != ".safetensors" else out.with_name(out.stem + ".undo.safetensors")
 
@@ -164,6 +174,7 @@ def register(app: typer.Typer) -> None:
         from patchtrace.weights import apply_state
 
         con = common.console()
+        _check_out_kind(model, out)
         p = _load_patch(patch)
         tensors, where, metas = _read(model)
         new, receipt = apply_state(p, tensors, scale, allow_other_base)
@@ -182,6 +193,7 @@ def register(app: typer.Typer) -> None:
         from patchtrace.weights import Receipt, base_hash, remove_state
 
         con = common.console()
+        _check_out_kind(model, out)
         p = _load_patch(patch)
         tensors, where, metas = _read(model)
         u = Path(undo) if undo else _undo_path(Path(model))
