@@ -78,7 +78,7 @@ class Family:
 
 LLAMA = Family(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_types=("llama", "mistral", "qwen2"),  # qwen3 has its own table (QK norms)
     embed="model.embed_tokens",
     pos_embed=None,
     layers="model.layers",
