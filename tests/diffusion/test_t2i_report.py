@@ -21,3 +21,14 @@ def test_report_escapes_prompts_and_writes_pictures(tmp_path):
     assert r.best_window() == (1, 2)
     for png in ("scores.png", "grid.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    # the page's policy: no script at all, its one stylesheet allowed by hash (computed here from the page itself)
+    import base64
+    import hashlib
+    import re
+
+    csp = re.search(r"http-equiv='Content-Security-Policy' content=\"([^\"]+)\"", text)
+    assert csp is not None and "'unsafe-inline'" not in csp.group(1) and "default-src 'none'" in csp.group(1)
+    (style,) = re.findall(r"<style>(.*?)</style>", text, flags=re.S)
+    want = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert f"style-src 'sha256-{want}'" in csp.group(1) and "script-src" not in csp.group(1)
+    assert text.index("Content-Security-Policy") < text.index("<style>")

@@ -62,11 +62,20 @@ def bars_png(labels: Sequence[str], values: Sequence[float], path: str | Path, t
 
 
 def html_page(path: str | Path, title: str, sections: Sequence[tuple[str, str, Sequence[str]]]) -> Path:
-    """A page of sections ``(heading, text, [png file names])``; every text is escaped."""
+    """A page of sections ``(heading, text, [png file names])``; every text is escaped.
+
+    Like the main report, it carries a strict Content-Security-Policy: no script at all, images only
+    from its own folder, and its one stylesheet allowed by its SHA-256 hash (no ``'unsafe-inline'``).
+    """
+    import base64
+    import hashlib
+
     e = html.escape
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
-             "pre{white-space:pre-wrap}</style>", f"<h1>{e(title)}</h1>"]  # fmt: skip
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}pre{white-space:pre-wrap}"
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    csp = f"default-src 'none'; img-src 'self'; style-src 'sha256-{digest}'"
+    parts = [f"<!doctype html><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' content=\"{csp}\">",
+             f"<title>{e(title)}</title><style>{style}</style>", f"<h1>{e(title)}</h1>"]
     for head, text, pngs in sections:
         parts.append(f"<h2>{e(head)}</h2><pre>{e(text)}</pre>")
         parts += [f"<img src='{e(p)}' alt='{e(p)}'>" for p in pngs]
