@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchtrace.circuits.graph import CircuitError, EdgeGraph, graph_from
+from patchtrace.circuits.graph import CircuitError, EdgeGraph, graph_from, save_figure
 
 FORMAT_VERSION = 1
 
@@ -178,12 +178,7 @@ class Circuit:
         ax.set_yticklabels(["input"] + [f"L{i}" for i in range(g.n_layers)] + ["logits"], fontsize=6)
         ax.set_xticks([])
         ax.set_title(title or f"{self.method}: {self.n_edges} edges (blue +, red −; q solid, k dashed, v dotted)", fontsize=9)
-        fig.tight_layout()
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        return p
+        return save_figure(fig, path)
 
 
 __all__ = ["Circuit"]

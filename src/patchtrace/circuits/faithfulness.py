@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.circuits.exact import Prepared, evaluate_sets
-from patchtrace.circuits.graph import CircuitError
+from patchtrace.circuits.graph import CircuitError, save_figure
 
 CONVENTIONS = ("outside", "restore")
 
@@ -124,12 +124,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, title: str = "faithfu
         ax.set_title({"outside": "patch everything outside the circuit", "restore": "restore the circuit"}[conv], fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 __all__ = ["CONVENTIONS", "Curve", "curve", "faithfulness", "normalise", "plot_curves"]
