@@ -55,12 +55,15 @@ def _clip(hidden: int, projection: bool = False, layers: int = 2) -> Any:
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def tiny_sd(seed: int = 0) -> Any:
-    """A ``StableDiffusionPipeline`` with random tiny weights: 6 cross-attention layers, 16×16 images."""
-    import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def _unet(seed: int, **arch: Any) -> Any:
+    """Seed torch, then build a tiny two-level ``UNet2DConditionModel`` in eval mode.
 
-    from patchtrace.diffusion.small.model import build_tokenizer
+    The shape both UNet pipelines share (8×8 latents, 4 channels, widths 16/32, one plain and one
+    cross-attention level) lives here; ``arch`` carries what differs between SD 1.x and SDXL.
+    Seeding here, right before the UNet, keeps the weights identical to building it inline.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet: Any = UNet2DConditionModel(
@@ -68,14 +71,21 @@ def tiny_sd(seed: int = 0) -> Any:
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
-        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
         norm_num_groups=8,
+        **arch,
     )
-    unet.eval()
+    return unet.eval()
+
+
+def tiny_sd(seed: int = 0) -> Any:
+    """A ``StableDiffusionPipeline`` with random tiny weights: 6 cross-attention layers, 16×16 images."""
+    from diffusers import StableDiffusionPipeline
+
+    from patchtrace.diffusion.small.model import build_tokenizer
+
+    unet = _unet(seed, layers_per_block=2, cross_attention_dim=16, attention_head_dim=2)
     return StableDiffusionPipeline(
         vae=_vae().eval(),
         text_encoder=_clip(16),
@@ -90,20 +100,13 @@ def tiny_sd(seed: int = 0) -> Any:
 
 def tiny_sdxl(seed: int = 0) -> Any:
     """A ``StableDiffusionXLPipeline`` with random tiny weights: two text encoders, pooled embeds, 44 layers."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     from patchtrace.diffusion.small.model import build_tokenizer
 
-    torch.manual_seed(seed)
-    unet: Any = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
+    unet = _unet(
+        seed,
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 11),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
@@ -111,9 +114,7 @@ def tiny_sdxl(seed: int = 0) -> Any:
         addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=6 * 4 + 16,
         cross_attention_dim=24,
-        norm_num_groups=8,
     )
-    unet.eval()
     return StableDiffusionXLPipeline(
         vae=_vae().eval(),
         text_encoder=_clip(8),
