@@ -159,20 +159,9 @@ def control_stage(m, args) -> None:
 
 
 def _plot(grid: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
+    from patchtrace.cli.multihop import _heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    im = ax.imshow(grid.numpy(), origin="lower", cmap="viridis", aspect="auto")
-    ax.set_xlabel("target layer i")
-    ax.set_ylabel("source layer j")
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(im, ax=ax, label="fraction of queries fixed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _heatmap(grid, path, title, "fraction of queries fixed")
 
 
 def bridge_stage(m, args) -> None:

