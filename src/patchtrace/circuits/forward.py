@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from patchtrace.circuits.graph import EdgeGraph
-from patchtrace.models.attention import apply_rotary
 
 
 class Deltas(Protocol):
@@ -195,13 +194,7 @@ class EdgeForward:
         q = proj(x[:, :, :H], wq, bq)
         k = proj(x[:, :, H:H + K], wk, bk)
         v = proj(x[:, :, H + K:H + 2 * K], wv, bv)
-        fam, attn = self.model.family, self.st._blocks[li].attn
-        if fam.qk_norm is not None:  # as in Stages.qkv: per head, per position
-            q = self.st._norm(getattr(attn, fam.qk_norm[0]), q, None)
-            k = self.st._norm(getattr(attn, fam.qk_norm[1]), k, None)
-        if rope is not None:
-            cos, sin = rope[self.dims.layer_types[li] if fam.rope_by_layer_type else ""]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.st.qk_post(li, q, k, rope)  # the runner's own q/k norms and rotary
         return q, k, v
 
     # -- the forward -------------------------------------------------------------------------------

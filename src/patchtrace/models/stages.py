@@ -214,13 +214,25 @@ class Stages:
             q, k, v = q.view(B, n, H, d), k.view(B, n, K, d), v.view(B, n, K, d)
         else:  # neox_fused: per head [q | k | v]
             q, k, v = getattr(attn, fam.q)(x).view(B, n, H, 3 * d).chunk(3, dim=-1)
-        if fam.qk_norm is not None:  # same norm kind as the family's; per head, per position
+        q, k = self.qk_post(li, q, k, rope, lrp)
+        return q, k, v
+
+    def qk_post(
+        self, li: int, q: Tensor, k: Tensor, rope: Rope | None, lrp: LRPRules | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """What follows the projections: the family's q/k norms (per head, per position), then rotary.
+
+        Shared by :meth:`qkv` and by paths that project queries and keys themselves (the circuits'
+        per-receiver forward feeds every head its own input), so the arithmetic has one copy.
+        """
+        fam, attn = self.family, self._blocks[li].attn
+        if fam.qk_norm is not None:  # same norm kind as the family's
             q = self._norm(getattr(attn, fam.qk_norm[0]), q, lrp)
             k = self._norm(getattr(attn, fam.qk_norm[1]), k, lrp)
         if rope is not None:
             cos, sin = rope[self.dims.layer_types[li] if fam.rope_by_layer_type else ""]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+        return q, k
 
     def attend(
         self,
