@@ -90,6 +90,37 @@ def _n(shape: Iterable[int]) -> int:
     return out
 
 
+def train_steps(
+    who: str,
+    mod: Any,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batches: Iterable[Any],
+    steps: int,
+    losses: list[float],
+    on_loss: Callable[[int, float], None] | None,
+    on_progress: Progress | None,
+) -> None:
+    """Run ``steps`` optimiser steps over ``batches`` (cycled), appending each loss to ``losses``.
+
+    Raises :class:`WeightPatchError` (prefixed ``who``) on a NaN or infinite loss; shared by
+    ``finetune`` and ``lora.train_lora``.
+    """
+    for step, batch in zip(range(steps), itertools.cycle(batches)):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(mod, batch)
+        value = float(loss.detach())
+        if value != value or abs(value) == float("inf"):
+            raise WeightPatchError(f"{who}: the loss is {value} at step {step}")
+        loss.backward()
+        opt.step()
+        losses.append(value)
+        if on_loss is not None:
+            on_loss(step, value)
+        if on_progress is not None:
+            on_progress(step + 1, steps)
+
+
 def finetune(
     model: Any,
     select: Selector,
@@ -138,19 +169,7 @@ def finetune(
     t0 = time.perf_counter()
     try:
         mod.train()
-        for step, batch in zip(range(steps), itertools.cycle(batches)):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(mod, batch)
-            value = float(loss.detach())
-            if value != value or abs(value) == float("inf"):
-                raise WeightPatchError(f"finetune: the loss is {value} at step {step}")
-            loss.backward()
-            opt.step()
-            losses.append(value)
-            if on_loss is not None:
-                on_loss(step, losses[-1])
-            if on_progress is not None:
-                on_progress(step + 1, steps)
+        train_steps("finetune", mod, opt, loss_fn, batches, steps, losses, on_loss, on_progress)
     finally:
         mod.train(was_training)
         for n, p in mod.named_parameters():

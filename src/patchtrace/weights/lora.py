@@ -207,7 +207,7 @@ def train_lora(model: Any, layers: Sequence[int] | Sequence[str], batches: Itera
     Raises:
         WeightPatchError: see :func:`attach`; ``steps < 1``; a non-finite loss.
     """
-    import itertools
+    from patchtrace.weights.finetune import train_steps
 
     if steps < 1:
         raise WeightPatchError(f"train_lora: steps {steps}: need ≥ 1")
@@ -220,19 +220,7 @@ def train_lora(model: Any, layers: Sequence[int] | Sequence[str], batches: Itera
         opt = torch.optim.Adam(params, lr=lr)
         losses: list[float] = []
         t0 = time.perf_counter()
-        for step, batch in zip(range(steps), itertools.cycle(batches)):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(pm, batch)
-            value = float(loss.detach())
-            if value != value or abs(value) == float("inf"):
-                raise WeightPatchError(f"train_lora: the loss is {value} at step {step}")
-            loss.backward()
-            opt.step()
-            losses.append(value)
-            if on_loss is not None:
-                on_loss(step, value)
-            if on_progress is not None:
-                on_progress(step + 1, steps)
+        train_steps("train_lora", pm, opt, loss_fn, batches, steps, losses, on_loss, on_progress)
         seconds = time.perf_counter() - t0
         patch = merged_patch(pm)
         found = sorted(pm.peft_config["default"].target_modules)
