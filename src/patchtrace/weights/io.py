@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from patchtrace.results import file_sha256
 from patchtrace.weights.errors import WeightPatchError
 from patchtrace.weights.quantize import QTensor, pack, unpack
 
@@ -25,14 +26,6 @@ if TYPE_CHECKING:
 
 FORMAT = "patchtrace-weight-patch"
 VERSION = 1
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_sha(meta: dict[str, Any]) -> str:
@@ -74,7 +67,7 @@ def save(patch: WeightPatch, path: str | Path) -> Path:
         "quant": quant,
         "nbytes": patch.nbytes,
         "meta": json.loads(json.dumps(dict(patch.meta), default=str)),
-        "safetensors_sha256": _file_sha(p / "patch.safetensors"),
+        "safetensors_sha256": file_sha256(p / "patch.safetensors"),
     }
     meta["json_sha256"] = _json_sha(meta)
     (p / "patch.json").write_text(json.dumps(meta, indent=1))
@@ -105,7 +98,7 @@ def load(path: str | Path) -> WeightPatch:
         raise WeightPatchError(f"{p / 'patch.json'}: format version {meta.get('format_version')} is not {VERSION}")
     if meta.get("json_sha256") != _json_sha(meta):
         raise WeightPatchError(f"{p / 'patch.json'}: checksum mismatch: the JSON was edited after saving")
-    if _file_sha(p / "patch.safetensors") != meta.get("safetensors_sha256"):
+    if file_sha256(p / "patch.safetensors") != meta.get("safetensors_sha256"):
         raise WeightPatchError(f"{p / 'patch.safetensors'}: checksum mismatch: the file is truncated or was modified")
     try:
         t = load_file(str(p / "patch.safetensors"))
