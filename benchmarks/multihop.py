@@ -104,6 +104,7 @@ def exact_stage(m, args) -> None:
                     lp = torch.log_softmax(m.hf(ids).logits[0, -1].float(), -1)[tok]
             finally:
                 h.remove()
+            assert s.per_example is not None, "the sweep keeps per-example effects"
             diffs.append(abs(float(lp) - float(s.per_example[0, j, i])))
         naive = (time.perf_counter() - t0) / len(pairs) * L * L
         rows.append({"query": q.name, "tokens": ids.shape[1], "fast_s": fast, "naive_s_extrapolated": naive,
