@@ -70,8 +70,11 @@ def _check_guidance(guidance: float) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the ``t2i`` command group."""
-    t2i = typer.Typer(help="Text-to-image: LocoGen localization, LocoEdit editing, text-encoder tracing.")
+    t2i = typer.Typer(help="Text-to-image: LocoGen localization, LocoEdit editing, text-encoder tracing, text in images.")
     app.add_typer(t2i, name="t2i")
+    from patchtrace.cli._t2i_text import add_commands
+
+    add_commands(t2i)  # textloc, text-edit, prevent, text-lora (issue 13)
 
     @t2i.command("info")
     def info(pipeline: PipelineOpt = "small") -> None:
@@ -179,57 +182,6 @@ def register(app: typer.Typer) -> None:
         con = common.console()
         for k, v in rep.items():
             con.print(f"{k}: {v}")
-
-    @t2i.command("textloc")
-    def textloc(
-        glyph_a: Annotated[str, typer.Option("--glyph-a", help="glyph of prompt A")] = "two",
-        glyph_b: Annotated[str, typer.Option("--glyph-b", help="glyph of prompt B (patched in)")] = "seven",
-        prompts: Annotated[int, typer.Option(help="prompt pairs")] = 4,
-        seeds: SeedsOpt = "0,1",
-        steps: Annotated[int, typer.Option(help="denoising steps")] = 10,
-        out: OutOpt = Path("runs/t2i/textloc"),
-    ) -> None:
-        """Which single cross-attention layer decides the glyph (issue 13, small model)."""
-        from dataclasses import replace
-
-        from patchtrace.diffusion.small.data import ATTRIBUTES, caption
-        from patchtrace.diffusion.small.prompts import attribute_prompts
-        from patchtrace.diffusion.textloc import param_fraction, text_localization
-
-        common.check_count(prompts, "--prompts")
-        common.check_count(steps, "--steps")
-        seed_list = _seeds(seeds)
-        common.check_out(out)
-        sc, _ = _scorer("glyph", glyph_a)
-        _scorer("glyph", glyph_b)
-        a = _adapter("small", steps, 3.0)
-        pa, _, specs = attribute_prompts("glyph", glyph_a, prompts)
-        pb = [caption(replace(s, glyph=glyph_b), i % 4, i % 2) for i, s in enumerate(specs)]
-        pa = [caption(s, i % 4, i % 2) for i, s in enumerate(specs)]
-        others = [x for x in ATTRIBUTES if x != "glyph"]
-
-        def agree(images: Any, pidx: Any) -> Any:
-            return sc.prob(images * 2 - 1, "glyph", glyph_b)
-
-        def keep(images: Any, pidx: Any) -> Any:
-            import torch
-
-            per = [torch.tensor([sc.predict(images[i : i + 1] * 2 - 1, x)[0] == getattr(specs[int(p)], x)
-                                 for i, p in enumerate(pidx)]).float() for x in others]  # fmt: skip
-            return torch.stack(per).mean(0)
-
-        r = text_localization(a, pa, pb, agree, keep, seed_list)
-        out.mkdir(parents=True, exist_ok=True)
-        con = common.console()
-        rows = []
-        for j in range(a.n_layers):
-            row = {k: float(r[k][j]) for k in ("agree_b", "preserve", "mse", "psnr", "ssim")}
-            row["param_fraction"] = param_fraction(a, [j])
-            rows.append(row)
-            con.print(f"layer {j}: agree B {row['agree_b']:.2f}  preserve {row['preserve']:.2f}  "
-                      f"PSNR {row['psnr']:.1f}  SSIM {row['ssim']:.2f}  params {100 * row['param_fraction']:.2f}%")  # fmt: skip
-        (out / "textloc.json").write_text(json.dumps({"layers": rows, "agree_b_plain_a": r["agree_b_plain_a"],
-                                                      "agree_b_plain_b": r["agree_b_plain_b"]}, indent=1))  # fmt: skip
 
     @t2i.command("trace-text")
     def trace_text(

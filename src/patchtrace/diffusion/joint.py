@@ -23,7 +23,7 @@ from typing import Any
 from patchtrace.diffusion.adapters import DiffusionError
 
 #: pipeline class name -> joint-attention family
-JOINT_FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
+JOINT_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "SmallJointPipeline": "sd3"}
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,11 @@ def text_localization(adapter: T2IAdapter, prompts_a: Sequence[str], prompts_b: 
     img_a, img_b = adapter.generate(ca, lat), adapter.generate(cb, lat)
     pidx = torch.tensor(idx)
     rows: dict[str, list[float]] = {"agree_b": [], "preserve": [], "mse": [], "psnr": [], "ssim": []}
+    images = []
     for j in range(adapter.n_layers):
         with layer_states(adapter.layers, {j: cb.pos}):
             img = adapter.generate(ca, lat)
+        images.append(img)
         mse = ((img - img_a) ** 2).flatten(1).mean(1)
         rows["agree_b"].append(float(agree_b(img, pidx).float().mean()))
         rows["preserve"].append(float(preserve(img, pidx).float().mean()) if preserve else float("nan"))
@@ -71,5 +73,79 @@ def text_localization(adapter: T2IAdapter, prompts_a: Sequence[str], prompts_b: 
     out: dict[str, Any] = {k: torch.tensor(v) for k, v in rows.items()}
     out["agree_b_plain_a"] = float(agree_b(img_a, pidx).float().mean())
     out["agree_b_plain_b"] = float(agree_b(img_b, pidx).float().mean())
-    out["images_a"], out["images_b"] = img_a, img_b
+    out["images_a"], out["images_b"], out["images"] = img_a, img_b, images
+    return out
+
+
+def kv_fraction(adapter: T2IAdapter, layers: Sequence[int]) -> float:
+    """The paper's count: the patched ``to_k``/``to_v`` weights of ``layers`` over all UNet parameters.
+
+    (SDXL: 3 layers × 2 × 2048 × 1280 = 15.7 M of 2.57 B = 0.61%; the whole attention modules would be more.)
+    """
+    total = sum(p.numel() for p in adapter.pipe.unet.parameters())
+    return sum(p.numel() for j in layers for m in (adapter.layers[j].to_k, adapter.layers[j].to_v)
+               for p in m.parameters()) / total  # fmt: skip
+
+
+def joint_fractions(pipe: Any, layers: Sequence[int]) -> tuple[float, float]:
+    """For a joint-attention pipeline: (text ``add_k_proj``/``add_v_proj`` of ``layers``, whole attention
+    modules of ``layers``) over all transformer parameters. SD3: 1 layer × 2 × 1536² ≈ 4.7 M of 2 B = 0.23%."""
+    from patchtrace.diffusion.joint import joint_layers
+
+    jl = joint_layers(pipe)
+    total = sum(p.numel() for p in pipe.transformer.parameters())
+    kv = sum(p.numel() for j in layers for m in (jl[j].attn.add_k_proj, jl[j].attn.add_v_proj) for p in m.parameters())
+    whole = sum(p.numel() for j in layers for p in jl[j].attn.parameters())
+    return kv / total, whole / total
+
+
+def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequence[str],
+                            agree_b: Callable[[Any, Any], Any], preserve: Callable[[Any, Any], Any] | None = None,
+                            seeds: Sequence[int] = (0,), steps: int = 10, guidance: float = 3.0,
+                            per_head: bool = False) -> dict[str, Any]:  # fmt: skip
+    """:func:`text_localization` for joint attention: one layer (or one head of one layer) at a time reads
+    prompt B's cached text-token K/V at every step; B is run once and its cache reused for every layer.
+
+    Rows are layers, or ``(layer, head)`` pairs in layer-major order when ``per_head``.
+    """
+    import torch
+
+    from patchtrace.diffusion.joint import joint_layers, patch_text_kv, record_text_kv
+
+    if agree_b is None:
+        raise DiffusionError("no glyph scorer given: pass agree_b (the glyph classifier's agreement with B)")
+    pa, pb, seeds = list(prompts_a), list(prompts_b), list(seeds)
+    if len(pa) != len(pb):
+        raise DiffusionError(f"{len(pa)} A prompts but {len(pb)} B prompts")
+    layers = joint_layers(pipe)
+    cfg = pipe.transformer.config
+    noise = torch.stack([torch.randn((cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                                     generator=torch.Generator().manual_seed(s)) for s in seeds])  # fmt: skip
+    ra, rb = [p for p in pa for _ in seeds], [p for p in pb for _ in seeds]
+    lat = noise.repeat(len(pa), 1, 1, 1)
+    args = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pt", "latents": lat}
+    pidx = torch.tensor([p for p in range(len(pa)) for _ in seeds])
+    with torch.no_grad():
+        img_a = pipe(prompt=ra, **args).images
+        with record_text_kv(pipe, layers) as cache:
+            img_b = pipe(prompt=rb, **args).images
+        cells = [(j, h) for j in range(len(layers)) for h in range(layers[j].heads)] if per_head else \
+            [(j, None) for j in range(len(layers))]  # fmt: skip
+        rows: dict[str, list[float]] = {"agree_b": [], "preserve": [], "mse": [], "psnr": [], "ssim": []}
+        images = []
+        for j, h in cells:
+            with patch_text_kv(pipe, layers, cache, [j], 0, n_cond=len(ra), heads=None if h is None else [h]):
+                img = pipe(prompt=ra, **args).images
+            images.append(img)
+            mse = ((img - img_a) ** 2).flatten(1).mean(1)
+            rows["agree_b"].append(float(agree_b(img, pidx).float().mean()))
+            rows["preserve"].append(float(preserve(img, pidx).float().mean()) if preserve else float("nan"))
+            rows["mse"].append(float(mse.mean()))
+            rows["psnr"].append(float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()))
+            rows["ssim"].append(float(ssim(img, img_a).mean()))
+    out: dict[str, Any] = {k: torch.tensor(v) for k, v in rows.items()}
+    out["cells"] = cells
+    out["agree_b_plain_a"] = float(agree_b(img_a, pidx).float().mean())
+    out["agree_b_plain_b"] = float(agree_b(img_b, pidx).float().mean())
+    out["images_a"], out["images_b"], out["images"] = img_a, img_b, images
     return out
