@@ -1,0 +1,62 @@
+"""The small joint-attention model's plumbing and per-layer text localization, and the text commands' refusals."""
+
+from __future__ import annotations
+
+import torch
+from test_joint import NaiveJoint
+from typer.testing import CliRunner
+
+from patchtrace.cli import build_app
+
+A, B = ["a red two on a white background"], ["a red seven on a white background"]
+
+
+def test_joint_textloc_matches_naive_processor():
+    from patchtrace.diffusion.joint import joint_layers
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+    from patchtrace.diffusion.textloc import joint_fractions, joint_text_localization
+
+    pipe = random_small_joint()
+    layers = joint_layers(pipe)
+    assert len(layers) == 6 and layers[0].name == "transformer_blocks.0.attn"
+    green = lambda im, i: im[:, 1].mean((1, 2))  # noqa: E731
+    r = joint_text_localization(pipe, A, B, green, seeds=[0], steps=2)
+    lat = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(0))[None]
+    step = [-1]
+    h = pipe.transformer.register_forward_pre_hook(lambda m, a, k: step.__setitem__(0, step[0] + 1), with_kwargs=True)
+    attn = pipe.transformer.transformer_blocks[4].attn
+    old = attn.processor
+    try:
+        rec = NaiveJoint(step)
+        attn.processor = rec
+        pipe(B, num_inference_steps=2, guidance_scale=3.0, latents=lat)  # B-run: record layer 4
+        step[0] = -1
+        attn.processor = NaiveJoint(step, override=dict(rec.seen))
+        ref = pipe(A, num_inference_steps=2, guidance_scale=3.0, latents=lat).images
+    finally:
+        attn.processor = old
+        h.remove()
+    assert torch.allclose(r["images"][4], ref, atol=1e-5)
+    assert not torch.allclose(r["images"][4], r["images_a"], atol=1e-4)
+    assert float(r["agree_b"][4]) == float(green(ref, None).mean())
+    kv, whole = joint_fractions(pipe, [4])
+    total = sum(p.numel() for p in pipe.transformer.parameters())
+    assert kv == 2 * (64 * 64 + 64) / total and whole > kv  # add_k_proj + add_v_proj: 64 -> 64 with bias
+
+
+def test_text_commands_refuse_bad_input(tmp_path):
+    app = build_app()
+    r = CliRunner().invoke(app, ["t2i", "text-edit", "--layers", "5", "--t-starts", "0,12", "--steps", "10",
+                                 "--out", str(tmp_path / "e")])  # fmt: skip
+    assert r.exit_code == 2 and "t_start 12 is beyond the scheduler's 10 steps" in r.output
+    r = CliRunner().invoke(app, ["t2i", "text-edit", "--glyph-b", "nine", "--layers", "5", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "has no value 'nine'" in r.output
+    r = CliRunner().invoke(app, ["t2i", "textloc", "--pipeline", "if", "--out", str(tmp_path / "i")])
+    assert r.exit_code == 2 and "DeepFloyd IF" in r.output and "not supported" in r.output
+    r = CliRunner().invoke(app, ["t2i", "prevent", "--forbidden", "x", "--neutral", "two", "--layers", "5",
+                                 "--out", str(tmp_path / "p")])  # fmt: skip
+    assert r.exit_code == 2 and "same token length" in r.output
+    r = CliRunner().invoke(app, ["t2i", "text-lora", "--layers", "9", "--out", str(tmp_path / "l")])
+    assert r.exit_code == 2 and "layer 9 does not exist" in r.output
+    for cmd in ("textloc", "text-edit", "prevent", "text-lora"):
+        assert not (tmp_path / cmd).exists()
