@@ -92,15 +92,16 @@ def test_local_dir_without_config(tmp_path):
 
 
 def test_unsupported_architecture_wrap_and_load(tmp_path):
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import OPTConfig, OPTForCausalLM  # (BERT was the example here until it became a family)
 
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                    max_position_embeddings=32, word_embed_proj_dim=16)
     with pytest.raises(UnsupportedModelError) as e:
-        wrap_model(BertForMaskedLM(cfg))
+        wrap_model(OPTForCausalLM(cfg))
     msg = str(e.value)
-    assert "'bert'" in msg and "llama" in msg and "gpt2" in msg
+    assert "'opt'" in msg and "llama" in msg and "gpt2" in msg
     cfg.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="bert"):
+    with pytest.raises(UnsupportedModelError, match="opt"):
         load_model(str(tmp_path))
 
 

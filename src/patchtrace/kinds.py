@@ -11,6 +11,18 @@ is one new row (plus the runner computing the tensor, and a reference for the te
 Activation layouts (``B`` batch, ``T`` positions, ``D`` d_model, ``H`` query heads, ``K`` KV heads,
 ``d`` d_head, ``M`` d_mlp) are listed in :mod:`patchtrace.sites`.
 
+Post-norm encoders (BERT, RoBERTa: the LayerNorm comes *after* each residual add) keep every kind
+except ``router``/``expert``, with these meanings: ``embed`` = word + position + token-type
+embeddings *after* the embedding LayerNorm; ``resid_pre`` = the stream entering the layer (the
+previous layer's ``resid_post``); ``resid_mid`` = ``LN(resid_pre + attn_out)``, the stream after the
+attention add *and its norm* (what the MLP reads); ``resid_post`` = ``LN(resid_mid + mlp_out)``;
+``attn_out`` / ``mlp_out`` = the sublayer outputs *before* the add and the norm (the attention output
+dense, the MLP output dense); ``head``, ``q``/``k``/``v`` (no rotary), ``pattern`` (bidirectional: a
+query sees every key) and ``neuron`` (``act(intermediate(resid_mid))``) as in a decoder. Because a
+norm follows each add, ``resid_mid`` there is not ``resid_pre + attn_out``, and no single head or
+neuron has an additive term in the stream (edge circuits refuse these families). See
+:mod:`patchtrace.models.encoder`.
+
 Join rules of the fast path (see :mod:`patchtrace.engine.sweep` for why they are exact):
 
 ==============  ==================================================================================

@@ -216,11 +216,11 @@ def test_unknown_model_path_exit_2(app, tmp_path):
 
 
 def test_unsupported_architecture_exit_2(app, tmp_path):
-    d = tmp_path / "bert"
+    d = tmp_path / "opt"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    (d / "config.json").write_text(json.dumps({"model_type": "opt", "architectures": ["OPTForCausalLM"]}))
     res = invoke(app, "patch", "--model", d, "--out", tmp_path / "x")
-    assert_clean_error(res, "'bert'", "UnsupportedModelError")
+    assert_clean_error(res, "'opt'", "UnsupportedModelError")
 
 
 @pytest.mark.parametrize(

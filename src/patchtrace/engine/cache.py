@@ -66,9 +66,11 @@ def collect(
     *,
     hooks: dict[HookPoint, list[HookFn]] | None = None,
     from_pos: int = 0,
+    readout: Tensor | None = None,
 ) -> RunCache:
     """One forward over ``ids`` ``[N, T]``, recording ``resid_pre`` of every layer, the given points
-    (positions ``from_pos..T−1`` only), all keys/values, and the last-position logits."""
+    (positions ``from_pos..T−1`` only), all keys/values, and the last-position logits (``readout``
+    ``[N]``: the logits at those positions, a masked LM's mask positions)."""
     n_layers = model.dims.n_layers
     want = set(points) | {HookPoint("resid_pre", i) for i in range(n_layers)}
     acts: dict[HookPoint, Tensor] = {}
@@ -88,7 +90,8 @@ def collect(
         all_hooks[hp].append(rec(hp))
     explicit = needs_explicit_attention(hp.kind for hp in want)
     with torch.no_grad():
-        out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit)
+        out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit,
+                                   readout=readout)
     assert out.logits is not None and out.kv is not None
     kv: list[tuple[Tensor, Tensor]] = []
     for i, pair in enumerate(out.kv):  # copy each layer's keys/values and drop the forward's at once

@@ -43,7 +43,9 @@ def join_key(patch: Patch, model: Model) -> JoinKey:
 
     ``stage`` 0 = rows enter layer ``layer`` (the runner's ``("pre", layer)`` join), 1 = rows enter its
     MLP (``("mid", layer)``). ``shortcut`` 1 = the engine builds the rows itself from cached base
-    activations; 0 = the rows are the base residual stream and the runner's hooks apply the patch.
+    activations (2: the patched ``resid_post`` itself, a block of its own so that it never shares the
+    rebuilt-MLP rows of ``mlp_out``/``neuron`` patches joining at the same layer); 0 = the rows are the
+    base residual stream and the runner's hooks apply the patch.
     Layer -1: rows start from the embeddings. Sorting patches by this key gives the row order.
     """
     layers = {s.layer for s in patch.sites}
@@ -56,13 +58,13 @@ def join_key(patch: Patch, model: Model) -> JoinKey:
         if rules == {"attn"} and not model.dims.parallel_residual:
             return (L, 1, 1)
         if rules == {"mlp"} or rules == {"resid_post"}:
-            return (L + 1, 0, 1)
+            return (L + 1, 0, 1 if rules == {"mlp"} else 2)
     return (min(s.layer for s in patch.sites if s.layer is not None), 0, 0)
 
 
 def is_shortcut(key: JoinKey) -> bool:
     """True when the engine builds the patch's joining rows itself."""
-    return key[2] == 1
+    return key[2] >= 1
 
 
 def base_points(patches: Sequence[Patch], model: Model) -> set[HookPoint]:
@@ -133,14 +135,14 @@ def joining_rows(
         return patched(x, out, layer)
 
     if stage == 1:  # attention side of layer L: rebuild attn_out, join entering its MLP
-        return runner.add_attn(cached("resid_pre", L), sublayer("attn_out", L))
+        return runner.add_attn(cached("resid_pre", L), sublayer("attn_out", L), L)
     Lp = L - 1
     if {kind_info(k).join for k in kinds} == {"resid_post"}:
         return patched(cached("resid_post", Lp), "resid_post", Lp)
     mlp_out = sublayer("mlp_out", Lp)
     if model.dims.parallel_residual:
         return runner.resid_post(cached("resid_pre", Lp), mlp_out, cached("attn_out", Lp))
-    return runner.resid_post(cached("resid_mid", Lp), mlp_out)
+    return runner.resid_post(cached("resid_mid", Lp), mlp_out, li=Lp)
 
 
 def joins(

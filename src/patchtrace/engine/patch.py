@@ -112,13 +112,18 @@ def resolve_patch(patch: Patch, model: Model, T: int, runs: Mapping[str, Any] | 
 
 @dataclass
 class Scorer:
-    """Turns last-position logits of ``P × N`` rows into the metric ``[P, N]``."""
+    """Turns readout-position logits of ``P × N`` rows into the metric ``[P, N]``.
+
+    ``pos`` ``[N]`` are the examples' absolute readout positions (a masked LM's mask position); None
+    reads the last position. The engine unembeds only there.
+    """
 
     metric: Metric
     answer: Tensor
     wrong: Tensor
     ref_logprobs: Tensor | None = None
     cols: Tensor | None = field(default=None)
+    pos: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.cols = self.metric.columns(self.answer, self.wrong)

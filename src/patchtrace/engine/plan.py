@@ -111,8 +111,9 @@ def plan_sweep(
     d = model.dims
     L = d.n_layers
     groups: dict[int, list[int]] = defaultdict(list)
+    causal = model.family.causal  # bidirectional attention: no suffix shortcut (see engine.sweep)
     for i, pt in enumerate(patches):
-        groups[pt.start_pos if fast else 0].append(i)
+        groups[pt.start_pos if fast and causal else 0].append(i)
     fe = 0.0
     chunks = 0
     max_rows = 0
@@ -132,7 +133,10 @@ def plan_sweep(
     caches = 2 * model.runner.cache_bytes(n_examples, T, model.dtype)  # the base and the source run
     n_max = T - min(groups) if groups else T
     peak = caches + max_rows * row_bytes(model, n_max, T, ncols if fast else None)
-    return SweepPlan("fast" if fast else "plain", len(patches), n_examples, max_rows, chunks, fe, int(peak))
+    mode = "plain" if not fast else "fast" if causal else (
+        f"fast (no suffix shortcut: {model.family.name} attention is bidirectional; resumes at the patched layer, "
+        "all positions)")
+    return SweepPlan(mode, len(patches), n_examples, max_rows, chunks, fe, int(peak))
 
 
 __all__ = ["DEFAULT_BUDGET_CAP", "SweepPlan", "default_budget", "patches_per_chunk", "plan_sweep", "row_bytes"]

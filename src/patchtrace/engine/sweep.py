@@ -24,7 +24,12 @@ nothing below layer ``L`` and, with causal attention, nothing at positions ``< p
     embeddings come out the same);
 (c) **many patches per batch**: rows are ``patch × example``; the prefix keys/values are shared;
 (d) **answer columns only**: when the metric reads a few logits (logit difference), only those
-    columns of the unembedding are computed, at the last position only.
+    columns of the unembedding are computed, at the last position only (a masked LM: at the mask
+    position, ``Scorer.pos``).
+
+Encoders (BERT, RoBERTa) attend in both directions: a patch at position ``p`` changes every position
+of the layers above it, so (b) does not hold and is turned off (every patch recomputes all positions,
+and the sweep plan says so); (a), (c) and (d) still hold.
 
 The *plain* path runs every patch as a full forward from the embeddings (still batched); it is used
 when ``fast=False`` and serves as the in-library cross-check. The test-suite checks both against an
@@ -82,7 +87,7 @@ def run_patches(
             the fast path needs and the cache lacks are recorded by one extra base forward.
         source: the source run's cache (run name ``"source"``), holding every point patched from it.
         patches: patches (sites or interventions); negative positions are resolved here.
-        scorer: metric of the last-position logits.
+        scorer: metric of the readout logits (the last position, or ``scorer.pos``).
         fast: use the fast path (a)–(d); False runs plain full forwards.
         base_hooks: hooks present in the base run too (e.g. causal-tracing noise); they must be
             position-aware through ``ctx.pos_offset``.
@@ -101,6 +106,10 @@ def run_patches(
     patches = [resolve_patch(pt, model, T, all_runs) for pt in patches]
     _check_sources(patches, all_runs)
     out = torch.empty(len(patches), N)
+    causal = model.family.causal  # bidirectional attention: no suffix shortcut, every patch starts at position 0
+    if fast and not causal and base.pos0:
+        raise EngineError(f"{model.family.name} attends in both directions: record the base run from position 0 "
+                          f"(collect(from_pos=0)), not {base.pos0}")
     budget = max_memory or default_budget(model)
     use_cols = fast and scorer.cols is not None
     ncols = len(scorer.cols) if use_cols and scorer.cols is not None else None
@@ -119,7 +128,7 @@ def run_patches(
                 base_metric = scorer(base.logits, 1, False)[0].cpu()
             out[i] = base_metric
             continue
-        groups[pt.start_pos if fast else 0].append(i)
+        groups[pt.start_pos if fast and causal else 0].append(i)
     skipped = len(patches) - sum(len(g) for g in groups.values())
     if on_chunk is not None and skipped:
         on_chunk(skipped)  # no-op patches are finished work: a bar counts them now, not never
@@ -210,7 +219,8 @@ def _run_chunk_fast(
     hooks = _hooks_for(chunk, runs, N, -1, lambda i: is_shortcut(keys[i]), base_hooks)
     past = [(k[:, :, :p], v[:, :, :p]) for k, v in base.kv] if p > 0 else None
     rows = joins(model, base, runs, chunk, blocks, p, N, T)
-    common = dict(pos_offset=p, past_kv=past, hooks=hooks, last_only=True, unembed_cols=cols, explicit_attention=explicit)
+    common = dict(pos_offset=p, past_kv=past, hooks=hooks, last_only=True, unembed_cols=cols, explicit_attention=explicit,
+                  readout=scorer.pos)
     with torch.no_grad():
         if keys[0][0] < 0:  # embed patches: their rows start from the token ids
             n_embed = len(blocks[(-1, 0, 0)])
@@ -220,7 +230,7 @@ def _run_chunk_fast(
             first = rows.pop((stage, start_layer)) if stage == "pre" else None
             h0 = first if first is not None else base.acts[HookPoint("resid_pre", start_layer)][:, base.local(p):][:0]
             if start_layer >= model.dims.n_layers:
-                res = RunOutput(model.runner.unembed(h0[:, -1:], cols), h0, None)
+                res = RunOutput(model.runner.unembed(model.runner.readout_rows(h0, scorer.pos, p), cols), h0, None)
             else:
                 res = model.runner.forward(resid=h0, start_layer=start_layer, joins=rows, **common)  # type: ignore[arg-type]
     assert res.logits is not None
@@ -240,7 +250,8 @@ def _run_chunk_plain(
     hooks = _hooks_for(chunk, runs, N, P, lambda i: False, base_hooks)
     explicit = needs_explicit_attention(s.kind for pt in chunk for s in pt.sites)
     with torch.no_grad():
-        res = model.runner.forward(base_ids.repeat(P, 1), hooks=hooks, last_only=True, explicit_attention=explicit)
+        res = model.runner.forward(base_ids.repeat(P, 1), hooks=hooks, last_only=True, explicit_attention=explicit,
+                                   readout=scorer.pos)
     assert res.logits is not None
     return scorer(res.logits[:, -1], P, False)
 

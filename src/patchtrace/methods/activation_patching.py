@@ -214,6 +214,8 @@ class PatchingJob:
              "m": "ap"}
         )
         self.groups = tok.groups()
+        # where the metric reads: the last position, or a masked LM's mask position (checked here, before compute)
+        self.readouts = [tok.readout(g, mask=not model.family.causal) for g in self.groups]
         cells = self.grid.sites()
         self.points = {s.point for s in cells}
         self.patches = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in cells] for g in self.groups]
@@ -246,9 +248,13 @@ class PatchingJob:
         ids_c, ids_k = tok.ids("clean", idx).to(m.device), tok.ids("corrupt", idx).to(m.device)
         need = self.points | (base_points(self.patches[gi], m) if cfg.fast else set())
         p0 = min((pt.start_pos for pt in self.patches[gi]), default=0)  # keep only the positions read
-        clean, corrupt = collect(m, ids_c, need, from_pos=p0), collect(m, ids_k, need, from_pos=p0)
+        p0 = p0 if m.family.causal else 0  # bidirectional attention reads every position
+        ro = self.readouts[gi]
+        clean = collect(m, ids_c, need, from_pos=p0, readout=ro)
+        corrupt = collect(m, ids_k, need, from_pos=p0, readout=ro)
         ref = torch.log_softmax(clean.logits, -1) if self.metric.name == "kl" else None
-        scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref)
+        scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref,
+                        pos=None if ro is None else ro.to(m.device))
         c_m, k_m = scorer(clean.logits, 1, False)[0].cpu(), scorer(corrupt.logits, 1, False)[0].cpu()
         refuse_zero_gap(tok, idx, c_m, k_m)  # before any patch of this group is run
         sanity = 0.0

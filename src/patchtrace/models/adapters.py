@@ -6,7 +6,8 @@ can start at any layer and any position. What differs between families is writte
 data: where the modules live, how Q/K/V are packed, which norm, whether blocks are parallel, whether
 the sublayer outputs pass through a norm of their own before the residual add ("post-norm" or
 sandwich blocks, Gemma 3), and whether rotary tables differ per layer type (Gemma 3's local/global
-layers).
+layers). Encoders (BERT, RoBERTa) add bidirectional attention, norms after the residual adds and an MLM
+head (:mod:`patchtrace.models.encoder`).
 
 Dimensions come from typed functions of the HF config (:class:`Dims`). A config field that changes
 the computation and that the runner does not implement is refused loudly
@@ -64,6 +65,16 @@ class Family:
     rope_by_layer_type: bool = False
     moe_router: str | None = None
     moe_experts: str | None = None
+    # encoders (BERT, RoBERTa; see patchtrace.models.encoder): bidirectional attention, norms after the
+    # residual adds (attention, MLP; ln1/ln2 are then "": no input norms), embeddings with token types
+    # and a LayerNorm, RoBERTa's padding-based positions, and the MLM head's dense (+ act) before final_norm
+    causal: bool = True
+    post_ln: tuple[str, str] | None = None
+    type_embed: str | None = None
+    embed_norm: str | None = None
+    pos_from_pad: bool = False
+    head_dense: str | None = None
+    head_act: str | None = None
 
     @property
     def moe(self) -> bool:
@@ -72,8 +83,10 @@ class Family:
 
     @property
     def post_norms(self) -> bool:
-        """Whether the sublayer outputs are normalised before the residual add (sandwich blocks)."""
-        return self.post_attn_norm is not None
+        """Whether a norm sits between a sublayer's output and the residual stream: the outputs are
+        normalised before the add (sandwich blocks, Gemma 3) or the sums after it (post-norm encoders,
+        BERT). Either way one component's additive term in the stream is not defined."""
+        return self.post_attn_norm is not None or self.post_ln is not None
 
 
 LLAMA = Family(
@@ -174,7 +187,56 @@ NEOX = Family(
     rotary="gpt_neox.rotary_emb",
 )
 
-FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA3, GEMMA, MIXTRAL, LLAMA, GPT2, NEOX)
+# BERT (BertForMaskedLM): post-norm encoder blocks; the MLM head's transform (dense, act, LayerNorm)
+# plays the final norm, and its decoder (tied to the word embeddings) is the unembedding.
+BERT = Family(
+    name="bert",
+    model_types=("bert",),
+    embed="bert.embeddings.word_embeddings",
+    pos_embed="bert.embeddings.position_embeddings",
+    layers="bert.encoder.layer",
+    ln1="",
+    ln2="",
+    attn="attention",
+    qkv="separate",
+    q="self.query",
+    k="self.key",
+    v="self.value",
+    o="output.dense",
+    mlp="",
+    gated=False,
+    mlp_in="intermediate.dense",
+    mlp_gate=None,
+    mlp_out="output.dense",
+    final_norm="cls.predictions.transform.LayerNorm",
+    norm="layer",
+    rotary=None,
+    causal=False,
+    post_ln=("attention.output.LayerNorm", "output.LayerNorm"),
+    type_embed="bert.embeddings.token_type_embeddings",
+    embed_norm="bert.embeddings.LayerNorm",
+    head_dense="cls.predictions.transform.dense",
+)
+
+# RoBERTa (RobertaForMaskedLM): BERT's blocks; positions from pad_token_id + 1; the head's act is always gelu.
+ROBERTA = Family(
+    **{
+        **BERT.__dict__,
+        "name": "roberta",
+        "model_types": ("roberta",),
+        "embed": "roberta.embeddings.word_embeddings",
+        "pos_embed": "roberta.embeddings.position_embeddings",
+        "layers": "roberta.encoder.layer",
+        "final_norm": "lm_head.layer_norm",
+        "type_embed": "roberta.embeddings.token_type_embeddings",
+        "embed_norm": "roberta.embeddings.LayerNorm",
+        "pos_from_pad": True,
+        "head_dense": "lm_head.dense",
+        "head_act": "gelu",
+    }
+)
+
+FAMILIES: tuple[Family, ...] = (QWEN3, GEMMA3, GEMMA, MIXTRAL, LLAMA, GPT2, NEOX, BERT, ROBERTA)
 
 
 def supported_model_types() -> list[str]:
@@ -299,6 +361,10 @@ def dims_for(config: Any, family: Family) -> Dims:
     mt = config.model_type
     if family.name == "gpt2":
         return _gpt2_dims(config)
+    if not family.causal:
+        from patchtrace.models.encoder import encoder_dims
+
+        return encoder_dims(config)
     d = config.hidden_size
     h = config.num_attention_heads
     dh = _get(config, "head_dim", default=d // h)
@@ -350,8 +416,10 @@ def _moe_dims(config: Any) -> tuple[int, int]:
 
 
 def get_path(root: Any, path: str) -> Any:
-    """Follow a dotted attribute path (``model.layers``) from ``root``."""
+    """Follow a dotted attribute path (``model.layers``) from ``root`` (``""``: ``root`` itself)."""
     obj = root
+    if not path:
+        return obj
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj

@@ -9,7 +9,8 @@ keys, so that the sweep engine can recompute only a suffix of the prompt and sha
 The mask is written in absolute positions: query ``i`` sees key ``j`` iff ``j ≤ i`` and, for a
 sliding-window layer of window ``w``, ``j > i − w`` (``w`` positions including itself). That is the
 rule transformers' ``sliding_window_overlay`` applies, so local layers (Mistral, Qwen2, Gemma 3)
-are exact at any sequence length, also when a call resumes after a cached prefix.
+are exact at any sequence length, also when a call resumes after a cached prefix. Encoders (BERT,
+RoBERTa) pass ``causal=False``: every query sees every key (no window).
 
 Grouped-query attention is computed grouped (``rep`` query heads per KV head share one matmul) and
 the prefix is shared by rows: row ``r`` of a batch of ``B`` attends to prefix row ``r % Bp``, folded
@@ -42,25 +43,25 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
 
 
-def visible(p: int, n: int, window: int | None, device: torch.device) -> Tensor:
+def visible(p: int, n: int, window: int | None, device: torch.device, causal: bool = True) -> Tensor:
     """``[n, p + n]`` booleans: which keys (absolute ``0..p+n-1``) each query ``p..p+n-1`` sees."""
     qi = torch.arange(p, p + n, device=device)[:, None]
     kj = torch.arange(p + n, device=device)[None, :]
-    mask = kj <= qi
+    mask = kj <= qi if causal else torch.ones(n, p + n, dtype=torch.bool, device=device)
     if window is not None:
         mask = mask & (kj > qi - window)
     return mask
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None, *, causal: bool = True) -> Tensor:
     """``q`` ``[B, H, n, d]`` over ``k``, ``v`` ``[B, K, n, d]`` (no prefix) with the fused kernel."""
     rep = q.shape[1] // k.shape[1]
     kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
     n = q.shape[2]
     if window is None:
-        return F.scaled_dot_product_attention(q, kr, vr, is_causal=n > 1, scale=scale)
-    return F.scaled_dot_product_attention(q, kr, vr, attn_mask=visible(0, n, window, q.device), scale=scale)
+        return F.scaled_dot_product_attention(q, kr, vr, is_causal=causal and n > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, kr, vr, attn_mask=visible(0, n, window, q.device, causal), scale=scale)
 
 
 def explicit_attention(
@@ -73,6 +74,7 @@ def explicit_attention(
     *,
     freeze_pattern: bool = False,
     on_pattern: Callable[[Tensor], Tensor] | None = None,
+    causal: bool = True,
 ) -> Tensor:
     """Attention with the pattern formed explicitly.
 
@@ -84,6 +86,7 @@ def explicit_attention(
         window: sliding window of this layer (None: global).
         freeze_pattern: detach the pattern (LRP's attention rule).
         on_pattern: called with the pattern ``[B, H, n, p + n]``; returns the pattern to use.
+        causal: False for bidirectional (encoder) attention: every key is visible.
 
     Returns:
         the per-head outputs ``[B, H, n, d]``.
@@ -106,7 +109,7 @@ def explicit_attention(
         scores = torch.cat((s_pre, s_new), dim=-1)
     else:
         scores = s_new
-    scores = scores.masked_fill(~visible(p, n, window, q.device), torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~visible(p, n, window, q.device, causal), torch.finfo(scores.dtype).min)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if freeze_pattern:
         pattern = pattern.detach()

@@ -147,6 +147,10 @@ def wrap_model(hf_model: Any, tokenizer: Any = None, name: str | None = None) ->
     """
     family = family_for(hf_model.config)
     dims = dims_for(hf_model.config, family)
+    if not family.causal:  # an encoder must come with its masked-LM head
+        from patchtrace.models.encoder import check_head
+
+        check_head(hf_model, family)
     label = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
     return Model(hf_model, tokenizer, family, dims, Runner(hf_model, family, dims), str(label))
 
@@ -347,12 +351,16 @@ def load_model(
             f"model {spec!r} is not on disk and cannot be downloaded ({why}). Use a local directory, "
             f"the bundled {DEFAULT_MODEL!r}, or download it first. Cause: {type(e).__name__}: {str(e)[:300]}"
         ) from None
-    family_for(config)  # refuse unsupported architectures before loading any weights
+    fam = family_for(config)  # refuse unsupported architectures before loading any weights
+    dims_for(config, fam)  # ... and config options the runner does not implement
     try:
+        from transformers import AutoModelForMaskedLM
+
         from patchtrace.progress import quiet_third_party
 
+        auto = AutoModelForCausalLM if fam.causal else AutoModelForMaskedLM  # encoders: BERT/RoBERTa MLM
         with quiet_third_party():  # transformers' "Loading weights" bar only with PATCHTRACE_VERBOSE=1
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt, use_safetensors=True, **kwargs)
+            hf = auto.from_pretrained(path, dtype=dt, use_safetensors=True, **kwargs)
     except Exception as e:
         raise ModelLoadError(f"cannot load the weights of {spec!r}: {type(e).__name__}: {str(e)[:400]}") from None
     hf = hf.to(dev)  # type: ignore[arg-type]

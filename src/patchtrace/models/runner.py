@@ -112,6 +112,7 @@ class Runner(Stages):
         keep_kv: bool = False,
         unembed_cols: Tensor | None = None,
         last_only: bool = False,
+        readout: Tensor | None = None,
         lrp: LRPRules | None = None,
         explicit_attention: bool = False,
         joins: Joins | None = None,
@@ -130,7 +131,10 @@ class Runner(Stages):
             hooks: functions per hook point; see the module docstring.
             keep_kv: return each layer's keys/values of this call's positions.
             unembed_cols: compute only these vocabulary columns of the logits.
-            last_only: unembed only the last position.
+            last_only: unembed only the last position, or the ``readout`` position.
+            readout: absolute positions ``[N]`` to unembed with ``last_only``, row ``r`` reading
+                ``readout[r % N]`` (the mask position of a masked LM); None: the last position.
+                Encoders (bidirectional attention) have no "last position" to read: they need it.
             lrp: LRP rules (RelP); gradients of this forward then carry relevance.
             explicit_attention: compute the attention pattern explicitly even if no hook needs it.
             joins: extra rows that join the batch part-way (the sweep engine's staggered batches):
@@ -151,6 +155,11 @@ class Runner(Stages):
             raise RunnerError(f"layers {start_layer}..{stop} are outside the model's 0..{n_layers}")
         joins = joins or {}
         self._check_joins(joins, start_layer, stop, unembeds=stop_layer is None)
+        if not self.family.causal and (pos_offset or past_kv is not None):
+            raise RunnerError(f"{self.family.name} attends in both directions: a forward cannot resume after "
+                              "cached keys/values (pos_offset and past_kv must be unset)")
+        if lrp is not None and self.family.post_ln:
+            raise RunnerError(f"{self.family.name}: LRP rules for post-norm blocks are not implemented")
         with self._weights_frozen():
             h = self._entry(ids, resid, start_layer, pos_offset, hooks or {})
             ctx = RunCtx(pos_offset, pos_offset + h.shape[1])
@@ -161,8 +170,29 @@ class Runner(Stages):
             if stop_layer is not None:
                 return RunOutput(None, h, kv_out)
             h = self._join(call, "pre", n_layers, h)
-            hu = h[:, -1:] if last_only else h
+            hu = self.readout_rows(h, readout, pos_offset) if last_only else h
             return RunOutput(self.unembed(hu, unembed_cols, lrp), h, kv_out)
+
+    def readout_rows(self, h: Tensor, readout: Tensor | None, pos_offset: int = 0) -> Tensor:
+        """``[B, 1, D]``: each row's stream at its readout position (None: the last position).
+
+        Raises:
+            RunnerError: a bidirectional model without readout positions, rows that are not a
+                multiple of them, or a position this call does not compute.
+        """
+        if readout is None:
+            if not self.family.causal:
+                raise RunnerError(f"{self.family.name} attends in both directions: say which position to read "
+                                  "(readout=, the mask position), not the last one")
+            return h[:, -1:]
+        B, N = h.shape[0], readout.shape[0]
+        if B % N:
+            raise RunnerError(f"readout has {N} positions for {B} rows (rows must be a multiple)")
+        idx = readout.to(h.device).repeat(B // N) - pos_offset
+        if int(idx.min()) < 0 or int(idx.max()) >= h.shape[1]:
+            raise RunnerError(f"readout positions {readout.tolist()} are outside this call's positions "
+                              f"{pos_offset}..{pos_offset + h.shape[1] - 1}")
+        return h[torch.arange(B, device=h.device), idx][:, None]
 
     # -- the composition --------------------------------------------------------------------------
 
@@ -187,9 +217,9 @@ class Runner(Stages):
             mlp_out = self._mlp_sublayer(li, h, call)
             h = self.resid_post(h, mlp_out, attn_out)
         else:
-            mid = self._join(call, "mid", li, self.add_attn(h, attn_out))
+            mid = self._join(call, "mid", li, self.add_attn(h, attn_out, li))
             mid = self._hook(hooks, "resid_mid", li, mid, ctx)
-            h = self.resid_post(mid, self._mlp_sublayer(li, mid, call))
+            h = self.resid_post(mid, self._mlp_sublayer(li, mid, call), li=li)
         return self._hook(hooks, "resid_post", li, h, ctx)
 
     def _attention_sublayer(self, li: int, h: Tensor, call: _Call, kv_out: KVList | None) -> Tensor:

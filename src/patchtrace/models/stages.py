@@ -90,6 +90,7 @@ class _Block:
     mlp: Any
     post_attn: Any
     post_mlp: Any
+    post_add: tuple[Any, Any] | None = None  # post-norm encoders: the norms after the attention / MLP adds
 
 
 class Stages:
@@ -114,13 +115,16 @@ class Stages:
         self.rotary = get_path(model, family.rotary) if family.rotary else None
         self.lm_head: Any = model.get_output_embeddings()
         self.act = ACT2FN[dims.act]
+        self.head_dense = get_path(model, family.head_dense) if family.head_dense else None
+        self.head_act = ACT2FN[family.head_act or dims.act]
         f = family
         self._blocks = [
             _Block(
                 get_path(layer, f.ln1), get_path(layer, f.ln2), get_path(layer, f.attn),
-                getattr(get_path(layer, f.attn), f.o), get_path(layer, f.mlp),
+                get_path(get_path(layer, f.attn), f.o), get_path(layer, f.mlp),
                 get_path(layer, f.post_attn_norm) if f.post_attn_norm else None,
                 get_path(layer, f.post_mlp_norm) if f.post_mlp_norm else None,
+                (get_path(layer, f.post_ln[0]), get_path(layer, f.post_ln[1])) if f.post_ln else None,
             )
             for layer in self.layers
         ]
@@ -164,7 +168,12 @@ class Stages:
     # -- before and after the layers ------------------------------------------------------------
 
     def embed(self, ids: Tensor, pos_offset: int = 0) -> Tensor:
-        """Token (+ position) embeddings ``[B, n, D]`` of ``ids`` starting at absolute ``pos_offset``."""
+        """Token (+ position) embeddings ``[B, n, D]`` of ``ids`` starting at absolute ``pos_offset``
+        (encoders: + token type 0, then the embedding LayerNorm; :mod:`patchtrace.models.encoder`)."""
+        if self.family.embed_norm is not None:
+            from patchtrace.models.encoder import embed
+
+            return embed(self.model, self.family, self.embed_tokens, self.pos_embed, ids, pos_offset)
         h = self.embed_tokens(ids)
         if self.pos_embed is not None:
             pos = torch.arange(pos_offset, pos_offset + ids.shape[1], device=ids.device)
@@ -172,7 +181,11 @@ class Stages:
         return h
 
     def unembed(self, resid: Tensor, cols: Tensor | None = None, lrp: LRPRules | None = None) -> Tensor:
-        """Final norm, unembedding (only vocabulary columns ``cols`` when given) and soft-cap."""
+        """Final norm, unembedding (only vocabulary columns ``cols`` when given) and soft-cap.
+
+        Encoders: the MLM head's transform ``LN(act(dense(h)))`` is the final norm."""
+        if self.head_dense is not None:
+            resid = self.head_act(self.head_dense(resid))
         h = self._norm(self.final_norm, resid, lrp)
         if cols is None:
             logits = self.lm_head(h)
@@ -197,7 +210,9 @@ class Stages:
     # -- the attention sublayer -----------------------------------------------------------------
 
     def attn_in(self, li: int, h: Tensor, lrp: LRPRules | None = None) -> Tensor:
-        """The norm entering layer ``li``'s attention."""
+        """The norm entering layer ``li``'s attention (none in post-norm blocks)."""
+        if self.family.post_ln:
+            return h
         return self._norm(self._blocks[li].ln1, h, lrp)
 
     def qkv(self, li: int, x: Tensor, rope: Rope | None, lrp: LRPRules | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,9 +221,9 @@ class Stages:
         d, H, K = self.dims.d_head, self.dims.n_heads, self.dims.n_kv_heads
         fam, attn = self.family, self._blocks[li].attn
         if fam.qkv == "separate":
-            q = getattr(attn, fam.q)(x).view(B, n, H, d)
-            k = getattr(attn, fam.k)(x).view(B, n, K, d)
-            v = getattr(attn, fam.v)(x).view(B, n, K, d)
+            q = get_path(attn, fam.q)(x).view(B, n, H, d)
+            k = get_path(attn, fam.k)(x).view(B, n, K, d)
+            v = get_path(attn, fam.v)(x).view(B, n, K, d)
         elif fam.qkv == "gpt2_fused":
             q, k, v = getattr(attn, fam.q)(x).split(self.dims.d_model, dim=2)
             q, k, v = q.view(B, n, H, d), k.view(B, n, K, d), v.view(B, n, K, d)
@@ -246,7 +261,8 @@ class Stages:
         need_pattern: bool = False,
         on_pattern: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Per-head outputs ``[B, n, H, d]`` of layer ``li``'s causal (or local) attention.
+        """Per-head outputs ``[B, n, H, d]`` of layer ``li``'s causal (or local, or, in encoders,
+        bidirectional) attention.
 
         ``q`` ``[B, n, H, d]`` and ``k``, ``v`` ``[B, n, K, d]`` are this call's positions; ``prefix``
         holds cached keys/values ``[Bp, K, p, d]`` of the positions before them, shared by rows
@@ -259,8 +275,9 @@ class Stages:
             raise RunnerError(f"layer {li}: batch {q.shape[0]} is not a multiple of the cached prefix batch "
                               f"{prefix[0].shape[0]}")
         if (prefix is None or prefix[0].shape[2] == 0) and not (need_pattern or frozen or on_pattern):
-            return fused_attention(qh, kh, vh, scale, window).transpose(1, 2)
-        z = explicit_attention(qh, kh, vh, prefix, scale, window, freeze_pattern=frozen, on_pattern=on_pattern)
+            return fused_attention(qh, kh, vh, scale, window, causal=self.family.causal).transpose(1, 2)
+        z = explicit_attention(qh, kh, vh, prefix, scale, window, freeze_pattern=frozen, on_pattern=on_pattern,
+                               causal=self.family.causal)
         return z.transpose(1, 2)
 
     def attn_out(self, li: int, z: Tensor, lrp: LRPRules | None = None) -> Tensor:
@@ -270,22 +287,36 @@ class Stages:
         out = blk.o(z.reshape(*z.shape[:2], self.dims.n_heads * self.dims.d_head))
         return self._norm(blk.post_attn, out, lrp) if blk.post_attn is not None else out
 
-    def add_attn(self, h: Tensor, attn_out: Tensor) -> Tensor:
-        """``resid_mid = resid_pre + attn_out`` (sequential blocks only)."""
+    def add_attn(self, h: Tensor, attn_out: Tensor, li: int | None = None) -> Tensor:
+        """``resid_mid = resid_pre + attn_out`` (sequential blocks only); post-norm blocks normalise the
+        sum with layer ``li``'s attention LayerNorm."""
         if self.dims.parallel_residual:
             raise RunnerError(f"{self.family.name} blocks are parallel: there is no resid_mid")
-        return h + attn_out
+        return self._post_add(li, 0, h + attn_out)
+
+    def _post_add(self, li: int | None, which: int, x: Tensor) -> Tensor:
+        """The norm after a residual add in post-norm blocks (``which`` 0: attention, 1: MLP)."""
+        if not self.family.post_ln:
+            return x
+        if li is None:
+            raise RunnerError(f"{self.family.name} blocks normalise after the residual add: pass the layer")
+        post = self._blocks[li].post_add
+        assert post is not None
+        return self._norm(post[which], x, None)
 
     # -- the MLP sublayer -----------------------------------------------------------------------
 
     def mlp_in(self, li: int, h: Tensor, lrp: LRPRules | None = None) -> Tensor:
-        """The norm entering layer ``li``'s MLP (of ``resid_mid``; of ``resid_pre`` in parallel blocks)."""
+        """The norm entering layer ``li``'s MLP (of ``resid_mid``; of ``resid_pre`` in parallel blocks;
+        none in post-norm blocks)."""
+        if self.family.post_ln:
+            return h
         return self._norm(self._blocks[li].ln2, h, lrp)
 
     def mlp_hidden(self, li: int, x: Tensor, lrp: LRPRules | None = None) -> Tensor:
         """The MLP hidden activation ``[B, n, M]``: ``act(gate(x)) · up(x)`` or ``act(up(x))``."""
         fam, mlp = self.family, self._blocks[li].mlp
-        up = getattr(mlp, fam.mlp_in)(x)
+        up = get_path(mlp, fam.mlp_in)(x)
         if not (fam.gated and fam.mlp_gate is not None):
             return self._identity_rule(up, self.act(up), lrp)
         g_in = getattr(mlp, fam.mlp_gate)(x)
@@ -315,14 +346,15 @@ class Stages:
         """What layer ``li``'s MLP adds to the residual stream: the down projection of ``act``, then
         the post-feedforward norm where the family has one."""
         blk = self._blocks[li]
-        out = getattr(blk.mlp, self.family.mlp_out)(act)
+        out = get_path(blk.mlp, self.family.mlp_out)(act)
         return self._norm(blk.post_mlp, out, lrp) if blk.post_mlp is not None else out
 
-    def resid_post(self, h: Tensor, mlp_out: Tensor, attn_out: Tensor | None = None) -> Tensor:
+    def resid_post(self, h: Tensor, mlp_out: Tensor, attn_out: Tensor | None = None, li: int | None = None) -> Tensor:
         """The residual stream leaving a layer.
 
         Sequential blocks: ``h`` is ``resid_mid`` and ``attn_out`` must be None. Parallel blocks:
-        ``h`` is ``resid_pre`` and both outputs are added, ``(h + attn_out) + mlp_out``.
+        ``h`` is ``resid_pre`` and both outputs are added, ``(h + attn_out) + mlp_out``. Post-norm
+        blocks normalise the sum with layer ``li``'s output LayerNorm.
         """
         if self.dims.parallel_residual:
             if attn_out is None:
@@ -330,7 +362,7 @@ class Stages:
             return h + attn_out + mlp_out
         if attn_out is not None:
             raise RunnerError(f"{self.family.name} blocks are sequential: pass resid_mid, not attn_out")
-        return h + mlp_out
+        return self._post_add(li, 1, h + mlp_out)
 
     # -- what the stages allocate -----------------------------------------------------------------
 

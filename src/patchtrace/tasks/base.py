@@ -160,6 +160,8 @@ class Task:
             tokens=[tokenizer.convert_ids_to_tokens(c) for c in clean_ids],
             corrupt_tokens=[tokenizer.convert_ids_to_tokens(k) for k in corrupt_ids],
             allow_degenerate=allow_degenerate,
+            mask_token_id=getattr(tokenizer, "mask_token_id", None),
+            mask_token=getattr(tokenizer, "mask_token", None),
         )
 
     def _check_degenerate(
@@ -244,6 +246,8 @@ class TokenizedTask:
         allow_degenerate: the user asked to run degenerate examples (``tokenize(allow_degenerate=True)``);
             methods that find more of them once they run the model (a zero baseline gap) then warn
             instead of refusing.
+        mask_token_id, mask_token: the tokenizer's mask token (None: it has none); a masked LM reads
+            its answer there (:meth:`readout`).
     """
 
     task: Task
@@ -254,9 +258,43 @@ class TokenizedTask:
     tokens: list[list[str]]
     corrupt_tokens: list[list[str]]
     allow_degenerate: bool = False
+    mask_token_id: int | None = None
+    mask_token: str | None = None
 
     def __len__(self) -> int:
         return len(self.clean)
+
+    def readout(self, indices: Sequence[int], *, mask: bool) -> Tensor | None:
+        """Where the metric reads the logits of these examples: None (the last position, a causal LM)
+        or, with ``mask`` (a masked LM), ``[len(indices)]`` absolute positions of each prompt's one
+        mask token, which need not be the last position.
+
+        Raises:
+            TaskError: a tokenizer without a mask token, or an example whose clean or corrupt prompt
+                has no mask token or several, or has it at different positions (names the example).
+        """
+        if not mask:
+            return None
+        if self.mask_token_id is None:
+            raise TaskError(f"task {self.task.name!r}: a masked LM reads its answer at the mask token, but this "
+                            "tokenizer has none")
+        out = []
+        for i in indices:
+            where = []
+            for name, ids in (("clean", self.clean[i]), ("corrupt", self.corrupt[i])):
+                at = [t for t, x in enumerate(ids) if x == self.mask_token_id]
+                if len(at) != 1:
+                    raise TaskError(
+                        f"example {i}: the {name} prompt has {'no' if not at else len(at)} mask token"
+                        f"{'s' if len(at) > 1 else ''} {self.mask_token!r}; a masked LM reads its answer at exactly "
+                        f"one (write the prompt with one {self.mask_token} where the answer goes)"
+                    )
+                where.append(at[0])
+            if where[0] != where[1]:
+                raise TaskError(f"example {i}: the mask token is at position {where[0]} of the clean prompt but "
+                                f"{where[1]} of the corrupt one; the readout must be one position")
+            out.append(where[0])
+        return torch.tensor(out, dtype=torch.long)
 
     @property
     def lengths(self) -> list[int]:
