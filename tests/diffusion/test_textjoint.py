@@ -60,3 +60,14 @@ def test_text_commands_refuse_bad_input(tmp_path):
     assert r.exit_code == 2 and "layer 9 does not exist" in r.output
     for cmd in ("textloc", "text-edit", "prevent", "text-lora"):
         assert not (tmp_path / cmd).exists()
+
+
+def test_deepfloyd_if_is_refused_by_name():
+    import pytest
+
+    from patchtrace.diffusion.adapters import DiffusionError
+    from patchtrace.diffusion.joint import joint_layers
+
+    IFPipeline = type("IFPipeline", (), {})
+    with pytest.raises(DiffusionError, match="DeepFloyd IF's added-KV attention is not supported"):
+        joint_layers(IFPipeline())

@@ -39,6 +39,9 @@ class JointLayer:
 def joint_layers(pipe: Any) -> list[JointLayer]:
     """The joint-attention layers of an SD3-style pipeline in forward order (refuses others by name)."""
     name = type(pipe).__name__
+    if name.startswith("IF"):
+        raise DiffusionError(f"pipeline {name!r}: DeepFloyd IF's added-KV attention is not supported; "
+                             f"supported: {sorted(JOINT_FAMILIES)}")  # fmt: skip
     if name not in JOINT_FAMILIES:
         raise DiffusionError(f"pipeline {name!r} has no supported joint attention; supported: {sorted(JOINT_FAMILIES)}")
     tr = pipe.transformer

@@ -1,0 +1,203 @@
+"""Benchmarks of issue 13 (text in images) on the small UNet and small joint-attention models (CPU, 1 thread).
+
+    nice -n 10 .venv/bin/python benchmarks/t2i_text.py --out runs/t2i/text-bench [--what accuracy,textloc,edit,prevent,lora]
+
+Writes one JSON per section and ``bench.md`` (tables for BENCHMARKS.md) into ``--out``, image grids and
+curves into ``--img`` (default ``docs/img/diffusion``). Sections:
+
+- ``accuracy``: generation accuracy per attribute of both models on the same specs and seeds;
+- ``textloc``: per-layer (UNet) and per-layer + per-head (joint) text localization on glyph pairs; the
+  localized layer = the best agreement with B (ties: higher SSIM); parameter fractions next to the paper's;
+- ``edit``: training-free editing from ``t_start`` on the localized layers (both models);
+- ``prevent``: closed-form prevention on the UNet, localized layers vs all layers;
+- ``lora``: LoRA on the localized layers vs all attention layers (UNet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchtrace.diffusion.adapters import T2IAdapter
+from patchtrace.diffusion.small.data import ATTRIBUTES, all_specs
+from patchtrace.diffusion.small.pipeline import build_small
+from patchtrace.diffusion.small.scorer import load_scorer
+
+PAIRS = [("two", "seven"), ("three", "four")]
+PAPER = [("SDXL (paper)", "3/70", 0.61), ("SD3 (paper)", "1/24", 0.23), ("DeepFloyd IF (paper)", "1/22", 0.21)]
+
+
+def _joint() -> Any:
+    from patchtrace.diffusion.smalljoint.pipeline import build_small_joint
+
+    return build_small_joint()
+
+
+def _save(out: Path, name: str, obj: Any) -> None:
+    (out / f"{name}.json").write_text(json.dumps(obj, indent=1, default=str))
+
+
+def _img(src: Path, img: Path, name: str) -> None:
+    img.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, img / name)
+
+
+def accuracy_section(out: Path, sc: Any, seeds: list[int]) -> dict[str, Any]:
+    from patchtrace.diffusion.small.evaluate import accuracy as unet_acc
+    from patchtrace.diffusion.smalljoint.evaluate import accuracy as joint_acc
+
+    rng = np.random.default_rng(0)
+    res: dict[str, Any] = {}
+    a, j = T2IAdapter(build_small(), steps=10), _joint()
+    for held in (False, True):
+        pool = all_specs(held)
+        specs = [pool[int(i)] for i in rng.integers(0, len(pool), 24)]
+        key = "held-out" if held else "train"
+        res[f"unet {key}"] = unet_acc(a, sc, specs, seeds)
+        res[f"joint {key}"] = joint_acc(j, sc, specs, seeds)
+    return res
+
+
+def _agree_keep(sc: Any, glyph_b: str, specs: list[Any]) -> tuple[Any, Any]:
+    others = [x for x in ATTRIBUTES if x != "glyph"]
+
+    def agree(images: Any, pidx: Any) -> Any:
+        return torch.tensor([g == glyph_b for g in sc.predict(images * 2 - 1, "glyph")]).float()
+
+    def keep(images: Any, pidx: Any) -> Any:
+        return torch.stack([torch.tensor([p == getattr(specs[int(i)], x) for p, i in zip(sc.predict(images * 2 - 1, x), pidx)]).float()
+                            for x in others]).mean(0)  # fmt: skip
+
+    return agree, keep
+
+
+def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, archs: list[str]) -> dict[str, Any]:
+    from patchtrace.diffusion.textedit import glyph_pairs
+    from patchtrace.diffusion.textloc import (
+        joint_fractions,
+        joint_text_localization,
+        kv_fraction,
+        param_fraction,
+        text_localization,
+    )
+    from patchtrace.diffusion.textreport import textloc_report
+
+    old = out / "textloc.json"
+    res: dict[str, Any] = json.loads(old.read_text()) if old.exists() else {}
+    for arch in archs:
+        acc: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for ga, gb in PAIRS:
+            pa, pb, specs = glyph_pairs(ga, gb, n)
+            agree, keep = _agree_keep(sc, gb, specs)
+            if arch == "unet":
+                a = T2IAdapter(build_small(), steps=10)
+                r = text_localization(a, pa, pb, agree, keep, seeds)
+                labels = [f"L{j}" for j in range(a.n_layers)]
+                fr = [(kv_fraction(a, [j]), param_fraction(a, [j])) for j in range(a.n_layers)]
+            else:
+                pipe = _joint()
+                r = joint_text_localization(pipe, pa, pb, agree, keep, seeds, 10, per_head=arch == "joint-heads")
+                labels = [f"L{j}" if h is None else f"L{j}.H{h}" for j, h in r["cells"]]
+                fr = [joint_fractions(pipe, [j]) for j, _ in r["cells"]]
+            for k in ("agree_b", "preserve", "psnr", "ssim"):
+                acc.setdefault(k, []).append(r[k].tolist())
+            acc.setdefault("plain_a", []).append(r["agree_b_plain_a"])
+            acc.setdefault("plain_b", []).append(r["agree_b_plain_b"])
+            if (ga, gb) == PAIRS[0]:
+                textloc_report(r, out / f"textloc_{arch}", labels, pa, pb, [f[0] for f in fr], f"Text localization ({arch}) {ga} -> {gb}")
+                _img(out / f"textloc_{arch}" / "textloc_grid.png", img, f"textloc_{arch}_grid.png")
+                _img(out / f"textloc_{arch}" / "textloc_curves.png", img, f"textloc_{arch}_curves.png")
+        mean = {k: np.mean(np.array(v), 0).tolist() for k, v in acc.items()}
+        score = [g + 1e-3 * s for g, s in zip(mean["agree_b"], mean["ssim"])]
+        best = int(np.argmax(score))
+        res[arch] = {"labels": labels, **mean, "kv_fraction": [f[0] for f in fr], "attn_fraction": [f[1] for f in fr],
+                     "localized": labels[best], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    return res
+
+
+def edit_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, loc: dict[str, list[int]],
+                 archs: list[str]) -> dict[str, Any]:  # fmt: skip
+    from patchtrace.diffusion.textedit import text_edit
+    from patchtrace.diffusion.textreport import text_edit_report
+
+    old = out / "edit.json"
+    res: dict[str, Any] = json.loads(old.read_text()) if old.exists() else {}
+    for arch in [x for x in archs if x in ("unet", "joint")]:
+        pipe = build_small() if arch == "unet" else _joint()
+        ga, gb = PAIRS[0]
+        r = text_edit(pipe, sc, ga, gb, loc[arch], [0, 1, 2, 4, 6], n, seeds, 10)
+        text_edit_report(r, out / f"edit_{arch}", f"Glyph editing ({arch}) {ga} -> {gb}, layers {loc[arch]}")
+        _img(out / f"edit_{arch}" / "edit_grid.png", img, f"text_edit_{arch}_grid.png")
+        res[arch] = {"layers": loc[arch], "rows": r["rows"]}
+    return res
+
+
+def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int]) -> dict[str, Any]:
+    from patchtrace.diffusion.prevent import evaluate_prevention, prevention_patch
+    from patchtrace.diffusion.textreport import prevention_report
+
+    a = T2IAdapter(build_small(), steps=10)
+    evals = {}
+    for name, layers in ((f"localized {loc}", loc), ("all 7 layers", list(range(a.n_layers)))):
+        patch = prevention_patch(a, layers, "two", "seven")
+        evals[name] = evaluate_prevention(a, sc, patch, "two", "seven", seeds)
+    prevention_report(evals, out / "prevent", "Prevention of 'two' (drawn as 'seven')")
+    _img(out / "prevent" / "prevent_grid.png", img, "prevent_grid.png")
+    return {k: {x: y for x, y in e.items() if x not in ("images", "prompts")} for k, e in evals.items()}
+
+
+def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], steps: int) -> dict[str, Any]:
+    from patchtrace.diffusion.textlora import accuracy_sets, text_lora
+    from patchtrace.diffusion.textreport import lora_report
+
+    a = T2IAdapter(build_small(), steps=10)
+    base = accuracy_sets(a, sc, seeds)
+    runs = [text_lora(a, sc, arm, loc, steps=steps, seeds=seeds) for arm in ("localized", "all")]
+    lora_report(base, runs, out / "lora", "LoRA localized vs all attention layers")
+    _img(out / "lora" / "lora_grid.png", img, "text_lora_grid.png")
+    strip = lambda d: {k: v for k, v in d.items() if "images" not in k}  # noqa: E731
+    return {"unchanged": strip(base), "arms": [{**{k: v for k, v in r.items() if k not in ("patch", "after")},
+                                                "after": strip(r["after"])} for r in runs]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("runs/t2i/text-bench"))
+    p.add_argument("--img", type=Path, default=Path("docs/img/diffusion"))
+    p.add_argument("--what", default="accuracy,textloc,edit,prevent,lora")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--lora-steps", type=int, default=100)
+    p.add_argument("--archs", default="unet,joint,joint-heads", help="architectures of textloc/edit")
+    p.add_argument("--unet-layers", default="", help="override the localized UNet layers (default: from textloc)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    what, seeds, sc = a.what.split(","), [int(s) for s in a.seeds.split(",")], load_scorer()
+    if "accuracy" in what:
+        _save(a.out, "accuracy", accuracy_section(a.out, sc, seeds))
+    if "textloc" in what:
+        _save(a.out, "textloc", textloc_section(a.out, a.img, sc, seeds, a.prompts, a.archs.split(",")))
+    tl = json.loads((a.out / "textloc.json").read_text()) if (a.out / "textloc.json").exists() else {}
+    loc = {arch: [int(tl[arch]["localized"][1:])] if arch in tl else [6] for arch in ("unet", "joint")}
+    if a.unet_layers:
+        loc["unet"] = [int(x) for x in a.unet_layers.split(",")]
+    if "edit" in what:
+        _save(a.out, "edit", edit_section(a.out, a.img, sc, seeds, a.prompts, loc, a.archs.split(",")))
+    if "prevent" in what:
+        _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"]))
+    if "lora" in what:
+        _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps))
+    print("done", a.out)
+
+
+if __name__ == "__main__":
+    main()
