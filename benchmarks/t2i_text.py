@@ -168,6 +168,66 @@ def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int]
                                                 "after": strip(r["after"])} for r in runs]}  # fmt: skip
 
 
+def _f(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def write_md(out: Path) -> Path:
+    """``bench.md``: every section's table from the JSON files present in ``out``."""
+    load = lambda n: json.loads((out / f"{n}.json").read_text()) if (out / f"{n}.json").exists() else None  # noqa: E731
+    md: list[str] = []
+    acc = load("accuracy")
+    if acc:
+        md += ["| model, combinations | " + " | ".join(ATTRIBUTES) + " |", "|---" * (len(ATTRIBUTES) + 1) + "|"]
+        md += [f"| {k} | " + " | ".join(_f(v[a]) for a in ATTRIBUTES) + " |" for k, v in acc.items()] + [""]
+    tl = load("textloc")
+    if tl:
+        for arch, r in tl.items():
+            md += [f"**{arch}** (pairs {PAIRS}; plain A agrees with B {np.mean(r['plain_a']):.2f}, plain B "
+                   f"{np.mean(r['plain_b']):.2f}; localized: {r['localized']}; {r['seconds']} s)", "",
+                   "| cell | agree B | preserve A | PSNR | SSIM | K/V params | attention params |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            md += [f"| {lab} | {_f(r['agree_b'][i])} | {_f(r['preserve'][i])} | {r['psnr'][i]:.1f} | {_f(r['ssim'][i])} | "
+                   f"{100 * r['kv_fraction'][i]:.2f}% | {100 * r['attn_fraction'][i]:.2f}% |" for i, lab in enumerate(r["labels"])]  # fmt: skip
+            md.append("")
+        md += ["| model | localized / layers | parameter fraction (K/V of the localized layers) |", "|---|---|---|"]
+        md += [f"| {m} | {n} | {v:.2f}% |" for m, n, v in PAPER]
+        for arch in ("unet", "joint"):
+            if arch in tl:
+                r = tl[arch]
+                i = r["labels"].index(r["localized"])
+                md.append(f"| small {arch} (here) | 1/{len(r['labels'])} ({r['localized']}) | {100 * r['kv_fraction'][i]:.2f}% "
+                          f"(whole attention module {100 * r['attn_fraction'][i]:.2f}%) |")  # fmt: skip
+        md.append("")
+    ed = load("edit")
+    if ed:
+        for arch, r in ed.items():
+            md += [f"**{arch}**, layers {r['layers']}", "", "| t_start | success (glyph = B) | preserve A | PSNR | SSIM |",
+                   "|---|---|---|---|---|"]  # fmt: skip
+            md += [f"| {x['t_start']} | {_f(x['success'])} | {_f(x['preserve'])} | {x['psnr']:.1f} | {_f(x['ssim'])} |" for x in r["rows"]]
+            md.append("")
+    pv = load("prevent")
+    if pv:
+        md += ["| edited layers | forbidden drawn | neutral drawn | forbidden prompts' other attributes | other prompts' attributes | other prompts PSNR / SSIM vs unedited |",
+               "|---|---|---|---|---|---|"]  # fmt: skip
+        md += [f"| {k} | {_f(e['forbidden_drawn_before'])} → {_f(e['forbidden_drawn_after'])} | {_f(e['neutral_drawn_before'])} → "
+               f"{_f(e['neutral_drawn_after'])} | {_f(e['forbidden_other_attrs_before'])} → {_f(e['forbidden_other_attrs_after'])} | "
+               f"{_f(e['others_all_attrs_before'])} → {_f(e['others_all_attrs_after'])} | {e['others_psnr']:.1f} / {_f(e['others_ssim'])} |"
+               for k, e in pv.items()] + [""]  # fmt: skip
+    lo = load("lora")
+    if lo:
+        others = [a for a in ATTRIBUTES if a != "glyph"]
+        mean = lambda d: sum(d[a] for a in others) / len(others)  # noqa: E731
+        u = lo["unchanged"]
+        md += ["| arm | trainable params | share | time | glyph, hard | glyph, train | other attributes, hard |", "|---|---|---|---|---|---|---|",
+               f"| unchanged | 0 | 0 | — | {_f(u['hard']['glyph'])} | {_f(u['train']['glyph'])} | {_f(mean(u['hard']))} |"]  # fmt: skip
+        md += [f"| LoRA {r['arm']} ({r['layers']}) | {r['trainable']} | {100 * r['trainable_fraction']:.2f}% | {r['seconds']} s | "
+               f"{_f(r['after']['hard']['glyph'])} | {_f(r['after']['train']['glyph'])} | {_f(mean(r['after']['hard']))} |"
+               for r in lo["arms"]] + [""]  # fmt: skip
+    path = out / "bench.md"
+    path.write_text("\n".join(md))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("runs/t2i/text-bench"))
@@ -196,7 +256,7 @@ def main() -> None:
         _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"]))
     if "lora" in what:
         _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps))
-    print("done", a.out)
+    print(write_md(a.out).read_text())
 
 
 if __name__ == "__main__":
