@@ -182,8 +182,9 @@ class Runner(Stages):
         """
         if readout is None:
             if not self.family.causal:
-                raise RunnerError(f"{self.family.name} attends in both directions: say which position to read "
-                                  "(readout=, the mask position), not the last one")
+                raise RunnerError(f"{self.family.name} attends in both directions: it is read at the mask token, and "
+                                  "this call names no readout position (readout=). Of the methods, only activation "
+                                  "patching (`patchtrace patch`) reads an encoder's mask position")
             return h[:, -1:]
         B, N = h.shape[0], readout.shape[0]
         if B % N:
