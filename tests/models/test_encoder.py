@@ -288,3 +288,37 @@ def test_plan_turns_the_suffix_shortcut_off(enc):
     assert "bidirectional" in plan.mode
     # every patch resumes at layer 1 of 3 over all T positions: 2/3 of a forward each
     assert plan.forward_equivalents == pytest.approx(T * 2 / 3)
+
+
+def test_cli_patches_a_bert_folder_at_the_mask(tmp_path, tokenizer):
+    """``patchtrace patch --model DIR`` loads the folder as a masked LM and reads the mask position;
+    a task without a mask is a one-line error naming the example."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from patchtrace.cli import build_app
+    from patchtrace.results import Scores
+
+    hf = _hf("bert")
+    hf.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    rows = [{"clean": "the capital of france is [MASK] .", "corrupt": "the capital of italy is [MASK] .",
+             "answer": "paris", "wrong": "rome"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "nomask.jsonl").write_text(json.dumps({**rows[0], "clean": "the capital of france is paris .",
+                                                        "corrupt": "the capital of italy is paris ."}) + "\n")
+    app, run = build_app(), CliRunner()
+    args = ["patch", "--model", str(tmp_path / "bert"), "--sites", "resid_pre", "--positions", "all", "--layers", "1"]
+    res = run.invoke(app, [*args, "--task", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    s = Scores.load(tmp_path / "out")  # one site kind: saved in the folder itself
+    clean = torch.tensor([tokenizer(rows[0]["clean"]).input_ids])
+    corrupt = torch.tensor([tokenizer(rows[0]["corrupt"]).input_ids])
+    T = clean.shape[1]
+    ref = _ref_effects(hf, clean, corrupt, torch.tensor([6]), [Site("resid_pre", 1, None, p) for p in range(T)],
+                       torch.tensor([11]), torch.tensor([12]))[:, 0]
+    assert (s.values.reshape(T) - ref).abs().max() <= 1e-5 and ref.abs().max() > 1e-3
+    bad = run.invoke(app, [*args, "--task", str(tmp_path / "nomask.jsonl"), "--out", str(tmp_path / "out2")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "example 0: the clean prompt has no mask token '[MASK]'" in bad.output
