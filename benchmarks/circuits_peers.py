@@ -1,138 +1,196 @@
-"""Peers for circuits on IOI / SmolLM2-135M: EAP-IG (hannamw/EAP-IG) and auto-circuit, where they run.
+"""Circuits side by side with the peers on IOI / SmolLM2-135M: same weights, tokens, metric and CPU thread.
 
-Both peers are built on TransformerLens's ``HookedTransformer``, which TransformerLens 4.x (what
-``.venv-bench`` has) no longer ships, so this script runs in an environment with TransformerLens 2.x
-(``python -m venv /work/venv-tl2 && /work/venv-tl2/bin/pip install "torch==2.13.0" "transformer-lens<3"
-auto-circuit``; EAP-IG from its repository, ``pip install --no-deps <checkout>``). SmolLM2 is not one
-of TransformerLens's named models, so the HookedTransformer is built from its config and the Hugging
-Face weights converted with TransformerLens's own Llama converter; the logits are checked against
-the HF forward before anything is timed.
+Peers: EAP-IG (hannamw/EAP-IG, its ``attribute`` with EAP, EAP-IG-inputs, EAP-IG-activations and
+its exact ``evaluate_graph`` loop) and auto-circuit (where it builds). Both need TransformerLens 2.x's
+``HookedTransformer``, so they run in ``.venv-peers`` (``bash benchmarks/setup_peers.sh``) through
+``benchmarks/circuits_peers_tl.py``; patchtrace runs here in ``.venv``. One driver process alternates
+the two sides method by method (ours, theirs, ours, theirs ...), each in a fresh 1-thread process,
+so load on the shared machine hits both alike. Times exclude loading the model on both sides and
+include every forward/backward each method needs (ours: ``prepare`` — the clean, corrupt and base
+runs — plus the scoring; theirs: ``attribute``).
 
-Usage::
+Usage (from the repository root)::
 
-    /work/venv-tl2/bin/python benchmarks/circuits_peers.py --model ~/.cache/patchtrace/smollm2-135m --n 4
+    nice -n 10 .venv/bin/python benchmarks/circuits_peers.py --n 4 --sample 300 --rounds 2
 
-Prints one JSON object: what loaded, what failed and why, and the times of what ran.
+Writes ``runs/bench-circuits/peers/`` (exchange files, per-run JSON) and ``runs/bench-circuits/peers.json``:
+load check (TL logits vs patchtrace's), times per method and side, and the Pearson/Spearman of
+every score set with every other over all 70,651 edges and with patchtrace's exact edge effects on
+``--sample`` uniformly drawn edges.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import subprocess
+import sys
 import time
-import traceback
+from pathlib import Path
 
 import torch
 
-TEMPLATE = "When {A} and {B} went to the {place}, {S} gave a {obj} to"
+ROOT = Path(__file__).resolve().parents[1]
+DIR = ROOT / "runs" / "bench-circuits" / "peers"
+PEER_PY = ROOT / ".venv-peers" / "bin" / "python"
+METHODS = {"EAP": "eap", "EAP-IG-inputs": "eap-ig", "EAP-IG-activations": "eap-ig-act"}
+# peer runs and the method of ours each is compared with (auto-circuit's edge scores are EAP's)
+PEER_OF = {"EAP": "EAP", "EAP-IG-inputs": "EAP-IG-inputs", "EAP-IG-activations": "EAP-IG-activations", "auto-circuit": "EAP"}
 
 
-def ioi(n: int) -> list[tuple[str, str, str, str]]:
-    """The same prompts as patchtrace's ``make_task("ioi", n, seed=0)`` (same generator, re-stated)."""
-    import random
+def _setup(n: int):
+    from patchtrace import load_model, make_task
 
-    names = ("Mary John Tom James Dan Sarah Paul Mike Kate Anna Lisa David Emma Alice Bob Jack Sam Ben Max "
-             "Tim Amy Rose Jim Joe Mark Ryan Adam Alex Eric Lucy Jane Carl").split()
-    places = "store park school house office market station garden restaurant hospital beach library".split()
-    objects = "drink book ring bag ball pen apple letter gift card cake".split()
-    rng = random.Random(0)
-    out = []
-    for i in range(n):
-        io, s = rng.sample(names, 2)
-        place, obj = rng.choice(places), rng.choice(objects)
-        a, b = (io, s) if i % 2 == 0 else (s, io)
-        out.append((TEMPLATE.format(A=a, B=b, place=place, S=s, obj=obj), TEMPLATE.format(A=a, B=b, place=place, S=io, obj=obj),
-                    " " + io, " " + s))
-    return out
+    torch.set_num_threads(1)
+    m = load_model()
+    tok = make_task("ioi", n=n, seed=0).tokenize(m.tokenizer)
+    return m, tok
 
 
-def hooked(path: str) -> tuple[object, object, dict]:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def export(n: int, sample: int) -> None:
+    """Weights, tokens, reference logits, names; and our exact effects on the sampled edges."""
+    from safetensors.torch import save_file
 
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads,
-        n_key_value_heads=c.num_key_value_heads, d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
-        n_ctx=2048, d_vocab=c.vocab_size, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_dim=c.hidden_size // c.num_attention_heads, rotary_base=int(getattr(c, "rope_theta", 10000)),
-        final_rms=True, gated_mlp=True, eps=c.rms_norm_eps, original_architecture="LlamaForCausalLM",
-        default_prepend_bos=False, device="cpu",
-    )
-    model = HookedTransformer(cfg)
-    model.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
-    model.set_tokenizer(tok, default_padding_side="left")
-    ids = tok(ioi(1)[0][0], return_tensors="pt").input_ids
+    from patchtrace.circuits.exact import edge_grid, prepare
+
+    m, tok = _setup(n)
+    DIR.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().clone() for k, v in m.hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(DIR / "model.safetensors"))
+    c, d = m.hf.config, m.dims
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
+    (DIR / "model.json").write_text(json.dumps({
+        "vocab_size": d.vocab, "d_model": d.d_model, "d_mlp": d.d_mlp, "n_layers": d.n_layers, "n_heads": d.n_heads,
+        "n_kv_heads": d.n_kv_heads, "d_head": d.d_head, "eps": float(c.rms_norm_eps), "rope_theta": float(rope["rope_theta"]),
+    }))
+    clean, corrupt = tok.ids("clean", range(n)), tok.ids("corrupt", range(n))
     with torch.no_grad():
-        err = float((model(ids)[:, -1] - hf(ids).logits[:, -1]).abs().max())
-    return model, tok, {"max_logit_error_vs_hf": err}
-
-
-def run_eap_ig(model, tok, n: int, steps: int) -> dict:
-    from eap.attribute import attribute
-    from eap.graph import Graph
-
-    model.set_use_attn_result(True)
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    g = Graph.from_model(model)
-    data = ioi(n)
-    lab = [(tok(a).input_ids[0], tok(w).input_ids[0]) for _, _, a, w in data]
-    loader = [([d[0] for d in data], [d[1] for d in data], torch.tensor(lab))]
-
-    def metric(logits, clean_logits, input_lengths, labels, loss=True, mean=True):
-        last = logits[torch.arange(len(logits)), input_lengths - 1]
-        ld = last.gather(1, labels[:, :1]).squeeze(1) - last.gather(1, labels[:, 1:]).squeeze(1)
-        ld = -ld if loss else ld
-        return ld.mean() if mean else ld
-
-    out = {"graph_edges": int(g.real_edge_mask.sum()) if hasattr(g, "real_edge_mask") else None}
-    for method, kw in (("EAP", {}), ("EAP-IG-inputs", {"ig_steps": steps})):
-        t0 = time.perf_counter()
-        try:
-            attribute(model, g, loader, metric, method=method, **kw)
-            out[method] = {"seconds": time.perf_counter() - t0}
-        except Exception as e:  # record why
-            out[method] = {"error": f"{type(e).__name__}: {e}"[:400], "where": traceback.format_exc().splitlines()[-3:]}
-    return out
-
-
-def run_auto_circuit(model, tok, n: int) -> dict:
-    from auto_circuit.utils.graph_utils import patchable_model
-
+        ref = m.hf(clean).logits[:, -1].float()
+    save_file({"clean": clean.contiguous(), "corrupt": corrupt.contiguous(), "answer": tok.answer.contiguous(),
+               "wrong": tok.wrong.contiguous(), "ref_logits": ref.contiguous()}, str(DIR / "data.safetensors"))
+    p = prepare(m, tok)
+    G = p.graph
+    (DIR / "names.json").write_text(json.dumps({"senders": list(G.sender_names), "receivers": list(G.receiver_names),
+                                                "n_heads": G.n_heads, "n_kv_heads": G.n_kv_heads}))
+    edges = random.Random(0).sample(G.edge_list(G.mask), sample)
+    mask = torch.zeros_like(G.mask)
+    for s, r in edges:
+        mask[s, r] = True
     t0 = time.perf_counter()
-    try:
-        data = ioi(n)
-        seq = len(tok(data[0][0]).input_ids)
-        pm = patchable_model(model, factorized=True, slice_output="last_seq", seq_len=seq, separate_qkv=True, device=torch.device("cpu"))
-        return {"patchable_model_s": time.perf_counter() - t0, "n_edges": len(pm.edges)}
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"[:400], "where": traceback.format_exc().splitlines()[-3:]}
+    ex = edge_grid(p, edges=mask)
+    save_file({"exact": ex, "mask": mask}, str(DIR / "exact_sample.safetensors"))
+    (DIR / "exact_sample.json").write_text(json.dumps({"edges": sample, "seconds": time.perf_counter() - t0}))
+
+
+def ours(what: str, n: int, steps: int) -> None:
+    """One method on our side, timed like the peer's (model load excluded, prepare included)."""
+    from safetensors.torch import save_file
+
+    from patchtrace.circuits.eap import scores
+    from patchtrace.circuits.exact import prepare
+
+    m, tok = _setup(n)
+    t0 = time.perf_counter()
+    p = prepare(m, tok)
+    t1 = time.perf_counter()
+    s = scores(p, METHODS[what], steps=steps)  # type: ignore[arg-type]
+    t2 = time.perf_counter()
+    save_file({"scores": s.contiguous()}, str(DIR / f"ours_{what}.safetensors"))
+    res = {"what": what, "seconds": t2 - t0, "prepare_s": t1 - t0, "scores_s": t2 - t1}
+    (DIR / f"ours_{what}.json").write_text(json.dumps(res))
+    print(json.dumps(res))
+
+
+def _sub(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        return {"error": out.stderr[-1500:]}
+    return {"ok": True}
+
+
+def drive(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from patchtrace.methods.compare import pearson, spearman
+
+    me = [sys.executable, __file__, "--n", str(args.n), "--steps", str(args.steps)]
+    peer = [str(PEER_PY), str(ROOT / "benchmarks" / "circuits_peers_tl.py"), "--dir", str(DIR), "--steps", str(args.steps)]
+    res: dict = {"n": args.n, "steps": args.steps, "sample": args.sample, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "rounds": args.rounds, "times": {}, "load": None}
+    if not args.skip_export:
+        t0 = time.perf_counter()
+        res["export"] = _sub([*me, "--side", "export", "--sample", str(args.sample)])
+        res["export_s"] = time.perf_counter() - t0
+    res["load_before"] = [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    methods = [w for w in PEER_OF if w not in args.skip]
+    for rnd in range(args.rounds):
+        for what in methods:
+            order: tuple = (("peer", [*peer, "--what", what]),)
+            if what in METHODS:
+                order = (("ours", [*me, "--side", "ours", "--what", what]), *order)
+            for side, cmd in (order if rnd % 2 == 0 else order[::-1]):
+                r = _sub(cmd)
+                f = DIR / f"{side}_{what}.json"
+                rec = json.loads(f.read_text()) if r.get("ok") and f.exists() else r
+                res["times"].setdefault(what, {}).setdefault(side, []).append(rec.get("seconds", rec.get("error")))
+                if side == "peer" and "load" in rec:
+                    res["load"] = rec["load"]
+                if "error" in rec:
+                    res.setdefault("errors", {})[f"{side} {what}"] = rec["error"]
+                print(side, what, res["times"][what][side][-1], flush=True)
+    if "exact" not in args.skip:
+        _sub([*peer, "--what", "exact", "--exact-edges", str(args.exact_edges)])
+        f = DIR / "peer_exact.json"
+        res["peer_exact"] = json.loads(f.read_text()) if f.exists() else "no output"
+    if "auto-circuit" in methods:
+        res["auto_circuit"] = json.loads((DIR / "peer_auto-circuit.json").read_text())
+    res["load_after"] = [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    # agreement
+    ex = load_file(str(DIR / "exact_sample.safetensors"))
+    mask, exact = ex["mask"], ex["exact"]
+    res["exact_sample"] = json.loads((DIR / "exact_sample.json").read_text())
+    sets = {}
+    for what in methods:
+        for side in ("ours", "peer"):
+            f = DIR / f"{side}_{what}.safetensors"
+            if f.exists():
+                sets[f"{side} {what}"] = load_file(str(f))["scores"]
+    real = ~torch.isnan(sets["ours EAP"]) if "ours EAP" in sets else torch.ones_like(mask)
+    agree: dict = {}
+    for a, va in sets.items():
+        row = {"exact (sample)": {"pearson": pearson(exact[mask], va[mask]), "spearman": spearman(exact[mask], va[mask])}}
+        side, what = a.split(" ", 1)
+        b = f"ours {PEER_OF[what]}"
+        if side == "peer" and b in sets:
+            vb = sets[b]
+            d = (va[real] - vb[real]).abs()
+            row[b] = {"pearson": pearson(va[real], vb[real]), "spearman": spearman(va[real], vb[real]),
+                      "max_abs_diff": float(d.max()), "max_abs_score": float(vb[real].abs().max())}
+        agree[a] = row
+    res["agreement"] = agree
+    (DIR.parent / "peers.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--side", choices=("drive", "export", "ours"), default="drive")
+    ap.add_argument("--what", choices=tuple(METHODS))
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--sample", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--exact-edges", type=int, default=3)
+    ap.add_argument("--skip", nargs="*", default=[], help="methods (or exact, auto-circuit) to leave out")
+    ap.add_argument("--skip-export", action="store_true")
     args = ap.parse_args()
-    res: dict = {}
-    try:
-        model, tok, info = hooked(args.model)
-        res["hooked_transformer"] = info
-    except Exception as e:
-        res["hooked_transformer"] = {"error": f"{type(e).__name__}: {e}"[:400]}
-        print(json.dumps(res, indent=2))
-        return
-    for name, fn in (("eap_ig", lambda: run_eap_ig(model, tok, args.n, args.steps)), ("auto_circuit", lambda: run_auto_circuit(model, tok, args.n))):
-        try:
-            res[name] = fn()
-        except Exception as e:
-            res[name] = {"error": f"{type(e).__name__}: {e}"[:400], "where": traceback.format_exc().splitlines()[-3:]}
-    print(json.dumps(res, indent=2, default=str))
+    if args.side == "export":
+        export(args.n, args.sample)
+    elif args.side == "ours":
+        ours(args.what, args.n, args.steps)
+    else:
+        drive(args)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,28 @@ def _check_grid(m, t, direction):
     assert real.abs().max() > 1e-3  # the edges do something: the check above is not vacuous
 
 
+def test_sparse_first_layer_equals_dense(smol_tokenizer):
+    # the edge grid's default first layer projects only each row's changed receiver from the base
+    # rows (OneReceiverPerRow); the dense path normalises every receiver's copy of every row. qwen2:
+    # GQA and q/k/v biases, made non-zero here (a tiny model's are zero) so a dropped bias shows.
+    # Batches of 11 rows mix q/k/v/MLP/logit receivers and straddle receivers.
+    m = make_tiny("qwen2", seed=2, tokenizer=smol_tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.hf.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.5)
+    p = prepare(m, _task(smol_tokenizer))
+    G = p.graph
+    recs = [r for r in range(G.n_receivers) if int(G.receiver_layer[r]) in (1, G.n_layers)]
+    sparse, dense = edge_grid(p, receivers=recs, max_rows=11), edge_grid(p, receivers=recs, max_rows=11, sparse=False)
+    want = G.mask.clone()
+    want[:, [r for r in range(G.n_receivers) if r not in recs]] = False
+    assert torch.equal(~torch.isnan(sparse), want)
+    assert torch.allclose(sparse[want], dense[want], atol=1e-5, rtol=0)
+    assert sparse[want].abs().max() > 1e-3
+
+
 def test_edge_sets_match_reference(fam_model, smol_tokenizer):
     m, t = fam_model, _task(smol_tokenizer)
     p = prepare(m, t)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from patchtrace.circuits.forward import EdgeForward, NoDeltas
+from patchtrace.circuits.forward import EdgeForward, NoDeltas, OneReceiverPerRow
 from patchtrace.circuits.graph import CircuitError, EdgeGraph
 from patchtrace.metrics import Metric
 from patchtrace.progress import Progress, counter
@@ -140,13 +140,37 @@ def prepare(model: Any, task: Task | TokenizedTask, *, direction: Direction = "n
     return Prepared(fwd, fwd.graph, groups, met, direction, len(tok))
 
 
-class OneEdgeRows(NoDeltas):
-    """Rows ``k·N + i`` patch edge ``k`` alone, adding the fixed difference ``src − base`` of its sender."""
+class OneEdgeRows(OneReceiverPerRow):
+    """Rows ``k·N + i`` patch edge ``k`` alone, adding the fixed difference ``src − base`` of its sender.
 
-    def __init__(self, graph: EdgeGraph, edges: Sequence[tuple[int, int]], diff: Tensor) -> None:
+    With ``sparse`` (default) the attention receivers go through :meth:`attn_rows` (one changed
+    receiver per row, projected alone); without, through the dense ``[B, n, H+2K, D]`` :meth:`attn`
+    (every receiver's copy of every row normalised and projected: the same numbers, more work; kept
+    as the comparison for tests and benchmarks).
+    """
+
+    def __init__(self, graph: EdgeGraph, edges: Sequence[tuple[int, int]], diff: Tensor, sparse: bool = True) -> None:
         super().__init__()
-        self.g, self.edges, self.diff = graph, list(edges), diff
+        self.g, self.edges, self.diff, self.sparse = graph, list(edges), diff, sparse
         self.N = diff.shape[0]
+
+    def attn_rows(self, layer: int) -> tuple[Tensor, Tensor, int] | None:
+        g, N = self.g, self.N
+        if not self.sparse or layer >= g.n_layers:
+            return None
+        sl = g.layer_receivers(layer)
+        nr = g.n_heads + 2 * g.n_kv_heads
+        sel = [(k, s, r - sl.start) for k, (s, r) in enumerate(self.edges) if sl.start <= r < sl.start + nr]
+        if not sel:
+            return None
+        K = len(self.edges)
+        _, n, _, D = self.diff.shape
+        loc = torch.full((K, N), -1, dtype=torch.long)
+        delta = self.diff.new_zeros(K, N, n, D)
+        ks = torch.tensor([x[0] for x in sel])
+        loc[ks] = torch.tensor([x[2] for x in sel])[:, None]
+        delta[ks] = self.diff[:, :, torch.tensor([x[1] for x in sel])].permute(2, 0, 1, 3)
+        return loc.view(K * N), delta.view(K * N, n, D), N
 
     def _place(self, layer: int, attn: bool) -> Tensor | None:
         g, K, N = self.g, len(self.edges), self.N
@@ -176,7 +200,7 @@ class OneEdgeRows(NoDeltas):
         return out.view(K * N, n, D)
 
     def attn(self, layer: int) -> Tensor | None:
-        return self._place(layer, True)
+        return None if self.sparse else self._place(layer, True)
 
     def mlp(self, layer: int) -> Tensor | None:
         return self._place(layer, False)
@@ -244,10 +268,11 @@ def _run_rows(p: Prepared, g: Group, rows: NoDeltas, k: int, layer: int) -> Tens
 @torch.no_grad()
 def edge_grid(
     p: Prepared, *, receivers: Sequence[int] | None = None, edges: Tensor | None = None, max_rows: int = 256,
-    on_progress: Progress | None = None,
+    on_progress: Progress | None = None, sparse: bool = True,
 ) -> Tensor:
     """Exact effect of every edge into ``receivers`` (default: all), or of the edges in the mask
-    ``edges``, as ``[S, R]`` (NaN where not computed).
+    ``edges``, as ``[S, R]`` (NaN where not computed). ``sparse=False`` takes the dense first layer
+    (every attention receiver's copy of every row; see :class:`OneEdgeRows`): same numbers, slower.
 
     Raises:
         CircuitError: a receiver index outside the graph, or a mask naming edges that do not exist.
@@ -275,7 +300,7 @@ def edge_grid(
         for layer, layer_edges in sorted(by_layer.items()):
             for c in range(0, len(layer_edges), per):
                 chunk = layer_edges[c:c + per]
-                m = _run_rows(p, g, OneEdgeRows(G, chunk, diff), len(chunk), layer)
+                m = _run_rows(p, g, OneEdgeRows(G, chunk, diff, sparse), len(chunk), layer)
                 eff_k = (m - g.m_base).sum(1)
                 for (s, r), e in zip(chunk, eff_k.tolist(), strict=True):
                     acc[s, r] += e

@@ -82,6 +82,20 @@ class NoDeltas:
         return torch.cat([self.outs[k] for k in sorted(self.outs)], dim=2)
 
 
+class OneReceiverPerRow(NoDeltas):
+    """Deltas where every row changes at most one attention receiver, and row ``r`` starts from the
+    same stream as row ``r mod N`` (the edge grid: one edge per row over ``N`` repeated examples).
+
+    :meth:`attn_rows` returns, for a layer, the changed receiver of each row (its index among the
+    layer's ``H + 2K`` attention receivers, ``-1`` for none), the rows' ``Δ`` ``[B, n, D]`` and ``N``;
+    or None when no row changes an attention receiver of that layer. The forward then projects the
+    base rows once and only each changed receiver anew (:meth:`EdgeForward._qkv_one_per_row`).
+    """
+
+    def attn_rows(self, layer: int) -> tuple[Tensor, Tensor, int] | None:
+        return None
+
+
 class GradLeaves(NoDeltas):
     """Zero ``Δ`` leaves at every receiver: after ``backward`` their ``.grad`` is ``∂M/∂(input of v)``."""
 
@@ -258,11 +272,43 @@ class EdgeForward:
             logits = st.unembed(hl, cols)[:, -1]
         return EdgeOut(logits, kept, kv)
 
+    def _qkv_one_per_row(self, li: int, h: Tensor, rows: tuple[Tensor, Tensor, int], rope: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries/keys/values when each row changes at most one attention receiver of this layer.
+
+        Row ``r``'s stream is base row ``r mod N``'s: the ``N`` base rows are normalised and
+        projected once, and only the changed receiver of each row is recomputed from its own
+        normalised input (one copy of the stream per row, one head's projection), instead of
+        normalising ``H + 2K`` copies of every row and projecting them all.
+        """
+        H, K = self.dims.n_heads, self.dims.n_kv_heads
+        wq, bq, wk, bk, wv, bv, _, _ = self._weights(li)
+        loc, delta, N = rows
+        reps = h.shape[0] // N
+
+        def proj(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            y = torch.einsum("bnD,hdD->bnhd", x, w)
+            return y + b if b is not None else y
+
+        xb = self.st.attn_in(li, h[:N])
+        q, k, v = (proj(xb, w, b).repeat(reps, 1, 1, 1) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        for j in loc.unique().tolist():
+            if j < 0:
+                continue
+            r = (loc == j).nonzero().flatten()
+            x = self.st.attn_in(li, h[r] + delta[r])
+            t, w, b, i = (q, wq, bq, j) if j < H else (k, wk, bk, j - H) if j < H + K else (v, wv, bv, j - H - K)
+            y = x @ w[i].T
+            t[r, :, i] = y + b[i] if b is not None else y
+        q, k = self.st.qk_post(li, q, k, rope)
+        return q, k, v
+
     def _layer(self, li: int, h: Tensor, deltas: Deltas, rope: Any, add: dict[int, Tensor],
                prefix: tuple[Tensor, Tensor] | None, kv: dict[int, tuple[Tensor, Tensor]] | None) -> Tensor:
         st, g = self.st, self.graph
-        da = deltas.attn(li)
-        if da is None:
+        sp = deltas.attn_rows(li) if isinstance(deltas, OneReceiverPerRow) else None
+        if sp is not None:
+            q, k, v = self._qkv_one_per_row(li, h, sp, rope)
+        elif (da := deltas.attn(li)) is None:
             q, k, v = st.qkv(li, st.attn_in(li, h), rope)
         else:
             q, k, v = self._qkv_heads(li, st.attn_in(li, h[:, :, None, :] + da), rope)
@@ -302,4 +348,4 @@ class EdgeForward:
         return mid + mlp_out
 
 
-__all__ = ["Deltas", "EdgeForward", "EdgeOut", "GradLeaves", "NoDeltas"]
+__all__ = ["Deltas", "EdgeForward", "EdgeOut", "GradLeaves", "NoDeltas", "OneReceiverPerRow"]
