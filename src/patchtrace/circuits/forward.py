@@ -264,11 +264,13 @@ class EdgeForward:
                 if keep_resid:
                     kept[li] = h
                 prefix = past_kv[li] if past_kv is not None and pos_offset > 0 else None
-                h = self._layer(li, h, deltas, rope, add, prefix, kv if keep_kv else None)
+                # the last layer of an edge-grid run: only the last position reaches the logits
+                last = li == self.dims.n_layers - 1 and isinstance(deltas, OneReceiverPerRow) and not keep_resid and not add
+                h = self._layer(li, h, deltas, rope, add, prefix, kv if keep_kv else None, last)
             if keep_resid:
                 kept[self.dims.n_layers] = h
             dl = deltas.logits()
-            hl = h[:, -1:] if dl is None else (h + dl)[:, -1:]
+            hl = h[:, -1:] if dl is None else h[:, -1:] + dl[:, -1:]
             logits = st.unembed(hl, cols)[:, -1]
         return EdgeOut(logits, kept, kv)
 
@@ -303,7 +305,10 @@ class EdgeForward:
         return q, k, v
 
     def _layer(self, li: int, h: Tensor, deltas: Deltas, rope: Any, add: dict[int, Tensor],
-               prefix: tuple[Tensor, Tensor] | None, kv: dict[int, tuple[Tensor, Tensor]] | None) -> Tensor:
+               prefix: tuple[Tensor, Tensor] | None, kv: dict[int, tuple[Tensor, Tensor]] | None,
+               last_only: bool = False) -> Tensor:
+        """One block. ``last_only``: keys and values at every position (the last query attends to
+        them), everything after the attention (output projection, MLP) at the last position only."""
         st, g = self.st, self.graph
         sp = deltas.attn_rows(li) if isinstance(deltas, OneReceiverPerRow) else None
         if sp is not None:
@@ -315,6 +320,8 @@ class EdgeForward:
         if kv is not None:
             kv[li] = (k.transpose(1, 2), v.transpose(1, 2))
         z = st.attend(li, q, k, v, prefix)
+        if last_only:
+            z, h = z[:, -1:], h[:, -1:]
         h0 = g.head_sender(li, 0)
         head_adds = [add[s] for s in range(h0, h0 + g.n_heads) if s in add]
         if deltas.needs_heads:
@@ -331,6 +338,8 @@ class EdgeForward:
             for a in head_adds:
                 attn_out = attn_out + a
         dm = deltas.mlp(li)
+        if last_only and dm is not None:
+            dm = dm[:, -1:]
         ms = g.mlp_sender(li)
         if self.dims.parallel_residual:
             x = h if dm is None else h + dm
