@@ -144,14 +144,17 @@ class OneEdgeRows(OneReceiverPerRow):
     """Rows ``k·N + i`` patch edge ``k`` alone, adding the fixed difference ``src − base`` of its sender.
 
     With ``sparse`` (default) the attention receivers go through :meth:`attn_rows` (one changed
-    receiver per row, projected alone); without, through the dense ``[B, n, H+2K, D]`` :meth:`attn`
-    (every receiver's copy of every row normalised and projected: the same numbers, more work; kept
-    as the comparison for tests and benchmarks).
+    receiver per row, projected alone) and the last layer runs after its attention at the last
+    position only; without, the receivers go through the dense ``[B, n, H+2K, D]`` :meth:`attn`
+    (every receiver's copy of every row normalised and projected) and the last layer at every
+    position: the same numbers, more work (the path before both shortcuts, kept as the comparison
+    for tests and benchmarks).
     """
 
     def __init__(self, graph: EdgeGraph, edges: Sequence[tuple[int, int]], diff: Tensor, sparse: bool = True) -> None:
         super().__init__()
         self.g, self.edges, self.diff, self.sparse = graph, list(edges), diff, sparse
+        self.trim_last = sparse
         self.N = diff.shape[0]
 
     def attn_rows(self, layer: int) -> tuple[Tensor, Tensor, int] | None:
@@ -271,8 +274,8 @@ def edge_grid(
     on_progress: Progress | None = None, sparse: bool = True,
 ) -> Tensor:
     """Exact effect of every edge into ``receivers`` (default: all), or of the edges in the mask
-    ``edges``, as ``[S, R]`` (NaN where not computed). ``sparse=False`` takes the dense first layer
-    (every attention receiver's copy of every row; see :class:`OneEdgeRows`): same numbers, slower.
+    ``edges``, as ``[S, R]`` (NaN where not computed). ``sparse=False`` takes the path without the
+    first- and last-layer shortcuts (see :class:`OneEdgeRows`): same numbers, slower.
 
     Raises:
         CircuitError: a receiver index outside the graph, or a mask naming edges that do not exist.

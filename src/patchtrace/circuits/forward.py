@@ -92,6 +92,9 @@ class OneReceiverPerRow(NoDeltas):
     base rows once and only each changed receiver anew (:meth:`EdgeForward._qkv_one_per_row`).
     """
 
+    #: whether the last layer may run its output projection and MLP at the last position only
+    trim_last: bool = True
+
     def attn_rows(self, layer: int) -> tuple[Tensor, Tensor, int] | None:
         return None
 
@@ -265,7 +268,8 @@ class EdgeForward:
                     kept[li] = h
                 prefix = past_kv[li] if past_kv is not None and pos_offset > 0 else None
                 # the last layer of an edge-grid run: only the last position reaches the logits
-                last = li == self.dims.n_layers - 1 and isinstance(deltas, OneReceiverPerRow) and not keep_resid and not add
+                last = (li == self.dims.n_layers - 1 and isinstance(deltas, OneReceiverPerRow) and deltas.trim_last
+                        and not keep_resid and not add)
                 h = self._layer(li, h, deltas, rope, add, prefix, kv if keep_kv else None, last)
             if keep_resid:
                 kept[self.dims.n_layers] = h
