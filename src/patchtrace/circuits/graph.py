@@ -59,13 +59,14 @@ def check_family(model: Any) -> None:
     """Refuse families where a single component's term in the residual stream is not defined.
 
     Raises:
-        CircuitError: a post-norm (sandwich) family such as Gemma 3.
+        CircuitError: a post-norm family (Gemma 3's sandwich blocks, BERT/RoBERTa).
     """
     fam = model.family
     if fam.post_norms:
         raise CircuitError(
-            f"model family {fam.name!r} normalises each sublayer's output before the residual add "
-            "(post-norm / sandwich blocks): a single head's contribution to the residual stream is not "
+            f"model family {fam.name!r} has post-norm blocks (Gemma 3's sandwich blocks normalise each "
+            "sublayer's output before the residual add; BERT/RoBERTa normalise the stream after it): a "
+            "single head's contribution to the residual stream is not "
             "defined, so edges (and EAP scores) would mean something else. Edge circuits need a pre-norm "
             "family (llama, mistral, qwen2/3, gemma, gpt2, gpt_neox)."
         )
