@@ -10,8 +10,10 @@ The FLOP lower bound of one-edge-at-a-time exact patching: an edge into a receiv
 must re-run layers ``l .. L−1`` for the ``N`` examples at the ``n = T − p0`` positions from the first
 clean/corrupt difference on (nothing before ``p0`` or before layer ``l`` can change), i.e.
 ``2 · (N · n) · P_layer`` FLOPs per layer, ``P_layer`` being the layer's matrix parameters (q, k, v,
-o, gate, up, down); attention scores and norms are left out (under 1 % here) and the unembedding is
-2 columns. Summed over all edges. At the end EAP, EAP-IG (inputs) and — unless ``--skip-act`` —
+o, gate, up, down) — except the last layer, where only the keys and values are needed at every
+position and the rest at the last one. Attention scores and norms are left out (under 1 % here),
+the unembedding is 2 columns, and the first layer is counted in full (a lower bound could shave
+part of it). Summed over all edges. At the end EAP, EAP-IG (inputs) and — unless ``--skip-act`` —
 EAP-IG (activations) run in the same process and are correlated with the full exact grid.
 
 Usage::
@@ -62,7 +64,8 @@ def main() -> None:
     G, d = p.graph, m.dims
     g0 = p.groups[0]
     N, n = len(g0.idx), g0.base_out.shape[1]
-    p_layer = d.d_model * (d.n_heads * d.d_head) * 2 + d.d_model * (d.n_kv_heads * d.d_head) * 2 + 3 * d.d_model * d.d_mlp
+    p_kv = d.d_model * (d.n_kv_heads * d.d_head) * 2
+    p_layer = d.d_model * (d.n_heads * d.d_head) * 2 + p_kv + 3 * d.d_model * d.d_mlp
     rows = 256 // N * N * n  # token rows of one full batch (edge_grid's max_rows=256)
     res: dict = {"n": args.n, "N": N, "positions_run": n, "first_differing_position": g0.p0, "edges": G.n_edges,
                  "flop_per_token_layer": 2 * p_layer, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -81,7 +84,7 @@ def main() -> None:
         out[sel] = eff[sel]
         ne = int(sel.sum())
         left = G.n_layers - li
-        flop = ne * left * N * n * 2 * p_layer
+        flop = ne * N * 2 * ((left - 1) * n * p_layer + n * p_kv + (p_layer - p_kv)) if left else 0
         res["layers"][li] = {"edges": ne, "layers_run": left, "s": dt, "s_per_edge": dt / ne, "gflop": flop / 1e9,
                              "gflops_achieved": flop / dt / 1e9 if left else None}
         if args.versus_dense and li < G.n_layers:
