@@ -71,3 +71,22 @@ def test_deepfloyd_if_is_refused_by_name():
     IFPipeline = type("IFPipeline", (), {})
     with pytest.raises(DiffusionError, match="DeepFloyd IF's added-KV attention is not supported"):
         joint_layers(IFPipeline())
+
+
+def test_joint_lora_modules_and_restore():
+    from patchtrace.diffusion.small.scorer import load_scorer
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+    from patchtrace.diffusion.textlora import lora_modules, text_lora
+
+    pipe = random_small_joint()
+    loc = lora_modules(pipe, "localized", [2])
+    assert loc == [f"transformer_blocks.2.attn.{p}" for p in
+                   ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]  # fmt: skip
+    # the last block only gives the image its text K/V (context_pre_only): no to_add_out
+    assert len(lora_modules(pipe, "all")) == 5 * 8 + 7
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    r = text_lora(pipe, load_scorer(), "localized", [5], steps=1, batch=2, rank=2, seeds=[0], n_eval=1)
+    mods = dict(pipe.transformer.named_modules())
+    assert r["trainable"] == sum(2 * (mods[n].in_features + mods[n].out_features) for n in lora_modules(pipe, "localized", [5]))
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

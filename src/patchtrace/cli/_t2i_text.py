@@ -214,7 +214,7 @@ def add_commands(t2i: typer.Typer) -> None:
         con.print(f"report {page}")
 
     @t2i.command("text-lora")
-    def text_lora_cmd(layers: Layers = "", steps_train: Annotated[int, typer.Option("--train-steps", help="LoRA steps")] = 100,
+    def text_lora_cmd(layers: Layers = "", pipeline: Pipe = "small", steps_train: Annotated[int, typer.Option("--train-steps", help="LoRA steps")] = 100,
                       rank: Annotated[int, typer.Option(help="LoRA rank")] = 4,
                       lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
                       batch: Annotated[int, typer.Option(help="batch size")] = 32,
@@ -231,8 +231,9 @@ def add_commands(t2i: typer.Typer) -> None:
         for v, name in ((steps_train, "--train-steps"), (rank, "--rank"), (batch, "--batch"), (prompts, "--prompts")):
             common.check_count(v, name)
         common.check_finite(lr, "--lr")
-        a = T2IAdapter(_pipe("small"), steps=steps)
-        lay = _layers(layers, a.n_layers)
+        pipe = _pipe(pipeline)
+        a = pipe if hasattr(pipe, "transformer") else T2IAdapter(pipe, steps=steps)
+        lay = _layers(layers, _n_layers(pipe))
         sc = load_scorer()
         base = accuracy_sets(a, sc, seed_list, prompts)
         runs = [text_lora(a, sc, arm, lay, steps_train, lr, rank, batch, seeds=seed_list, n_eval=prompts)
@@ -243,7 +244,7 @@ def add_commands(t2i: typer.Typer) -> None:
             r["patch"].save(out / f"lora_{r['arm']}")
             con.print(f"{r['arm']}: trainable {r['trainable']} ({100 * r['trainable_fraction']:.3f}%), {r['seconds']} s; "
                       f"hard {r['after']['hard']}  train {r['after']['train']}")  # fmt: skip
-        page = lora_report(base, runs, out, "LoRA on localized layers vs all attention layers")
+        page = lora_report(base, runs, out, f"LoRA on localized layers vs all attention layers ({pipeline})")
         strip = lambda d: {k: v for k, v in d.items() if "images" not in k}  # noqa: E731
         _dump(out / "text_lora.json", {"unchanged": strip(base),
                                        "arms": [{**{k: v for k, v in r.items() if k not in ("patch", "after")},

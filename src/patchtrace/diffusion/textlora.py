@@ -10,10 +10,11 @@ on ``to_q``/``to_k``/``to_v``/``to_out.0`` of
 - **all**: every attention module of the UNet (self- and cross-attention),
 
 trained with the small model's own denoising loss (x0 prediction, glyph/box pixels weighted), the text
-encoder frozen. Scored on *hard prompts* — the held-out (glyph, colour) combinations the base model
-never saw — and on training combinations: glyph accuracy, the other attributes' accuracy
-(preservation), trainable parameters and wall time. Each run ends as a merged
-:class:`~patchtrace.weights.patch.WeightPatch`; the UNet itself is left exactly as it was.
+encoder frozen. The same two arms exist on the small joint-attention model (:mod:`.smalljoint`), over
+both streams' projections of its blocks' attention. Both are scored on *hard prompts* — the held-out
+(glyph, colour) combinations the base model never saw — and on training combinations: glyph accuracy,
+the other attributes' accuracy (preservation), trainable parameters and wall time. Each run ends as a
+merged :class:`~patchtrace.weights.patch.WeightPatch`; the network itself is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -25,37 +26,60 @@ from typing import Any
 from patchtrace.diffusion.adapters import DiffusionError, T2IAdapter
 
 PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+#: a joint-attention block's text-stream projections (the last block has no ``to_add_out``)
+JOINT_PROJ = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 ARMS = ("localized", "all")
 
 
-def lora_modules(adapter: T2IAdapter, arm: str, layers: Sequence[int] = ()) -> list[str]:
-    """Full module names of the projections LoRA goes on, for arm ``localized`` (needs ``layers``) or ``all``."""
+def _pipe(model: Any) -> Any:
+    return model.pipe if isinstance(model, T2IAdapter) else model
+
+
+def lora_modules(model: Any, arm: str, layers: Sequence[int] = ()) -> list[str]:
+    """Full module names of the projections LoRA goes on, for arm ``localized`` (needs ``layers``) or ``all``.
+
+    ``model`` is a :class:`~.adapters.T2IAdapter` (UNet: ``to_q/to_k/to_v/to_out.0`` of cross-attention
+    layers) or a joint-attention pipeline (the blocks' attention: both streams' projections).
+    """
     if arm not in ARMS:
         raise DiffusionError(f"LoRA arm {arm!r} is not one of {list(ARMS)}")
+    pipe = _pipe(model)
+    joint = hasattr(pipe, "transformer")
+    proj: tuple[str, ...]
+    if joint:
+        from patchtrace.diffusion.joint import joint_layers
+
+        names, proj = [la.name for la in joint_layers(pipe)], PROJ + JOINT_PROJ
+    else:
+        names, proj = [la.name for la in model.layers], PROJ
     if arm == "localized":
         if not layers:
             raise DiffusionError("arm 'localized' needs the localized layers (e.g. from `patchtrace t2i textloc`)")
         for j in layers:
-            if not 0 <= j < adapter.n_layers:
-                raise DiffusionError(f"cross-attention layer {j} does not exist (the UNet has {adapter.n_layers})")
-        return [f"{adapter.layers[j].name}.{p}" for j in sorted(set(layers)) for p in PROJ]
-    unet = adapter.pipe.unet
-    attns = [n for n, m in unet.named_modules() if type(m).__name__ == "Attention"]
-    return [f"{n}.{p}" for n in attns for p in PROJ]
+            if not 0 <= j < len(names):
+                raise DiffusionError(f"layer {j} does not exist (the model has {len(names)} text-attention layers)")
+        picked = [names[j] for j in sorted(set(layers))]
+    else:
+        root = pipe.transformer if joint else pipe.unet
+        picked = [n for n, m in root.named_modules() if type(m).__name__ == "Attention"]
+    mods = dict((pipe.transformer if joint else pipe.unet).named_modules())
+    return [f"{n}.{p}" for n in picked for p in proj if f"{n}.{p}" in mods]
 
 
-def make_batches(steps: int, batch: int, seed: int) -> list[tuple[Any, list[str]]]:
-    """``steps`` seeded batches ``(x0, captions)`` of training combinations (10% empty captions for guidance)."""
+def make_batches(steps: int, batch: int, seed: int, jitter: bool = True) -> list[tuple[Any, list[str]]]:
+    """``steps`` seeded batches ``(x0, captions)`` of training combinations (10% empty captions for guidance);
+    ``jitter`` as in the model's own training data (the joint model's renders have none)."""
     import numpy as np
     import torch
 
     from patchtrace.diffusion.small import data
+    from patchtrace.diffusion.smalljoint.train import render_batch
 
     rng = np.random.default_rng(seed)
     specs = data.all_specs(held_out=False)
     out = []
     for _ in range(steps):
-        x, caps, _ = data.sample_batch(rng, batch, specs)
+        x, caps, _ = render_batch(rng, batch, specs, jitter)
         drop = rng.random(len(caps)) < 0.1
         out.append((torch.from_numpy(x), ["" if d else c for c, d in zip(caps, drop)]))
     return out
@@ -70,25 +94,30 @@ def denoise_loss(pipe: Any, fg_weight: float = 20.0, seed: int = 0) -> Any:
     alphas = build_scheduler("ddpm").alphas_cumprod
     gen = torch.Generator().manual_seed(seed)
 
+    joint = hasattr(pipe, "transformer")
+
     def loss_fn(model: Any, batch: Any) -> Any:
         x0, caps = batch
         with torch.no_grad():
-            cond, _ = pipe.encode_prompt(caps, pipe.unet.device, 1, False)
+            cond, pooled = pipe.encode(caps) if joint else (pipe.encode_prompt(caps, pipe.unet.device, 1, False)[0], None)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen)
-        pred = model(xt, t, encoder_hidden_states=cond).sample
+        if joint:
+            pred = model(xt, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t).sample
+        else:
+            pred = model(xt, t, encoder_hidden_states=cond).sample
         fg = ((x0 - x0[..., :1, :1]).abs().sum(1, keepdim=True) > 0.01).float()
         return (((pred - x0) ** 2) * (1 + (fg_weight - 1) * fg)).mean()
 
     return loss_fn
 
 
-def accuracy_sets(adapter: T2IAdapter, scorer: Any, seeds: Sequence[int], n: int = 24, seed: int = 3) -> dict[str, Any]:
+def accuracy_sets(model: Any, scorer: Any, seeds: Sequence[int], n: int = 24, seed: int = 3) -> dict[str, Any]:
     """Per-attribute accuracy on ``n`` hard (held-out) and ``n`` training combinations, and the images."""
     import numpy as np
 
-    from patchtrace.diffusion.small.data import all_specs, caption
+    from patchtrace.diffusion.small.data import ATTRIBUTES, all_specs, caption
     from patchtrace.diffusion.small.evaluate import prompt_accuracy
 
     rng = np.random.default_rng(seed)
@@ -97,12 +126,19 @@ def accuracy_sets(adapter: T2IAdapter, scorer: Any, seeds: Sequence[int], n: int
         pool = all_specs(held)
         specs = [pool[int(i)] for i in rng.integers(0, len(pool), n)]
         prompts = [caption(s, i % 4, i % 2) for i, s in enumerate(specs)]
-        acc, imgs = prompt_accuracy(adapter, scorer, prompts, specs, list(seeds))
+        if isinstance(model, T2IAdapter):
+            acc, imgs = prompt_accuracy(model, scorer, prompts, specs, list(seeds))
+        else:
+            from patchtrace.diffusion.smalljoint.evaluate import generate
+
+            imgs = generate(model, prompts, list(seeds))
+            acc = {a: sum(p == getattr(s, a) for p, s in zip(scorer.predict(imgs * 2 - 1, a), [s for s in specs for _ in seeds]))
+                   / imgs.shape[0] for a in ATTRIBUTES}  # fmt: skip
         out[name], out[f"{name}_images"] = acc, imgs
     return out
 
 
-def text_lora(adapter: T2IAdapter, scorer: Any, arm: str, layers: Sequence[int] = (), steps: int = 100,
+def text_lora(adapter: Any, scorer: Any, arm: str, layers: Sequence[int] = (), steps: int = 100,
               lr: float = 1e-3, rank: int = 4, batch: int = 32, seed: int = 0, seeds: Sequence[int] = (0, 1),
               n_eval: int = 24) -> dict[str, Any]:  # fmt: skip
     """Train one arm, then score it against the unchanged model: accuracies, trainable parameters, time.
@@ -115,13 +151,14 @@ def text_lora(adapter: T2IAdapter, scorer: Any, arm: str, layers: Sequence[int] 
     names = lora_modules(adapter, arm, layers)
     if steps < 1:
         raise DiffusionError(f"LoRA steps {steps}: need at least 1")
-    unet = adapter.pipe.unet
+    pipe = _pipe(adapter)
+    net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    batches = make_batches(steps, batch, seed, jitter=not hasattr(pipe, "transformer"))
     t0 = time.perf_counter()
-    run = train_lora(unet, names, make_batches(steps, batch, seed), denoise_loss(adapter.pipe, seed=seed), steps,
-                     lr=lr, r=rank, alpha=float(rank), seed=seed)  # fmt: skip
+    run = train_lora(net, names, batches, denoise_loss(pipe, seed=seed), steps, lr=lr, r=rank, alpha=float(rank), seed=seed)
     seconds = time.perf_counter() - t0
-    unet.eval()
-    with run.patch.applied(unet):
+    net.eval()
+    with run.patch.applied(net):
         after = accuracy_sets(adapter, scorer, seeds, n_eval)
     return {"arm": arm, "layers": list(layers) if arm == "localized" else "all attention", "modules": len(names),
             "trainable": run.trainable, "total": run.total, "trainable_fraction": run.trainable / run.total,

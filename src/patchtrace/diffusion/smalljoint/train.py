@@ -37,7 +37,7 @@ RECIPE: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _batch(rng: Any, n: int, specs: list[Any], jitter: bool) -> tuple[Any, list[str], dict[str, Any]]:
+def render_batch(rng: Any, n: int, specs: list[Any], jitter: bool) -> tuple[Any, list[str], dict[str, Any]]:
     """``n`` renders with paraphrased captions and labels; without ``jitter`` every glyph sits at its
     fixed place (issue 12's lesson: with 0-2 px jitter the high-noise target is a blur over 9 placements)."""
     import numpy as np
@@ -96,7 +96,7 @@ def train_joint(recipe: dict[str, Any] = RECIPE, out: Path = WEIGHTS_DIR, log_ev
     for step in range(recipe["steps"]):
         for g in opt.param_groups:
             g["lr"] = _lr(step, recipe)
-        x, caps, labels = _batch(rng, recipe["batch"], specs, recipe.get("jitter", True))
+        x, caps, labels = render_batch(rng, recipe["batch"], specs, recipe.get("jitter", True))
         drop = rng.random(len(caps)) < recipe["caption_dropout"]
         caps = ["" if d else c for c, d in zip(caps, drop)]
         ids = tok(caps, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
