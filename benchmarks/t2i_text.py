@@ -105,8 +105,9 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
             else:
                 pipe = _joint()
                 r = joint_text_localization(pipe, pa, pb, agree, keep, seeds, 10, per_head=arch == "joint-heads")
-                labels = [f"L{j}" if h is None else f"L{j}.H{h}" for j, h in r["cells"]]
-                fr = [joint_fractions(pipe, [j]) for j, _ in r["cells"]]
+                labels = r["labels"]
+                fr = [joint_fractions(pipe, [j] if isinstance(j, int) else list(range(6)) if j == "all" else [])
+                      for j, _ in r["cells"]]  # fmt: skip
             for k in ("agree_b", "preserve", "psnr", "ssim"):
                 acc.setdefault(k, []).append(r[k].tolist())
             acc.setdefault("plain_a", []).append(r["agree_b_plain_a"])
@@ -116,7 +117,7 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
                 _img(out / f"textloc_{arch}" / "textloc_grid.png", img, f"textloc_{arch}_grid.png")
                 _img(out / f"textloc_{arch}" / "textloc_curves.png", img, f"textloc_{arch}_curves.png")
         mean = {k: np.mean(np.array(v), 0).tolist() for k, v in acc.items()}
-        score = [g + 1e-3 * s for g, s in zip(mean["agree_b"], mean["ssim"])]
+        score = [g + 1e-3 * s if lab.startswith("L") else -1.0 for g, s, lab in zip(mean["agree_b"], mean["ssim"], labels)]
         best = int(np.argmax(score))
         res[arch] = {"labels": labels, **mean, "kv_fraction": [f[0] for f in fr], "attn_fraction": [f[1] for f in fr],
                      "localized": labels[best], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip

@@ -39,6 +39,20 @@ def test_joint_textloc_matches_naive_processor():
     assert torch.allclose(r["images"][4], ref, atol=1e-5)
     assert not torch.allclose(r["images"][4], r["images_a"], atol=1e-4)
     assert float(r["agree_b"][4]) == float(green(ref, None).mean())
+    assert r["labels"][-2:] == ["all", "pooled"]
+    orig = pipe.encode  # reference for "pooled": A's text tokens with B's pooled embedding, by the encoder itself
+
+    def enc(prompts):
+        h, p = orig(prompts)
+        return (h, orig(B)[1]) if prompts == A else (h, p)
+
+    pipe.encode = enc
+    try:
+        ref_pooled = pipe(A, num_inference_steps=2, guidance_scale=3.0, latents=lat).images
+    finally:
+        del pipe.encode
+    assert torch.allclose(r["images"][-1], ref_pooled, atol=1e-5)
+    assert not torch.allclose(r["images"][-1], r["images_a"], atol=1e-4)
     kv, whole = joint_fractions(pipe, [4])
     total = sum(p.numel() for p in pipe.transformer.parameters())
     assert kv == 2 * (64 * 64 + 64) / total and whole > kv  # add_k_proj + add_v_proj: 64 -> 64 with bias

@@ -99,6 +99,7 @@ def add_commands(t2i: typer.Typer) -> None:
         """Which single layer (or head) decides the glyph: patch it from prompt B into A (Staniszewski et al. 2025)."""
         import torch
 
+        from patchtrace.diffusion.joint import joint_layers
         from patchtrace.diffusion.small.data import ATTRIBUTES
         from patchtrace.diffusion.small.scorer import load_scorer
         from patchtrace.diffusion.textedit import glyph_pairs
@@ -128,8 +129,10 @@ def add_commands(t2i: typer.Typer) -> None:
 
         if hasattr(pipe, "transformer"):
             r = joint_text_localization(pipe, pa, pb, agree, keep, seed_list, steps, per_head=per_head)
-            labels = [f"L{j}" if h is None else f"L{j}.H{h}" for j, h in r["cells"]]
-            fr = [joint_fractions(pipe, [j]) for j, _ in r["cells"]]
+            labels = r["labels"]
+            n = len(joint_layers(pipe))
+            fr = [joint_fractions(pipe, [j] if isinstance(j, int) else list(range(n)) if j == "all" else [])
+                  for j, _ in r["cells"]]  # fmt: skip
         else:
             from patchtrace.diffusion.adapters import T2IAdapter
 

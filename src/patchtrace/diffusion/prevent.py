@@ -115,11 +115,12 @@ def prevention_patch(adapter: T2IAdapter, layers: Sequence[int], forbidden: str,
                                      "forbidden": forbidden, "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip
 
 
-def evaluate_prevention(adapter: T2IAdapter, scorer: Any, patch: Any, forbidden: str, neutral: str,
+def evaluate_prevention(adapter: Any, scorer: Any, patch: Any, forbidden: str, neutral: str,
                         seeds: Sequence[int] = (0, 1), per_template: int = 6, seed: int = 7) -> dict[str, Any]:  # fmt: skip
     """Before/after on paraphrases (templates the solve never saw): forbidden glyph drawn, neutral drawn,
     other attributes of the forbidden prompts, every attribute of other prompts, PSNR/SSIM of other
-    prompts' images to the unedited ones. Returns numbers and the images (forbidden before/after)."""
+    prompts' images to the unedited ones. Returns numbers and the images (forbidden before/after).
+    ``adapter``: a :class:`~.adapters.T2IAdapter` or a joint-attention pipeline."""
     import torch
 
     from patchtrace.diffusion.small.data import ATTRIBUTES
@@ -128,14 +129,25 @@ def evaluate_prevention(adapter: T2IAdapter, scorer: Any, patch: Any, forbidden:
 
     forb, _, others, fspecs, ospecs = prompt_sets(forbidden, neutral, EVAL_TEMPLATES, seed, per_template)
     seeds = list(seeds)
+    joint = not isinstance(adapter, T2IAdapter)
+
+    def gen(prompts: list[str], specs: list[Any]) -> tuple[dict[str, float], Any]:
+        if not joint:
+            return prompt_accuracy(adapter, scorer, prompts, specs, seeds)
+        from patchtrace.diffusion.smalljoint.evaluate import generate
+
+        imgs = generate(adapter, prompts, seeds)
+        rows = [s for s in specs for _ in seeds]
+        return {a: sum(p == getattr(s, a) for p, s in zip(scorer.predict(imgs * 2 - 1, a), rows)) / len(rows)
+                for a in ATTRIBUTES}, imgs  # fmt: skip
 
     def measure() -> tuple[Any, Any, dict[str, float], dict[str, float]]:
-        acc_f, img_f = prompt_accuracy(adapter, scorer, forb, fspecs, seeds)
-        acc_o, img_o = prompt_accuracy(adapter, scorer, others, ospecs, seeds)
+        acc_f, img_f = gen(forb, fspecs)
+        acc_o, img_o = gen(others, ospecs)
         return img_f, img_o, acc_f, acc_o
 
     bf, bo, acc_bf, acc_bo = measure()
-    with patch.applied(adapter.pipe.unet):
+    with patch.applied(adapter.transformer if joint else adapter.pipe.unet):
         af, ao, acc_af, acc_ao = measure()
 
     def rate(img: Any, glyph: str) -> float:
@@ -156,3 +168,65 @@ def evaluate_prevention(adapter: T2IAdapter, scorer: Any, patch: Any, forbidden:
         "images": {"forbidden_before": bf, "forbidden_after": af, "others_before": bo, "others_after": ao},
         "prompts": {"forbidden": forb, "others": others},
     }  # fmt: skip
+
+
+def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neutral: str, lam: float = LAMBDA,
+                           per_template: int = 4, seeds: Sequence[int] = (0,), steps: int = 10,
+                           guidance: float = 3.0, seed: int = 0) -> Any:  # fmt: skip
+    """The same closed form on a joint-attention model's text-stream ``add_k_proj``/``add_v_proj``.
+
+    A block's text tokens are not the text encoder's output: they evolve through the blocks and depend
+    on the image and the step. So the rows are *recorded*: every conditional text-token input of the
+    edited projections at every denoising step, from runs of the forbidden prompts (``x``), of their
+    neutral twins with the same noise (``y``, same token positions) and of other-glyph prompts (kept).
+    """
+    import torch
+
+    from patchtrace.diffusion.joint import joint_layers
+    from patchtrace.diffusion.small.data import GLYPH_WORDS
+    from patchtrace.diffusion.small.prompts import check_attribute
+    from patchtrace.diffusion.smalljoint.evaluate import generate
+    from patchtrace.weights.patch import WeightPatch
+
+    check_attribute("glyph", forbidden)
+    check_attribute("glyph", neutral)
+    if forbidden == neutral:
+        raise DiffusionError(f"forbidden and neutral glyph are both {forbidden!r}")
+    la, lb = (len(pipe.tokenizer(GLYPH_WORDS[g], add_special_tokens=False).input_ids) for g in (forbidden, neutral))
+    if la != lb:
+        raise DiffusionError(f"forbidden glyph {forbidden!r} is {la} tokens and neutral {neutral!r} is {lb}: "
+                             "twin prompts must have the same token length; choose a neutral glyph of equal length")  # fmt: skip
+    jl = joint_layers(pipe)
+    if not layers:
+        raise DiffusionError("prevention needs at least one layer to edit")
+    for j in layers:
+        if not 0 <= j < len(jl):
+            raise DiffusionError(f"joint-attention layer {j} does not exist (the model has {len(jl)})")
+    forb, twins, others, _, _ = prompt_sets(forbidden, neutral, FIT_TEMPLATES, seed, per_template)
+
+    def record(prompts: list[str]) -> dict[int, Any]:
+        seen: dict[int, list[Any]] = {j: [] for j in layers}
+        n_cond = len(prompts) * len(seeds)
+        hs = [jl[j].attn.add_k_proj.register_forward_pre_hook(
+            lambda m, a, j=j: seen[j].append(a[0][-n_cond:].reshape(-1, a[0].shape[-1]).detach().clone())) for j in layers]  # fmt: skip
+        try:
+            with torch.no_grad():
+                generate(pipe, prompts, seeds, steps, guidance)
+        finally:
+            for h in hs:
+                h.remove()
+        return {j: torch.cat(v) for j, v in seen.items()}
+
+    xf, yf, xo = record(forb), record(twins), record(others)
+    base = {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
+    tuned, names = dict(base), []
+    for j in layers:
+        x, y = torch.cat([xf[j], xo[j]]), torch.cat([yf[j], xo[j]])
+        for proj in ("add_k_proj", "add_v_proj"):
+            name = f"{jl[j].name}.{proj}.weight"
+            tuned[name] = solve(base[name], x, y, lam)
+            names.append(name)
+    chosen = set(names)
+    return WeightPatch.extract(base, tuned, select=lambda n: n in chosen,
+                               meta={"method": "prevent-joint", "layers": list(layers), "lambda": lam,
+                                     "forbidden": forbidden, "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip

@@ -102,11 +102,14 @@ def joint_fractions(pipe: Any, layers: Sequence[int]) -> tuple[float, float]:
 def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequence[str],
                             agree_b: Callable[[Any, Any], Any], preserve: Callable[[Any, Any], Any] | None = None,
                             seeds: Sequence[int] = (0,), steps: int = 10, guidance: float = 3.0,
-                            per_head: bool = False) -> dict[str, Any]:  # fmt: skip
+                            per_head: bool = False, extra: bool = True) -> dict[str, Any]:  # fmt: skip
     """:func:`text_localization` for joint attention: one layer (or one head of one layer) at a time reads
     prompt B's cached text-token K/V at every step; B is run once and its cache reused for every layer.
 
-    Rows are layers, or ``(layer, head)`` pairs in layer-major order when ``per_head``.
+    Rows (``labels``) are layers ``L0 …``, or ``(layer, head)`` pairs ``L0.H0 …`` when ``per_head``; with
+    ``extra`` two more: ``all`` (every layer's text K/V from B) and ``pooled`` (only B's pooled text
+    embedding, which SD3 feeds to every block's adaptive norms through the time embedding, not through
+    attention) — together they say whether the text reaches the image through the joint attention at all.
     """
     import torch
 
@@ -125,17 +128,44 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
     lat = noise.repeat(len(pa), 1, 1, 1)
     args = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pt", "latents": lat}
     pidx = torch.tensor([p for p in range(len(pa)) for _ in seeds])
+    pooled_b: list[Any] = []
+
+    def keep_pooled(m: Any, a: Any, k: dict) -> None:
+        if not pooled_b:
+            pooled_b.append(k["pooled_projections"][-len(rb):].clone())
+
+    def put_pooled(m: Any, a: Any, k: dict) -> tuple:
+        k["pooled_projections"] = k["pooled_projections"].clone()
+        k["pooled_projections"][-len(ra):] = pooled_b[0]
+        return a, k
+
     with torch.no_grad():
         img_a = pipe(prompt=ra, **args).images
-        with record_text_kv(pipe, layers) as cache:
-            img_b = pipe(prompt=rb, **args).images
-        cells = [(j, h) for j in range(len(layers)) for h in range(layers[j].heads)] if per_head else \
-            [(j, None) for j in range(len(layers))]  # fmt: skip
+        h_keep = pipe.transformer.register_forward_pre_hook(keep_pooled, with_kwargs=True)
+        try:
+            with record_text_kv(pipe, layers) as cache:
+                img_b = pipe(prompt=rb, **args).images
+        finally:
+            h_keep.remove()
+        cells: list[tuple[Any, Any]] = [(j, h) for j in range(len(layers)) for h in range(layers[j].heads)] \
+            if per_head else [(j, None) for j in range(len(layers))]  # fmt: skip
+        labels = [f"L{j}" if h is None else f"L{j}.H{h}" for j, h in cells]
+        if extra:
+            cells += [("all", None), ("pooled", None)]
+            labels += ["all", "pooled"]
         rows: dict[str, list[float]] = {"agree_b": [], "preserve": [], "mse": [], "psnr": [], "ssim": []}
         images = []
         for j, h in cells:
-            with patch_text_kv(pipe, layers, cache, [j], 0, n_cond=len(ra), heads=None if h is None else [h]):
-                img = pipe(prompt=ra, **args).images
+            if j == "pooled":
+                hp = pipe.transformer.register_forward_pre_hook(put_pooled, with_kwargs=True)
+                try:
+                    img = pipe(prompt=ra, **args).images
+                finally:
+                    hp.remove()
+            else:
+                patch = list(range(len(layers))) if j == "all" else [j]
+                with patch_text_kv(pipe, layers, cache, patch, 0, n_cond=len(ra), heads=None if h is None else [h]):
+                    img = pipe(prompt=ra, **args).images
             images.append(img)
             mse = ((img - img_a) ** 2).flatten(1).mean(1)
             rows["agree_b"].append(float(agree_b(img, pidx).float().mean()))
@@ -144,7 +174,7 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
             rows["psnr"].append(float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()))
             rows["ssim"].append(float(ssim(img, img_a).mean()))
     out: dict[str, Any] = {k: torch.tensor(v) for k, v in rows.items()}
-    out["cells"] = cells
+    out["cells"], out["labels"] = cells, labels
     out["agree_b_plain_a"] = float(agree_b(img_a, pidx).float().mean())
     out["agree_b_plain_b"] = float(agree_b(img_b, pidx).float().mean())
     out["images_a"], out["images_b"], out["images"] = img_a, img_b, images
