@@ -141,29 +141,35 @@ def edit_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, loc: d
     return res
 
 
-def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int]) -> dict[str, Any]:
-    from patchtrace.diffusion.prevent import evaluate_prevention, prevention_patch
+def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], arch: str = "unet") -> dict[str, Any]:
+    from patchtrace.diffusion.prevent import evaluate_prevention, joint_prevention_patch, prevention_patch
     from patchtrace.diffusion.textreport import prevention_report
 
-    a = T2IAdapter(build_small(), steps=10)
+    a: Any = T2IAdapter(build_small(), steps=10) if arch == "unet" else _joint()
+    n = a.n_layers if arch == "unet" else 6
     evals = {}
-    for name, layers in ((f"localized {loc}", loc), ("all 7 layers", list(range(a.n_layers)))):
-        patch = prevention_patch(a, layers, "two", "seven")
+    for name, layers in ((f"localized {loc}", loc), (f"all {n} layers", list(range(n)))):
+        if arch == "unet":
+            patch = prevention_patch(a, layers, "two", "seven")
+        else:
+            patch = joint_prevention_patch(a, layers, "two", "seven", seeds=seeds)
         evals[name] = evaluate_prevention(a, sc, patch, "two", "seven", seeds)
-    prevention_report(evals, out / "prevent", "Prevention of 'two' (drawn as 'seven')")
-    _img(out / "prevent" / "prevent_grid.png", img, "prevent_grid.png")
+    suffix = "" if arch == "unet" else "_joint"
+    prevention_report(evals, out / f"prevent{suffix}", f"Prevention of 'two' (drawn as 'seven'), {arch}")
+    _img(out / f"prevent{suffix}" / "prevent_grid.png", img, f"prevent{suffix}_grid.png")
     return {k: {x: y for x, y in e.items() if x not in ("images", "prompts")} for k, e in evals.items()}
 
 
-def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], steps: int) -> dict[str, Any]:
+def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], steps: int, arch: str = "unet") -> dict[str, Any]:
     from patchtrace.diffusion.textlora import accuracy_sets, text_lora
     from patchtrace.diffusion.textreport import lora_report
 
-    a = T2IAdapter(build_small(), steps=10)
+    a: Any = T2IAdapter(build_small(), steps=10) if arch == "unet" else _joint()
     base = accuracy_sets(a, sc, seeds)
     runs = [text_lora(a, sc, arm, loc, steps=steps, seeds=seeds) for arm in ("localized", "all")]
-    lora_report(base, runs, out / "lora", "LoRA localized vs all attention layers")
-    _img(out / "lora" / "lora_grid.png", img, "text_lora_grid.png")
+    suffix = "" if arch == "unet" else "_joint"
+    lora_report(base, runs, out / f"lora{suffix}", f"LoRA localized vs all attention layers, {arch}")
+    _img(out / f"lora{suffix}" / "lora_grid.png", img, f"text_lora{suffix}_grid.png")
     strip = lambda d: {k: v for k, v in d.items() if "images" not in k}  # noqa: E731
     return {"unchanged": strip(base), "arms": [{**{k: v for k, v in r.items() if k not in ("patch", "after")},
                                                 "after": strip(r["after"])} for r in runs]}  # fmt: skip
@@ -206,18 +212,25 @@ def write_md(out: Path) -> Path:
                    "|---|---|---|---|---|"]  # fmt: skip
             md += [f"| {x['t_start']} | {_f(x['success'])} | {_f(x['preserve'])} | {x['psnr']:.1f} | {_f(x['ssim'])} |" for x in r["rows"]]
             md.append("")
-    pv = load("prevent")
-    if pv:
+    for pv_name in ("prevent", "prevent_joint"):
+        pv = load(pv_name)
+        if not pv:
+            continue
+        md.append(f"**{'UNet' if pv_name == 'prevent' else 'joint'}**")
+        md.append("")
         md += ["| edited layers | forbidden drawn | neutral drawn | forbidden prompts' other attributes | other prompts' attributes | other prompts PSNR / SSIM vs unedited |",
                "|---|---|---|---|---|---|"]  # fmt: skip
         md += [f"| {k} | {_f(e['forbidden_drawn_before'])} → {_f(e['forbidden_drawn_after'])} | {_f(e['neutral_drawn_before'])} → "
                f"{_f(e['neutral_drawn_after'])} | {_f(e['forbidden_other_attrs_before'])} → {_f(e['forbidden_other_attrs_after'])} | "
                f"{_f(e['others_all_attrs_before'])} → {_f(e['others_all_attrs_after'])} | {e['others_psnr']:.1f} / {_f(e['others_ssim'])} |"
                for k, e in pv.items()] + [""]  # fmt: skip
-    lo = load("lora")
-    if lo:
+    for lo_name in ("lora", "lora_joint"):
+        lo = load(lo_name)
+        if not lo:
+            continue
+        md += [f"**{'UNet' if lo_name == 'lora' else 'joint'}**", ""]
         others = [a for a in ATTRIBUTES if a != "glyph"]
-        mean = lambda d: sum(d[a] for a in others) / len(others)  # noqa: E731
+        mean = lambda d, o=others: sum(d[a] for a in o) / len(o)  # noqa: E731
         u = lo["unchanged"]
         md += ["| arm | trainable params | share | time | glyph, hard | glyph, train | other attributes, hard |", "|---|---|---|---|---|---|---|",
                f"| unchanged | 0 | 0 | — | {_f(u['hard']['glyph'])} | {_f(u['train']['glyph'])} | {_f(mean(u['hard']))} |"]  # fmt: skip
@@ -257,6 +270,10 @@ def main() -> None:
         _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"]))
     if "lora" in what:
         _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps))
+    if "prevent-joint" in what:
+        _save(a.out, "prevent_joint", prevent_section(a.out, a.img, sc, seeds, loc["joint"], "joint"))
+    if "lora-joint" in what:
+        _save(a.out, "lora_joint", lora_section(a.out, a.img, sc, seeds, loc["joint"], a.lora_steps, "joint"))
     print(write_md(a.out).read_text())
 
 
