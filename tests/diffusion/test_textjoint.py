@@ -104,3 +104,36 @@ def test_joint_lora_modules_and_restore():
     assert r["trainable"] == sum(2 * (mods[n].in_features + mods[n].out_features) for n in lora_modules(pipe, "localized", [5]))
     after = pipe.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_joint_prevention_against_recorded_lstsq():
+    from patchtrace.diffusion.prevent import FIT_TEMPLATES, joint_prevention_patch, prompt_sets
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+
+    pipe = random_small_joint()
+    patch = joint_prevention_patch(pipe, [3], "two", "seven", lam=0.01, per_template=1, seeds=[0], steps=2)
+    forb, twins, others, _, _ = prompt_sets("two", "seven", FIT_TEMPLATES, 0, 1)
+    proj = pipe.transformer.transformer_blocks[3].attn.add_k_proj
+    lat = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(0))[None]
+
+    def inputs(prompts):  # the projection's conditional inputs at every step, recorded here by a forward hook
+        seen = []
+        h = proj.register_forward_hook(lambda m, a, o: seen.append(a[0][len(prompts):].reshape(-1, 64).clone()))
+        try:
+            pipe(prompts, num_inference_steps=2, guidance_scale=3.0, latents=lat.repeat(len(prompts), 1, 1, 1))
+        finally:
+            h.remove()
+        return torch.cat(seen).double()
+
+    xf, yf, xo = inputs(forb), inputs(twins), inputs(others)
+    w_old = proj.weight.detach().double()
+    X, Y = torch.cat([xf, xo]), torch.cat([yf, xo])
+    lhs = torch.cat([X, 0.1 * torch.eye(64, dtype=torch.float64)])
+    rhs = torch.cat([Y @ w_old.T, 0.1 * w_old.T])
+    ref = torch.linalg.lstsq(lhs, rhs).solution.T
+    with patch.applied(pipe.transformer):
+        assert torch.allclose(proj.weight.double(), ref, atol=1e-4)
+        new = proj.weight.detach().double()
+    assert (xf @ new.T - yf @ w_old.T).norm() < 0.5 * (xf @ w_old.T - yf @ w_old.T).norm()
+    assert torch.equal(proj.weight.double(), w_old)
+    assert {n.split(".")[-2] for n in patch.names} == {"add_k_proj", "add_v_proj"}
