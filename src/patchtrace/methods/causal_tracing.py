@@ -28,6 +28,13 @@ indirect effects averaged over examples, ``extras['patched']`` the restored metr
 baselines ``clean`` and ``corrupt`` (= noisy). Subject positions come from ``example.meta['subject']``
 (the ``factual`` generator sets it), located with the tokenizer's offset mapping.
 
+Encoders (BERT, RoBERTa): the metric (and the ``top1`` target) is read at each prompt's one mask
+token (:meth:`TokenizedTask.readout`, checked when the job is built). Attention is bidirectional, so
+the noise reaches every position from the first layer on and restoring a state *before* the subject
+matters too; the engine knows it (no suffix shortcut, no prefix taken from the noisy run: every
+restored run recomputes all positions from the restored layer, and only restorations bit-identical
+to the noisy run are skipped).
+
 Example:
     Restore windows of 10 MLP outputs, at every token, on two facts the model knows (two noise
     samples each, to keep it quick; ROME uses ten):
@@ -266,6 +273,8 @@ class TracingJob:
         assert T is not None
         self.T, self.N, self.S, self.L = T, len(tok), cfg.samples, model.dims.n_layers
         self.subj = subject_positions(tok.task, model.tokenizer, tok)
+        # an encoder's mask positions (None: the last position), refused here when missing
+        self.readout = tok.readout(list(range(self.N)), mask=not model.family.causal)
         self.site_kind = _SITE_OF_KIND[cfg.kind]
         self.cells: list[Patch] = []
         for layer in range(self.L):
@@ -290,7 +299,9 @@ class TracingJob:
         dev = model.device
         metric = Metric(cfg.metric)
         ids = tok.ids("clean", range(N)).to(dev)
-        clean = collect(model, ids, {HookPoint(self.site_kind, j) for j in range(self.L)})
+        ro = self.readout.to(dev) if self.readout is not None else None
+        ro_rows = ro.repeat_interleave(S) if ro is not None else None  # row i·S + s reads example i's
+        clean = collect(model, ids, {HookPoint(self.site_kind, j) for j in range(self.L)}, readout=ro)
         target = clean.logits.argmax(-1)[:, None] if cfg.target == "top1" else tok.answer[:, :1].to(dev)
         wrong = tok.wrong.to(dev)
         ref = torch.log_softmax(clean.logits, -1) if metric.name == "kl" else None
@@ -307,9 +318,9 @@ class TracingJob:
         # record what the fast path reads from the noisy run once, here: otherwise every block's
         # run_patches call would re-run the noisy forward to fetch it
         need = base_points(self.cells, model) if cfg.fast else set()
-        base = collect(model, rows, need, hooks=hooks)
+        base = collect(model, rows, need, hooks=hooks, readout=ro_rows)
         scorer = Scorer(metric, target.repeat_interleave(S, 0), wrong.repeat_interleave(S, 0),
-                        ref.repeat_interleave(S, 0) if ref is not None else None)
+                        ref.repeat_interleave(S, 0) if ref is not None else None, pos=ro_rows)
         noisy_metric = scorer(base.logits, 1, False)[0].view(N, S).mean(1).cpu()
         self._runs = {"rows": rows, "base": base, "source": source, "hooks": hooks, "scorer": scorer,
                       "clean_metric": clean_metric, "noisy_metric": noisy_metric, "sigma": sigma, "target": target}

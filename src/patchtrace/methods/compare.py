@@ -8,6 +8,11 @@ top-k overlap (by magnitude), and each method's wall time, also as a multiple of
 forward pair measured in the same process. The estimators come from the registry, so a method
 registered tomorrow is compared without an edit here.
 
+Encoders (BERT, RoBERTa): every method reads the mask position. The default set leaves out the
+estimators whose definition does not carry over (:data:`~patchtrace.methods.gradients.NOT_FOR_ENCODERS`:
+AtP*, RelP; the report lists them under ``skipped`` with the reason); naming one is refused before
+any compute.
+
 What is compared with what: signed estimates (``value_name='attribution'``) with the exact
 ``effect``; AtP*'s GradDrop magnitudes (``contribution``) with the mean over examples of
 ``|effect|`` per example, the quantity they estimate.
@@ -39,7 +44,7 @@ import torch
 from torch import Tensor
 
 from patchtrace.methods import activation_patching
-from patchtrace.methods.gradients import AttributionError, Direction
+from patchtrace.methods.gradients import NOT_FOR_ENCODERS, AttributionError, Direction, check_family
 from patchtrace.methods.registry import MethodRegistryError, MethodSpec, estimators_of, get_method
 from patchtrace.methods.validate import ConfigError, check_direction, check_instance, check_int, check_metric
 from patchtrace.models.load import Model
@@ -191,8 +196,9 @@ def forward_pair_seconds(model: Model, tok: TokenizedTask, repeats: int = 3) -> 
         t0 = time.perf_counter()
         with torch.no_grad():
             for idx in tok.groups():
+                ro = tok.readout(idx, mask=not model.family.causal)  # an encoder's mask positions
                 for which in ("clean", "corrupt"):
-                    model.runner.forward(tok.ids(which, idx).to(model.device), last_only=True)
+                    model.runner.forward(tok.ids(which, idx).to(model.device), last_only=True, readout=ro)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -281,6 +287,13 @@ def run(
     bad = [m for m in names if m not in known]
     if bad:
         raise AttributionError(f"unknown method(s) {bad}; the estimators of {REFERENCE} are {', '.join(known)}")
+    skipped: dict[str, str] = {}
+    if not model.family.causal:  # encoders: leave out (default set) or refuse (named) what does not carry over
+        if methods is None:
+            skipped = {m: NOT_FOR_ENCODERS[m] for m in names if m in NOT_FOR_ENCODERS}
+            names = [m for m in names if m not in skipped]
+        for m in names:
+            check_family(model, m)
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
     check_sites(model, tok, specs)  # a layer or position out of range fails here, before any forward
     pairs: list[float] = []
@@ -311,6 +324,8 @@ def run(
         "time_vs_forward_pair": {k: v / pair for k, v in times.items()},
         "kinds": kinds,
     }
+    if skipped:
+        report["skipped"] = skipped
     result = CompareResult(report=report, scores=scores, sites=tuple(specs))
     if out_dir is not None:
         result.save(out_dir)

@@ -26,6 +26,14 @@ per-example estimates are kept (``Scores.per_example``).
 
 Examples of different lengths run as separate equal-length groups (:meth:`TokenizedTask.groups`);
 negative positions are resolved per group.
+
+Encoders (BERT, RoBERTa; ``model.family.causal`` False): the metric is read at each prompt's one
+mask token (:meth:`TokenizedTask.readout`, checked before any forward; ``Group.readout``), not the
+last position. Nothing else changes: autograd already gives the gradient at *every* position, and
+with bidirectional attention positions after the mask get a non-zero one, as they should. AtP*'s
+key fix assumes a causal mask and its GradDrop a pre-norm skip path, and RelP's LRP rules are not
+written for post-norm blocks: :func:`check_family` refuses those by name before any compute
+(:data:`NOT_FOR_ENCODERS`).
 """
 
 from __future__ import annotations
@@ -58,6 +66,28 @@ class AttributionError(EngineError):
     """A gradient-based estimate that cannot be computed as asked (names the site or setting)."""
 
 
+#: Estimators whose definition does not carry over to encoders (bidirectional, post-norm), and why.
+NOT_FOR_ENCODERS: dict[str, str] = {
+    "atp_star": "its key fix (qk_fix) recomputes each query's softmax under a causal mask, and GradDrop drops a "
+                "layer's gradient except the residual skip path, which post-norm blocks route through a LayerNorm",
+    "relp": "its LRP rules are written for pre-norm blocks; the LayerNorms after each residual add (post-norm) "
+            "have no rule here",
+}
+
+
+def check_family(model: Model, method: str) -> None:
+    """Refuse, before any compute, a method whose definition does not carry over to ``model``'s family.
+
+    Raises:
+        AttributionError: an encoder with a method in :data:`NOT_FOR_ENCODERS` (names both and why).
+    """
+    why = NOT_FOR_ENCODERS.get(method)
+    if why is not None and not model.family.causal:
+        raise AttributionError(f"{method} does not support {model.family.name} (an encoder: bidirectional attention, "
+                               f"post-norm blocks): {why}. On encoders use activation patching, causal tracing, "
+                               "AtP or IG")
+
+
 # -- one traced forward ----------------------------------------------------------------------------
 
 
@@ -67,7 +97,7 @@ class Trace:
 
     Attributes:
         acts: the activation at each requested hook point (``[B, ...]``, see :mod:`patchtrace.sites`).
-        logits: last-position logits ``[B, V]`` (or ``[B, len(cols)]``).
+        logits: last-position logits ``[B, V]`` (or ``[B, len(cols)]``); an encoder's: at the readout.
         resid: the residual stream after the last layer ``[B, T, D]`` (before the final norm).
     """
 
@@ -87,6 +117,7 @@ def traced_forward(
     resid: Tensor | None = None,
     start_layer: int = 0,
     explicit: bool = False,
+    readout: Tensor | None = None,
 ) -> Trace:
     """Run the model once, recording ``points`` without detaching them.
 
@@ -103,6 +134,9 @@ def traced_forward(
         resid: start from this residual stream entering ``start_layer``.
         start_layer: first layer to run when ``resid`` is given.
         explicit: compute attention patterns explicitly (needed to record ``pattern``).
+        readout: ``[N]`` positions to read the logits at, row ``r`` reading ``readout[r % N]`` (an
+            encoder's mask positions). None: the last position; an encoder then reads the one mask
+            token of each row of ``ids`` (:func:`mask_readout`).
     """
     pts = set(points)
     acts: dict[HookPoint, Tensor] = {}
@@ -125,15 +159,38 @@ def traced_forward(
     for hp in pts:
         all_hooks[hp].append(recorder(hp))
     explicit = explicit or needs_explicit_attention(hp.kind for hp in pts)
+    if readout is None and ids is not None and not model.family.causal:
+        readout = mask_readout(model, ids)
     out = model.runner.forward(
         ids, resid=resid, start_layer=start_layer, hooks=all_hooks, last_only=True, unembed_cols=cols,
-        lrp=lrp, explicit_attention=explicit,
+        lrp=lrp, explicit_attention=explicit, readout=readout,
     )
     assert out.logits is not None
     missing = pts - set(acts)
     if missing:
         raise AttributionError(f"the forward pass never reached {sorted(map(str, missing))}")
     return Trace(acts, out.logits[:, -1], out.resid)
+
+
+def mask_readout(model: Model, ids: Tensor) -> Tensor:
+    """``[B]``: the position of the one mask token in each row of ``ids`` (an encoder's readout).
+
+    The rows are prompts :meth:`TokenizedTask.readout` already checked (one mask token each), or
+    repeats of them; this finds it again for callers that pass only the ids.
+
+    Raises:
+        AttributionError: a tokenizer without a mask token, or a row with none or several.
+    """
+    mask_id = getattr(model.tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise AttributionError(f"{model.family.name} is read at its mask token, but the model has no tokenizer with "
+                               "one: pass readout= positions")
+    hits = ids == mask_id
+    n = hits.sum(1)
+    if bool((n != 1).any()):
+        r = int((n != 1).nonzero()[0, 0])
+        raise AttributionError(f"row {r} has {int(n[r])} mask tokens; {model.family.name} is read at exactly one")
+    return hits.int().argmax(1)
 
 
 def grads_of(
@@ -231,6 +288,7 @@ class Group:
         cols: the vocabulary columns the metric reads (None: all).
         cells: the cell map of the requested grids.
         score: per-example metric of last-position logits; accepts ``k·B`` rows (repeats examples).
+        readout: ``[B]`` mask positions the metric reads (encoders); None: the last position.
     """
 
     idx: list[int]
@@ -239,6 +297,7 @@ class Group:
     cols: Tensor | None
     cells: CellMap
     score: Callable[[Tensor], Tensor]
+    readout: Tensor | None = None
 
 
 @dataclass
@@ -297,6 +356,7 @@ def estimate(
     specs = [sites] if isinstance(sites, SiteSpec) else list(sites)
     if not specs:
         raise AttributionError("no site grids given")
+    check_family(model, method)
     tok = task if isinstance(task, TokenizedTask) else task.tokenize(model.tokenizer)
     m = Metric(metric)
     grids = [build_grid(model, s, tok) for s in specs]
@@ -308,17 +368,20 @@ def estimate(
     clean_m, corrupt_m = torch.zeros(N), torch.zeros(N)
     dev = model.device
     groups = tok.groups()
+    # an encoder's mask positions, every group's checked before the first forward
+    readouts = [tok.readout(idx, mask=not model.family.causal) for idx in groups]
     tick = counter(on_progress, len(groups))
-    for idx in groups:
+    for idx, ro in zip(groups, readouts, strict=True):
         ids_c, ids_k = tok.ids("clean", idx).to(dev), tok.ids("corrupt", idx).to(dev)
         answer, wrong = tok.answer[idx].to(dev), tok.wrong[idx].to(dev)
+        ro = ro.to(dev) if ro is not None else None
         ref = None
         if m.name == "kl":
             with torch.no_grad():
-                ref = torch.log_softmax(traced_forward(model, ids_c, ()).logits.float(), -1)
+                ref = torch.log_softmax(traced_forward(model, ids_c, (), readout=ro).logits.float(), -1)
         cols, score = _scorer(model, m, answer, wrong, ref)
         base_ids, src_ids = (ids_k, ids_c) if direction == "denoise" else (ids_c, ids_k)
-        g = Group(list(idx), base_ids, src_ids, cols, cell_map(model, grids, ids_c.shape[1]), score)
+        g = Group(list(idx), base_ids, src_ids, cols, cell_map(model, grids, ids_c.shape[1]), score, ro)
         res = group_fn(g)
         per_ex[idx] = res.values.detach().float().cpu()
         for k, v in res.extras.items():

@@ -95,14 +95,14 @@ def _inputs_group(model: Model, g: Group, cfg: IGConfig) -> GroupResult:
     m_ = cfg.steps
     B = g.base_ids.shape[0]
     with torch.no_grad():
-        src = traced_forward(model, g.src_ids, set(pts) | {EMBED}, cols=g.cols)
+        src = traced_forward(model, g.src_ids, set(pts) | {EMBED}, cols=g.cols, readout=g.readout)
     e_src = src.acts[EMBED].repeat(m_, 1, 1)
     a = _alphas(cfg, g.base_ids.device).repeat_interleave(B)[:, None, None]
 
     def interp(x: Tensor, ctx: RunCtx) -> Tensor:
         return x + a.to(x.dtype) * (e_src - x)
 
-    run = traced_forward(model, g.base_ids.repeat(m_, 1), pts, cols=g.cols, hooks={EMBED: [interp]})
+    run = traced_forward(model, g.base_ids.repeat(m_, 1), pts, cols=g.cols, readout=g.readout, hooks={EMBED: [interp]})
     vals = g.score(run.logits)
     grads = grads_of(vals.sum(), [run.acts[p] for p in pts])
     if cfg.rule == "left":  # the first B rows are the base run itself (α = 0)
@@ -110,7 +110,7 @@ def _inputs_group(model: Model, g: Group, cfg: IGConfig) -> GroupResult:
         base_metric = vals[:B].detach()
     else:
         with torch.no_grad():
-            base = traced_forward(model, g.base_ids, pts, cols=g.cols)
+            base = traced_forward(model, g.base_ids, pts, cols=g.cols, readout=g.readout)
         base_acts, base_metric = base.acts, g.score(base.logits)
     R = {
         p: product(p.kind, src.acts[p] - base_acts[p], gr.unflatten(0, (m_, B)).mean(0))
@@ -126,8 +126,8 @@ def _site_group(model: Model, g: Group, cfg: IGConfig) -> GroupResult:
     L = model.dims.n_layers
     need = set(pts) | {HookPoint("resid_pre", li) for li in range(L)}
     with torch.no_grad():
-        src = traced_forward(model, g.src_ids, pts, cols=g.cols)
-        base = traced_forward(model, g.base_ids, need, cols=g.cols)
+        src = traced_forward(model, g.src_ids, pts, cols=g.cols, readout=g.readout)
+        base = traced_forward(model, g.base_ids, need, cols=g.cols, readout=g.readout)
     a = _alphas(cfg, g.base_ids.device).repeat_interleave(B)
     R: dict[HookPoint, Tensor] = {}
     for p in pts:
@@ -150,11 +150,11 @@ def _site_group(model: Model, g: Group, cfg: IGConfig) -> GroupResult:
             return leaf
 
         if p.layer is None:
-            run = traced_forward(model, g.base_ids.repeat(m_, 1), (), cols=g.cols, hooks={p: [put]})
+            run = traced_forward(model, g.base_ids.repeat(m_, 1), (), cols=g.cols, readout=g.readout, hooks={p: [put]})
         else:
             resid = base.acts[HookPoint("resid_pre", p.layer)].repeat(m_, 1, 1)
             run = traced_forward(
-                model, None, (), cols=g.cols, hooks={p: [put]}, resid=resid, start_layer=p.layer,
+                model, None, (), cols=g.cols, readout=g.readout, hooks={p: [put]}, resid=resid, start_layer=p.layer,
             )
         (gr,) = grads_of(g.score(run.logits).sum(), [leaf])
         R[p] = product(p.kind, d, gr.unflatten(0, (m_, B)).mean(0))

@@ -183,8 +183,9 @@ class Runner(Stages):
         if readout is None:
             if not self.family.causal:
                 raise RunnerError(f"{self.family.name} attends in both directions: it is read at the mask token, and "
-                                  "this call names no readout position (readout=). Of the methods, only activation "
-                                  "patching (`patchtrace patch`) reads an encoder's mask position")
+                                  "this call names no readout position (readout=). The methods that read an "
+                                  "encoder's mask position: activation patching (`patchtrace patch`), causal "
+                                  "tracing (`trace`), AtP and IG (`attribute`) and `compare`")
             return h[:, -1:]
         B, N = h.shape[0], readout.shape[0]
         if B % N:

@@ -20,7 +20,7 @@ import torch
 from patchtrace.desiderata import Desideratum, TokenizedDesideratum, split_desiderata, tokenize_desiderata
 from patchtrace.methods.dbm.cache import RunStore
 from patchtrace.methods.dbm.components import components, parse_specs, prepare
-from patchtrace.methods.dbm.config import DBMConfig
+from patchtrace.methods.dbm.config import DBMConfig, DBMError
 from patchtrace.methods.dbm.data import DesiderataSource, as_desiderata
 from patchtrace.methods.dbm.evaluate import evaluate_site_sets, exact_patching_ranking
 from patchtrace.methods.dbm.result import HISTORY_KEYS, Mask
@@ -81,6 +81,11 @@ def run(
         >>> set(mask.binary.tolist()) <= {0.0, 1.0}, len(mask.kept) == int(mask.binary.sum())
         (True, True)
     """
+    if not model.family.causal:
+        raise DBMError(f"DBM does not support {model.family.name} (an encoder): its desiderata are read at the last "
+                       "position and its masked forwards resume after the cached prefix (suffix only), neither of "
+                       "which holds with bidirectional attention; on encoders use activation patching, causal "
+                       "tracing, AtP or IG")
     cfg = config or DBMConfig()
     ds = as_desiderata(task)
     specs = parse_specs(sites)
