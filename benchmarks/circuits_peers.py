@@ -126,7 +126,7 @@ def drive(args: argparse.Namespace) -> None:
     methods = [w for w in PEER_OF if w not in args.skip]
     for rnd in range(args.rounds):
         for what in methods:
-            order: tuple = (("peer", [*peer, "--what", what]),)
+            order: tuple = () if what in args.ours_only else (("peer", [*peer, "--what", what]),)
             if what in METHODS:
                 order = (("ours", [*me, "--side", "ours", "--what", what]), *order)
             for side, cmd in (order if rnd % 2 == 0 else order[::-1]):
@@ -143,7 +143,7 @@ def drive(args: argparse.Namespace) -> None:
         _sub([*peer, "--what", "exact", "--exact-edges", str(args.exact_edges)])
         f = DIR / "peer_exact.json"
         res["peer_exact"] = json.loads(f.read_text()) if f.exists() else "no output"
-    if "auto-circuit" in methods:
+    if "auto-circuit" in methods and "auto-circuit" not in args.ours_only:
         res["auto_circuit"] = json.loads((DIR / "peer_auto-circuit.json").read_text())
     res["load_after"] = [float(x) for x in open("/proc/loadavg").read().split()[:3]]
     # agreement
@@ -156,7 +156,7 @@ def drive(args: argparse.Namespace) -> None:
             f = DIR / f"{side}_{what}.safetensors"
             if f.exists():
                 sets[f"{side} {what}"] = load_file(str(f))["scores"]
-    real = ~torch.isnan(sets["ours EAP"]) if "ours EAP" in sets else torch.ones_like(mask)
+    real = ~torch.isnan(next(v for k, v in sets.items() if k.startswith("ours")))
     agree: dict = {}
     for a, va in sets.items():
         row = {"exact (sample)": {"pearson": pearson(exact[mask], va[mask]), "spearman": spearman(exact[mask], va[mask])}}
@@ -169,7 +169,7 @@ def drive(args: argparse.Namespace) -> None:
                       "max_abs_diff": float(d.max()), "max_abs_score": float(vb[real].abs().max())}
         agree[a] = row
     res["agreement"] = agree
-    (DIR.parent / "peers.json").write_text(json.dumps(res, indent=2))
+    (DIR.parent / args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
 
@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--exact-edges", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], help="methods (or exact, auto-circuit) to leave out")
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--ours-only", nargs="*", default=[], help="methods timed on our side only")
+    ap.add_argument("--out", default="peers.json", help="result file name under runs/bench-circuits/")
     args = ap.parse_args()
     if args.side == "export":
         export(args.n, args.sample)
