@@ -91,7 +91,7 @@ def main() -> None:
             sub = torch.zeros_like(G.mask)
             idx = sel.nonzero()[torch.randperm(ne, generator=torch.Generator().manual_seed(li))[:args.versus_dense]]
             sub[idx[:, 0], idx[:, 1]] = True
-            t = {}
+            t: dict[str, list[float]] = {}
             for mode in (False, True, False, True):  # dense, sparse, alternated
                 t0 = time.perf_counter()
                 e2 = edge_grid(p, edges=sub, sparse=mode)

@@ -68,7 +68,7 @@ def load(d: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = json.loads((d / "model.json").read_text())
-    hcfg = LlamaConfig(
+    hcfg = LlamaConfig(  # type: ignore[call-arg]  # transformers<5 (.venv-peers) takes rope_theta
         vocab_size=c["vocab_size"], hidden_size=c["d_model"], intermediate_size=c["d_mlp"],
         num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"], num_key_value_heads=c["n_kv_heads"],
         head_dim=c["d_head"], rms_norm_eps=c["eps"], rope_theta=c["rope_theta"], tie_word_embeddings=True,
