@@ -20,6 +20,10 @@ Who supplies ``Δ`` is a :class:`Deltas` object, told every sender's output as i
 
 A run may start at layer ``l`` from a cached residual stream: a receiver at layer ``l`` changes
 nothing before it. Only the last position is unembedded, and only the metric's vocabulary columns.
+
+The edge grid (one edge per row) takes two further shortcuts through :class:`OneReceiverPerRow`: in
+the receiver's layer only the changed receiver of each row is projected anew (the base rows once),
+and in the last layer everything after the attention runs at the last position only.
 """
 
 from __future__ import annotations
