@@ -104,10 +104,11 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
                 fr = [(kv_fraction(a, [j]), param_fraction(a, [j])) for j in range(a.n_layers)]
             else:
                 pipe = _joint()
-                r = joint_text_localization(pipe, pa, pb, agree, keep, seeds, 10, per_head=arch == "joint-heads")
+                groups = [] if arch == "joint-heads" else [list(range(i, i + w)) for w in (2, 3) for i in range(0, 7 - w)]
+                r = joint_text_localization(pipe, pa, pb, agree, keep, seeds, 10, per_head=arch == "joint-heads", groups=groups)
                 labels = r["labels"]
-                fr = [joint_fractions(pipe, [j] if isinstance(j, int) else list(range(6)) if j == "all" else [])
-                      for j, _ in r["cells"]]  # fmt: skip
+                fr = [joint_fractions(pipe, [j] if isinstance(j, int) else list(j) if isinstance(j, tuple)
+                                      else list(range(6)) if j == "all" else []) for j, _ in r["cells"]]  # fmt: skip
             for k in ("agree_b", "preserve", "psnr", "ssim"):
                 acc.setdefault(k, []).append(r[k].tolist())
             acc.setdefault("plain_a", []).append(r["agree_b_plain_a"])
@@ -117,7 +118,7 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
                 _img(out / f"textloc_{arch}" / "textloc_grid.png", img, f"textloc_{arch}_grid.png")
                 _img(out / f"textloc_{arch}" / "textloc_curves.png", img, f"textloc_{arch}_curves.png")
         mean = {k: np.mean(np.array(v), 0).tolist() for k, v in acc.items()}
-        score = [g + 1e-3 * s if lab.startswith("L") else -1.0 for g, s, lab in zip(mean["agree_b"], mean["ssim"], labels)]
+        score = [g + 1e-3 * s if lab[1:].isdigit() else -1.0 for g, s, lab in zip(mean["agree_b"], mean["ssim"], labels)]
         best = int(np.argmax(score))
         res[arch] = {"labels": labels, **mean, "kv_fraction": [f[0] for f in fr], "attn_fraction": [f[1] for f in fr],
                      "localized": labels[best], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
@@ -160,13 +161,14 @@ def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[i
     return {k: {x: y for x, y in e.items() if x not in ("images", "prompts")} for k, e in evals.items()}
 
 
-def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], steps: int, arch: str = "unet") -> dict[str, Any]:
+def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], steps: int, arch: str = "unet",
+                 lr: float = 1e-3) -> dict[str, Any]:  # fmt: skip
     from patchtrace.diffusion.textlora import accuracy_sets, text_lora
     from patchtrace.diffusion.textreport import lora_report
 
     a: Any = T2IAdapter(build_small(), steps=10) if arch == "unet" else _joint()
     base = accuracy_sets(a, sc, seeds)
-    runs = [text_lora(a, sc, arm, loc, steps=steps, seeds=seeds) for arm in ("localized", "all")]
+    runs = [text_lora(a, sc, arm, loc, steps=steps, lr=lr, seeds=seeds) for arm in ("localized", "all")]
     suffix = "" if arch == "unet" else "_joint"
     lora_report(base, runs, out / f"lora{suffix}", f"LoRA localized vs all attention layers, {arch}")
     _img(out / f"lora{suffix}" / "lora_grid.png", img, f"text_lora{suffix}_grid.png")
@@ -250,8 +252,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--lora-steps", type=int, default=100)
+    p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--archs", default="unet,joint,joint-heads", help="architectures of textloc/edit")
     p.add_argument("--unet-layers", default="", help="override the localized UNet layers (default: from textloc)")
+    p.add_argument("--joint-layers", default="", help="override the joint model's localized layers (default: from textloc)")
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -264,16 +268,18 @@ def main() -> None:
     loc = {arch: [int(tl[arch]["localized"][1:])] if arch in tl else [6] for arch in ("unet", "joint")}
     if a.unet_layers:
         loc["unet"] = [int(x) for x in a.unet_layers.split(",")]
+    if a.joint_layers:
+        loc["joint"] = [int(x) for x in a.joint_layers.split(",")]
     if "edit" in what:
         _save(a.out, "edit", edit_section(a.out, a.img, sc, seeds, a.prompts, loc, a.archs.split(",")))
     if "prevent" in what:
         _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"]))
     if "lora" in what:
-        _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps))
+        _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps, lr=a.lora_lr))
     if "prevent-joint" in what:
         _save(a.out, "prevent_joint", prevent_section(a.out, a.img, sc, seeds, loc["joint"], "joint"))
     if "lora-joint" in what:
-        _save(a.out, "lora_joint", lora_section(a.out, a.img, sc, seeds, loc["joint"], a.lora_steps, "joint"))
+        _save(a.out, "lora_joint", lora_section(a.out, a.img, sc, seeds, loc["joint"], a.lora_steps, "joint", a.lora_lr))
     print(write_md(a.out).read_text())
 
 

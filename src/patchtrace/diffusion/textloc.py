@@ -102,14 +102,16 @@ def joint_fractions(pipe: Any, layers: Sequence[int]) -> tuple[float, float]:
 def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequence[str],
                             agree_b: Callable[[Any, Any], Any], preserve: Callable[[Any, Any], Any] | None = None,
                             seeds: Sequence[int] = (0,), steps: int = 10, guidance: float = 3.0,
-                            per_head: bool = False, extra: bool = True) -> dict[str, Any]:  # fmt: skip
+                            per_head: bool = False, extra: bool = True,
+                            groups: Sequence[Sequence[int]] = ()) -> dict[str, Any]:  # fmt: skip
     """:func:`text_localization` for joint attention: one layer (or one head of one layer) at a time reads
     prompt B's cached text-token K/V at every step; B is run once and its cache reused for every layer.
 
     Rows (``labels``) are layers ``L0 …``, or ``(layer, head)`` pairs ``L0.H0 …`` when ``per_head``; with
     ``extra`` two more: ``all`` (every layer's text K/V from B) and ``pooled`` (only B's pooled text
     embedding, which SD3 feeds to every block's adaptive norms through the time embedding, not through
-    attention) — together they say whether the text reaches the image through the joint attention at all.
+    attention) — together they say whether the text reaches the image through the joint attention at all;
+    and one row per group of layers in ``groups`` (``L0-2`` for ``[0, 1, 2]``), patched together.
     """
     import torch
 
@@ -150,6 +152,9 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
         cells: list[tuple[Any, Any]] = [(j, h) for j in range(len(layers)) for h in range(layers[j].heads)] \
             if per_head else [(j, None) for j in range(len(layers))]  # fmt: skip
         labels = [f"L{j}" if h is None else f"L{j}.H{h}" for j, h in cells]
+        for g in groups:
+            cells.append((tuple(g), None))
+            labels.append(f"L{min(g)}-{max(g)}" if list(g) == list(range(min(g), max(g) + 1)) else "L" + "+".join(map(str, g)))
         if extra:
             cells += [("all", None), ("pooled", None)]
             labels += ["all", "pooled"]
@@ -163,7 +168,7 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
                 finally:
                     hp.remove()
             else:
-                patch = list(range(len(layers))) if j == "all" else [j]
+                patch = list(range(len(layers))) if j == "all" else list(j) if isinstance(j, tuple) else [j]
                 with patch_text_kv(pipe, layers, cache, patch, 0, n_cond=len(ra), heads=None if h is None else [h]):
                     img = pipe(prompt=ra, **args).images
             images.append(img)

@@ -161,6 +161,7 @@ def text_lora(adapter: Any, scorer: Any, arm: str, layers: Sequence[int] = (), s
     with run.patch.applied(net):
         after = accuracy_sets(adapter, scorer, seeds, n_eval)
     return {"arm": arm, "layers": list(layers) if arm == "localized" else "all attention", "modules": len(names),
+            "steps": steps, "lr": lr, "rank": rank, "batch": batch,
             "trainable": run.trainable, "total": run.total, "trainable_fraction": run.trainable / run.total,
             "seconds": round(seconds, 1), "loss_first": run.losses[0], "loss_last": sum(run.losses[-10:]) / min(10, len(run.losses)),
             "after": after, "patch": run.patch}  # fmt: skip
