@@ -9,7 +9,7 @@ on ``to_q``/``to_k``/``to_v``/``to_out.0`` of
 - **localized**: the localized cross-attention layers only, or
 - **all**: every attention module of the UNet (self- and cross-attention),
 
-trained with the small model's own denoising loss (x0 prediction, glyph/box pixels weighted), the text
+trained with the small models' denoising loss (x0 prediction, the glyph's frame weighted), the text
 encoder frozen. The same two arms exist on the small joint-attention model (:mod:`.smalljoint`), over
 both streams' projections of its blocks' attention. Both are scored on *hard prompts* — the held-out
 (glyph, colour) combinations the base model never saw — and on training combinations: glyph accuracy,
@@ -66,38 +66,38 @@ def lora_modules(model: Any, arm: str, layers: Sequence[int] = ()) -> list[str]:
     return [f"{n}.{p}" for n in picked for p in proj if f"{n}.{p}" in mods]
 
 
-def make_batches(steps: int, batch: int, seed: int, jitter: bool = True) -> list[tuple[Any, list[str]]]:
-    """``steps`` seeded batches ``(x0, captions)`` of training combinations (10% empty captions for guidance);
-    ``jitter`` as in the model's own training data (the joint model's renders have none)."""
+def make_batches(steps: int, batch: int, seed: int) -> list[tuple[Any, list[str], Any]]:
+    """``steps`` seeded batches ``(x0, captions, positions)`` of training combinations, unjittered renders as
+    both small models are trained on (10% empty captions for guidance)."""
     import numpy as np
     import torch
 
     from patchtrace.diffusion.small import data
-    from patchtrace.diffusion.smalljoint.train import render_batch
 
     rng = np.random.default_rng(seed)
     specs = data.all_specs(held_out=False)
     out = []
     for _ in range(steps):
-        x, caps, _ = render_batch(rng, batch, specs, jitter)
+        x, caps, labels = data.sample_batch(rng, batch, specs, jitter=False)
         drop = rng.random(len(caps)) < 0.1
-        out.append((torch.from_numpy(x), ["" if d else c for c, d in zip(caps, drop)]))
+        out.append((torch.from_numpy(x), ["" if d else c for c, d in zip(caps, drop)], labels["position"]))
     return out
 
 
-def denoise_loss(pipe: Any, fg_weight: float = 20.0, seed: int = 0) -> Any:
-    """The small model's training loss for LoRA: x0 prediction, foreground pixels weighted ``fg_weight``×."""
+def denoise_loss(pipe: Any, region_weight: float = 10.0, seed: int = 0) -> Any:
+    """The small models' denoising loss for LoRA: x0 prediction, the glyph's frame rectangle weighted
+    ``region_weight``× (ink or not: issue 12 found an ink-only weight biased toward glyph-coloured blobs)."""
     import torch
 
     from patchtrace.diffusion.small.model import build_scheduler
+    from patchtrace.diffusion.small.train import _region_mask
 
     alphas = build_scheduler("ddpm").alphas_cumprod
     gen = torch.Generator().manual_seed(seed)
-
     joint = hasattr(pipe, "transformer")
 
     def loss_fn(model: Any, batch: Any) -> Any:
-        x0, caps = batch
+        x0, caps, positions = batch
         with torch.no_grad():
             cond, pooled = pipe.encode(caps) if joint else (pipe.encode_prompt(caps, pipe.unet.device, 1, False)[0], None)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
@@ -107,8 +107,8 @@ def denoise_loss(pipe: Any, fg_weight: float = 20.0, seed: int = 0) -> Any:
             pred = model(xt, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t).sample
         else:
             pred = model(xt, t, encoder_hidden_states=cond).sample
-        fg = ((x0 - x0[..., :1, :1]).abs().sum(1, keepdim=True) > 0.01).float()
-        return (((pred - x0) ** 2) * (1 + (fg_weight - 1) * fg)).mean()
+        w = 1 + (region_weight - 1) * _region_mask(positions)
+        return (((pred - x0) ** 2) * w).mean()
 
     return loss_fn
 
@@ -153,7 +153,7 @@ def text_lora(adapter: Any, scorer: Any, arm: str, layers: Sequence[int] = (), s
         raise DiffusionError(f"LoRA steps {steps}: need at least 1")
     pipe = _pipe(adapter)
     net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    batches = make_batches(steps, batch, seed, jitter=not hasattr(pipe, "transformer"))
+    batches = make_batches(steps, batch, seed)
     t0 = time.perf_counter()
     run = train_lora(net, names, batches, denoise_loss(pipe, seed=seed), steps, lr=lr, r=rank, alpha=float(rank), seed=seed)
     seconds = time.perf_counter() - t0
