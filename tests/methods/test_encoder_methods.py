@@ -1,8 +1,8 @@
 """Localization methods on encoders (tiny random BERT and RoBERTa masked LMs), each against an
 independent reference written here with plain forward hooks and autograd on the HF modules (no
-patchtrace code): AtP, integrated gradients (inputs and site paths), causal tracing (resid and MLP
-windows, fast and plain engine paths) and ``compare``; AtP*, RelP and DBM are refused by name before
-any forward.
+patchtrace code): AtP, integrated gradients (inputs and site paths), RelP (LRP rules as hooks),
+causal tracing (resid and MLP windows, fast and plain engine paths) and ``compare``; AtP* and DBM
+are refused by name before any forward.
 
 The metric is read at each prompt's ``[MASK]`` (positions 6 and 1: not the last). Attention is
 bidirectional, so the tests also assert what a causal shortcut would get wrong: gradient estimates at
@@ -16,6 +16,7 @@ split ``[H, d]``; ``mlp_out`` = output of ``output.dense``; ``embed`` = output o
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -152,6 +153,38 @@ def _ref_gradient_estimate(hf, clean, corrupt, kind: str, alphas=(0.0,)):
     return torch.stack([_dot(kind, src[k] - base[k], g, H) for k, g in zip(keys, total, strict=True)], 1)
 
 
+@contextlib.contextmanager
+def _lrp_rules(hf):
+    """RelP's default rules as hooks: every LayerNorm's scale a constant (LN rule), every activation
+    ``y = f(x)`` passing gradient as ``x · (y / x̂)`` with ``x̂ = x + (sign(x) + [x = 0])·1e-6``
+    (identity rule); forward values unchanged."""
+
+    def same(value, surrogate):
+        return value.detach() + (surrogate - surrogate.detach())
+
+    def identity(x, y):
+        return same(y, x * (y / (x + (torch.sign(x) + (x == 0).float()) * 1e-6)).detach())
+
+    def ln_rule(m, args, out):
+        xc = args[0] - args[0].mean(-1, keepdim=True)
+        return same(out, xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + m.eps).detach() * m.weight + m.bias)
+
+    handles = [m.register_forward_hook(ln_rule) for m in hf.modules() if isinstance(m, torch.nn.LayerNorm)]
+    acts = [blk.intermediate.intermediate_act_fn for blk in _base(hf).encoder.layer]
+    if hf.config.model_type == "bert":
+        acts.append(hf.cls.predictions.transform.transform_act_fn)
+    else:  # RobertaLMHead calls the gelu function between its dense layer and its LayerNorm
+        seen = {}
+        handles.append(hf.lm_head.dense.register_forward_hook(lambda m, a, out: seen.update(x=out)))
+        handles.append(hf.lm_head.layer_norm.register_forward_pre_hook(lambda m, a: (identity(seen["x"], a[0]),)))
+    handles += [m.register_forward_hook(lambda m, args, out: identity(args[0], out)) for m in acts]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _ref_ig_site(hf, clean, corrupt, layer: int, alphas):
     """Site-path IG of ``resid_pre[layer]``: interpolate the layer's input at every position."""
     key = ("resid_pre", layer)
@@ -226,6 +259,17 @@ def test_atp_equals_autograd_reference_at_the_mask(enc, tokenizer, task, kind):
     assert after.abs().max() > 1e-3
 
 
+def test_relp_equals_lrp_hook_reference(enc, tokenizer, task):
+    clean, corrupt = _ids(tokenizer, task, "clean"), _ids(tokenizer, task, "corrupt")
+    got = relp.run(enc, task, SiteSpec("resid_pre", positions="all")).per_example
+    with _lrp_rules(enc.hf):
+        ref = _ref_gradient_estimate(enc.hf, clean, corrupt, "resid_pre")
+    plain = _ref_gradient_estimate(enc.hf, clean, corrupt, "resid_pre")
+    assert got is not None and (got - ref).abs().max() <= 1e-5
+    assert (ref - plain).abs().max() > 1e-3  # the rules change the backward (every post-add LayerNorm included)
+    assert ref[:, 1][_after_mask(clean.shape[1])].abs().max() > 1e-3
+
+
 def test_ig_inputs_path_equals_reference(enc, tokenizer, task):
     clean, corrupt = _ids(tokenizer, task, "clean"), _ids(tokenizer, task, "corrupt")
     got = ig.run(enc, task, SiteSpec("resid_pre", positions="all"), ig.IGConfig(steps=3)).per_example
@@ -249,7 +293,7 @@ def test_causal_tracing_equals_reference(enc, tokenizer, task, kind, fast):
     got = ct.run(enc, task, None, cfg)
     clean = _ids(tokenizer, task, "clean")
     ref = _ref_trace(enc.hf, clean, samples=2, seed=0, scale=3.0, kind=kind, window=2)
-    assert got.per_example is not None and (got.per_example - ref).abs().max() <= 1e-5
+    assert got.per_example is not None and (got.per_example - ref).abs().max() <= 1e-6
     assert got.provenance["subject_positions"] == SUBJECT_POS
     # bidirectional: restoring a state *before* the subject matters (a causal model: exactly 0)
     before = torch.cat([ref[i, 0, : SUBJECT_POS[i][0]] for i in range(2)])
@@ -261,8 +305,8 @@ def test_compare_runs_what_carries_over_and_skips_the_rest(enc, tokenizer, task)
     clean, corrupt = _ids(tokenizer, task, "clean"), _ids(tokenizer, task, "corrupt")
     res = compare.run(enc, task, [SiteSpec("resid_pre", positions="all")],
                       config=compare.CompareConfig(options={"ig": {"steps": 2}}))
-    assert set(res.report["skipped"]) == {"atp_star", "relp"}
-    assert set(res.scores) == {"activation_patching", "atp", "ig"}
+    assert set(res.report["skipped"]) == {"atp_star"}
+    assert set(res.scores) == {"activation_patching", "atp", "ig", "relp"}
     ref = _ref_gradient_estimate(enc.hf, clean, corrupt, "resid_pre")
     assert (res.scores["atp"][0].values - ref.mean(0)).abs().max() <= 1e-5
     assert -1.0 <= res.report["kinds"]["resid_pre"]["atp"]["pearson"] <= 1.0
@@ -275,10 +319,38 @@ def test_methods_that_do_not_carry_over_are_refused_before_any_forward(enc, task
     name = enc.family.name
     with pytest.raises(AttributionError, match=f"atp_star does not support {name}.*qk_fix.*causal mask"):
         atp_star.run(enc, task, spec)
-    with pytest.raises(AttributionError, match=f"relp does not support {name}.*post-norm"):
-        relp.run(enc, task, spec)
     with pytest.raises(AttributionError, match="atp_star does not support"):
         compare.run(enc, task, [spec], ["atp", "atp_star"])
     with pytest.raises(DBMError, match=f"DBM does not support {name}.*bidirectional"):
         dbm.run(enc, task, "mlp_out")
     assert calls == []
+
+
+def test_cli_trace_and_compare_on_a_bert_folder(tmp_path, tokenizer, task):
+    """``patchtrace trace`` and ``compare`` with ``--model DIR`` (a saved tiny BERT) read the mask: the
+    trace equals the reference; compare's default set skips AtP* and says why."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from patchtrace.cli import build_app
+    from patchtrace.results import Scores
+
+    hf = _hf("bert")
+    hf.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    rows = [{"clean": e.clean, "corrupt": e.corrupt, "answer": e.answer, "wrong": e.wrong, **e.meta} for e in task.examples]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app, cli = build_app(), CliRunner()
+    common = ["--model", str(tmp_path / "bert"), "--task", str(tmp_path / "t.jsonl")]
+    res = cli.invoke(app, ["trace", *common, "--samples", "2", "--out", str(tmp_path / "tr"), "-q"])
+    assert res.exit_code == 0, res.output
+    ref = _ref_trace(hf, _ids(tokenizer, task, "clean"), samples=2, seed=0, scale=3.0, kind="resid", window=10)
+    got = Scores.load(tmp_path / "tr").per_example
+    assert got is not None and (got - ref).abs().max() <= 1e-6
+    res = cli.invoke(app, ["compare", *common, "--sites", "resid_pre", "--positions", "all", "--ig-steps", "2",
+                           "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    assert "skipped atp_star on bert" in res.output
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert set(report["time_s"]) == {"activation_patching", "atp", "ig", "relp"}

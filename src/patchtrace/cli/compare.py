@@ -99,8 +99,13 @@ def register(app: typer.Typer) -> None:
         m = common.load(model, device, dtype, trust_remote_code)
         tok = common.build_task(task, n, seed, m).tokenize(m.tokenizer)
         with common.progress("compare (method runs)") as bar:  # the reference sweep, then each estimator
-            report = cmp.run(m, tok, specs, names, cfg, out_dir=root, on_progress=bar.update).report
-        others = [x for x in dict.fromkeys(names) if x != cmp.REFERENCE]
+            # the default set (None) lets compare leave out what does not carry over to the family (encoders)
+            report = cmp.run(m, tok, specs, None if methods is None else names, cfg, out_dir=root,
+                             on_progress=bar.update).report
+        skipped = report.get("skipped", {})
+        for name, why in skipped.items():
+            con.print(f"skipped {name} on {m.family.name}: {why}", markup=False)
+        others = [x for x in dict.fromkeys(names) if x != cmp.REFERENCE and x not in skipped]
         table = Table(title=f"agreement with exact patching ({tok.task.name}, n={len(tok)})")
         table.add_column("site kind")
         for name in others:

@@ -53,8 +53,8 @@ def register(app: typer.Typer) -> None:
         con.print(b)
         con.print("Also: any local transformers directory (safetensors) or Hugging Face id of a supported type.",
                   markup=False)
-        con.print("Encoders (bert, roberta) load as masked LMs: `patch --model DIR` reads the metric at the one "
-                  "[MASK]/<mask> token each prompt must have.", markup=False)
+        con.print("Encoders (bert, roberta) load as masked LMs: `patch`, `trace` and `compare --model DIR` read "
+                  "the metric at the one [MASK]/<mask> token each prompt must have.", markup=False)
 
     @app.command("tasks")
     def tasks() -> None:

@@ -10,8 +10,8 @@ registered tomorrow is compared without an edit here.
 
 Encoders (BERT, RoBERTa): every method reads the mask position. The default set leaves out the
 estimators whose definition does not carry over (:data:`~patchtrace.methods.gradients.NOT_FOR_ENCODERS`:
-AtP*, RelP; the report lists them under ``skipped`` with the reason); naming one is refused before
-any compute.
+AtP*; the report lists them under ``skipped`` with the reason); naming one is refused before any
+compute.
 
 What is compared with what: signed estimates (``value_name='attribution'``) with the exact
 ``effect``; AtP*'s GradDrop magnitudes (``contribution``) with the mean over examples of

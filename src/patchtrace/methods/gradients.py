@@ -30,10 +30,10 @@ negative positions are resolved per group.
 Encoders (BERT, RoBERTa; ``model.family.causal`` False): the metric is read at each prompt's one
 mask token (:meth:`TokenizedTask.readout`, checked before any forward; ``Group.readout``), not the
 last position. Nothing else changes: autograd already gives the gradient at *every* position, and
-with bidirectional attention positions after the mask get a non-zero one, as they should. AtP*'s
-key fix assumes a causal mask and its GradDrop a pre-norm skip path, and RelP's LRP rules are not
-written for post-norm blocks: :func:`check_family` refuses those by name before any compute
-(:data:`NOT_FOR_ENCODERS`).
+with bidirectional attention positions after the mask get a non-zero one, as they should (RelP's
+norm rule applies to the LayerNorms after each residual add as to any other). AtP*'s key fix assumes
+a causal mask and its GradDrop a pre-norm skip path: :func:`check_family` refuses it by name before
+any compute (:data:`NOT_FOR_ENCODERS`).
 """
 
 from __future__ import annotations
@@ -70,8 +70,6 @@ class AttributionError(EngineError):
 NOT_FOR_ENCODERS: dict[str, str] = {
     "atp_star": "its key fix (qk_fix) recomputes each query's softmax under a causal mask, and GradDrop drops a "
                 "layer's gradient except the residual skip path, which post-norm blocks route through a LayerNorm",
-    "relp": "its LRP rules are written for pre-norm blocks; the LayerNorms after each residual add (post-norm) "
-            "have no rule here",
 }
 
 
@@ -85,7 +83,7 @@ def check_family(model: Model, method: str) -> None:
     if why is not None and not model.family.causal:
         raise AttributionError(f"{method} does not support {model.family.name} (an encoder: bidirectional attention, "
                                f"post-norm blocks): {why}. On encoders use activation patching, causal tracing, "
-                               "AtP or IG")
+                               "AtP, IG or RelP")
 
 
 # -- one traced forward ----------------------------------------------------------------------------

@@ -21,6 +21,11 @@ style model without biases *conserves* relevance: the relevance of every layer's
 sums to the metric (tested).
 
 The default rule set is the authors' (norm, identity, half; AH rule off).
+
+Encoders (BERT, RoBERTa) take the same rules (the LN rule is stated for a LayerNorm wherever it
+sits): the LayerNorms after each residual add and in the MLM head are norms like any other, the
+head's activation takes the identity rule, and the metric is read at the mask token. With biases
+and post-norms, relevance is not conserved exactly there.
 """
 
 from __future__ import annotations

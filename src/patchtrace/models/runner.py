@@ -158,8 +158,6 @@ class Runner(Stages):
         if not self.family.causal and (pos_offset or past_kv is not None):
             raise RunnerError(f"{self.family.name} attends in both directions: a forward cannot resume after "
                               "cached keys/values (pos_offset and past_kv must be unset)")
-        if lrp is not None and self.family.post_ln:
-            raise RunnerError(f"{self.family.name}: LRP rules for post-norm blocks are not implemented")
         with self._weights_frozen():
             h = self._entry(ids, resid, start_layer, pos_offset, hooks or {})
             ctx = RunCtx(pos_offset, pos_offset + h.shape[1])
@@ -185,7 +183,7 @@ class Runner(Stages):
                 raise RunnerError(f"{self.family.name} attends in both directions: it is read at the mask token, and "
                                   "this call names no readout position (readout=). The methods that read an "
                                   "encoder's mask position: activation patching (`patchtrace patch`), causal "
-                                  "tracing (`trace`), AtP and IG (`attribute`) and `compare`")
+                                  "tracing (`trace`), AtP, IG and RelP (Python API and `compare`)")
             return h[:, -1:]
         B, N = h.shape[0], readout.shape[0]
         if B % N:
@@ -219,9 +217,9 @@ class Runner(Stages):
             mlp_out = self._mlp_sublayer(li, h, call)
             h = self.resid_post(h, mlp_out, attn_out)
         else:
-            mid = self._join(call, "mid", li, self.add_attn(h, attn_out, li))
+            mid = self._join(call, "mid", li, self.add_attn(h, attn_out, li, call.lrp))
             mid = self._hook(hooks, "resid_mid", li, mid, ctx)
-            h = self.resid_post(mid, self._mlp_sublayer(li, mid, call), li=li)
+            h = self.resid_post(mid, self._mlp_sublayer(li, mid, call), li=li, lrp=call.lrp)
         return self._hook(hooks, "resid_post", li, h, ctx)
 
     def _attention_sublayer(self, li: int, h: Tensor, call: _Call, kv_out: KVList | None) -> Tensor:

@@ -183,9 +183,11 @@ class Stages:
     def unembed(self, resid: Tensor, cols: Tensor | None = None, lrp: LRPRules | None = None) -> Tensor:
         """Final norm, unembedding (only vocabulary columns ``cols`` when given) and soft-cap.
 
-        Encoders: the MLM head's transform ``LN(act(dense(h)))`` is the final norm."""
+        Encoders: the MLM head's transform ``LN(act(dense(h)))`` is the final norm (``act`` under the
+        LRP identity rule when ``lrp`` asks for it)."""
         if self.head_dense is not None:
-            resid = self.head_act(self.head_dense(resid))
+            x = self.head_dense(resid)
+            resid = self._identity_rule(x, self.head_act(x), lrp)
         h = self._norm(self.final_norm, resid, lrp)
         if cols is None:
             logits = self.lm_head(h)
@@ -287,14 +289,14 @@ class Stages:
         out = blk.o(z.reshape(*z.shape[:2], self.dims.n_heads * self.dims.d_head))
         return self._norm(blk.post_attn, out, lrp) if blk.post_attn is not None else out
 
-    def add_attn(self, h: Tensor, attn_out: Tensor, li: int | None = None) -> Tensor:
+    def add_attn(self, h: Tensor, attn_out: Tensor, li: int | None = None, lrp: LRPRules | None = None) -> Tensor:
         """``resid_mid = resid_pre + attn_out`` (sequential blocks only); post-norm blocks normalise the
-        sum with layer ``li``'s attention LayerNorm."""
+        sum with layer ``li``'s attention LayerNorm (under ``lrp``'s norm rule, like every norm)."""
         if self.dims.parallel_residual:
             raise RunnerError(f"{self.family.name} blocks are parallel: there is no resid_mid")
-        return self._post_add(li, 0, h + attn_out)
+        return self._post_add(li, 0, h + attn_out, lrp)
 
-    def _post_add(self, li: int | None, which: int, x: Tensor) -> Tensor:
+    def _post_add(self, li: int | None, which: int, x: Tensor, lrp: LRPRules | None = None) -> Tensor:
         """The norm after a residual add in post-norm blocks (``which`` 0: attention, 1: MLP)."""
         if not self.family.post_ln:
             return x
@@ -302,7 +304,7 @@ class Stages:
             raise RunnerError(f"{self.family.name} blocks normalise after the residual add: pass the layer")
         post = self._blocks[li].post_add
         assert post is not None
-        return self._norm(post[which], x, None)
+        return self._norm(post[which], x, lrp)
 
     # -- the MLP sublayer -----------------------------------------------------------------------
 
@@ -349,7 +351,10 @@ class Stages:
         out = get_path(blk.mlp, self.family.mlp_out)(act)
         return self._norm(blk.post_mlp, out, lrp) if blk.post_mlp is not None else out
 
-    def resid_post(self, h: Tensor, mlp_out: Tensor, attn_out: Tensor | None = None, li: int | None = None) -> Tensor:
+    def resid_post(
+        self, h: Tensor, mlp_out: Tensor, attn_out: Tensor | None = None, li: int | None = None,
+        lrp: LRPRules | None = None,
+    ) -> Tensor:
         """The residual stream leaving a layer.
 
         Sequential blocks: ``h`` is ``resid_mid`` and ``attn_out`` must be None. Parallel blocks:
@@ -362,7 +367,7 @@ class Stages:
             return h + attn_out + mlp_out
         if attn_out is not None:
             raise RunnerError(f"{self.family.name} blocks are sequential: pass resid_mid, not attn_out")
-        return self._post_add(li, 1, h + mlp_out)
+        return self._post_add(li, 1, h + mlp_out, lrp)
 
     # -- what the stages allocate -----------------------------------------------------------------
 

@@ -85,7 +85,7 @@ def run(
         raise DBMError(f"DBM does not support {model.family.name} (an encoder): its desiderata are read at the last "
                        "position and its masked forwards resume after the cached prefix (suffix only), neither of "
                        "which holds with bidirectional attention; on encoders use activation patching, causal "
-                       "tracing, AtP or IG")
+                       "tracing, AtP, IG or RelP")
     cfg = config or DBMConfig()
     ds = as_desiderata(task)
     specs = parse_specs(sites)
