@@ -203,9 +203,18 @@ def write_md(out: Path) -> Path:
         for arch in ("unet", "joint"):
             if arch in tl:
                 r = tl[arch]
-                i = r["labels"].index(r["localized"])
-                md.append(f"| small {arch} (here) | 1/{len(r['labels'])} ({r['localized']}) | {100 * r['kv_fraction'][i]:.2f}% "
-                          f"(whole attention module {100 * r['attn_fraction'][i]:.2f}%) |")  # fmt: skip
+                # the fewest layers whose patch draws B's glyph at least half as often as prompt B itself
+                size = lambda lab: (lab.count("+") + 1 if "+" in lab else int(lab.split("-")[1][:1]) - int(lab[1]) + 1  # noqa: E731
+                                    if "-" in lab else 1)  # fmt: skip
+                ok = [(size(lab), -r["agree_b"][i], i) for i, lab in enumerate(r["labels"])
+                      if lab.startswith("L") and r["agree_b"][i] >= 0.5 * np.mean(r["plain_b"])]  # fmt: skip
+                n_single = sum(lab[1:].isdigit() for lab in r["labels"])
+                if not ok:
+                    md.append(f"| small {arch} (here) | none of {n_single} | — |")
+                    continue
+                k, _, i = min(ok)
+                md.append(f"| small {arch} (here) | {k}/{n_single} ({r['labels'][i]}, agree B {_f(r['agree_b'][i])}) | "
+                          f"{100 * r['kv_fraction'][i]:.2f}% (whole attention modules {100 * r['attn_fraction'][i]:.2f}%) |")  # fmt: skip
         md.append("")
     ed = load("edit")
     if ed:
