@@ -69,7 +69,8 @@ class AttributionError(EngineError):
 #: Estimators whose definition does not carry over to encoders (bidirectional, post-norm), and why.
 NOT_FOR_ENCODERS: dict[str, str] = {
     "atp_star": "its key fix (qk_fix) recomputes each query's softmax under a causal mask, and GradDrop drops a "
-                "layer's gradient except the residual skip path, which post-norm blocks route through a LayerNorm",
+                "layer's gradient except the residual skip path, which post-norm blocks route through a LayerNorm "
+                "(with qk_fix=False and grad_drop=False it is plain AtP: use atp)",
 }
 
 
