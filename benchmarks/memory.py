@@ -9,6 +9,7 @@ Run it under different allocator settings to separate working set from allocator
     .venv/bin/python benchmarks/memory.py --budget-mib 16
     MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --neuron-blocks 6      # the 46,080-neuron job, last 6 blocks
+    .venv/bin/python benchmarks/memory.py --budgets 16 64 --units 384   # neuron-sweep time per budget
 
 Linux only (reads /proc/self/status).
 """
@@ -34,7 +35,15 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=int, default=None, help="engine working-memory budget (default: library default)")
     ap.add_argument("--neuron-blocks", type=int, default=0,
                     help="instead: build the all-neuron last-position job and run its last N checkpoint blocks")
+    ap.add_argument("--budgets", type=int, nargs="+", default=None, metavar="MIB",
+                    help="instead: time a neuron sweep (every neuron of --layers, last position) at each budget, in turn")
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 29], help="layers of the --budgets sweep (%(default)s)")
+    ap.add_argument("--units", type=int, default=1536, help="first N neurons per layer in the --budgets sweep (%(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="--budgets: runs per budget, fastest counts (%(default)s)")
     args = ap.parse_args()
+    if args.budgets:
+        budgets(args.budgets, args.layers, args.units, args.repeats)
+        return
     if args.neuron_blocks:
         neuron_blocks(args.neuron_blocks)
         return
@@ -67,6 +76,37 @@ def main() -> None:
     print("| stage | VmRSS MiB | VmHWM MiB |\n|---|---|---|")
     for name, rss, hwm in rows:
         print(f"| {name} | {rss} | {hwm} |")
+
+
+def budgets(mibs: list[int], layers: list[int], units: int, repeats: int) -> None:
+    """Wall time of one neuron sweep (last position) at each working-memory budget, the budgets taking
+    turns ``repeats`` times (fastest counts), so that contention hits them alike. The grid's cost per cell
+    grows with the layers after it: layers (0, 29) have the full grid's mean remaining depth."""
+    import os
+
+    from patchtrace import PatchingConfig, SiteSpec, activation_patching, load_model, make_task
+
+    model = load_model()
+    tok = make_task("ioi", n=16, seed=0).tokenize(model.tokenizer)
+    spec = SiteSpec("neuron", per_unit=True, positions="last", layers=tuple(layers), units=tuple(range(units)))
+    best = dict.fromkeys(mibs, float("inf"))
+    plans: dict[int, str] = {}
+    ref = None
+    for r in range(repeats):
+        for b in mibs:
+            t = time.perf_counter()
+            s = activation_patching(model, tok, spec, PatchingConfig(sanity_check=False, max_memory=b << 20))
+            best[b] = min(best[b], time.perf_counter() - t)
+            plans[b] = str(s.provenance["plan"][0])
+            if ref is None:
+                ref = s.values
+            assert bool((s.values == ref).all()), "budgets must not change the result"
+        print(f"repeat {r + 1}: " + ", ".join(f"{b} MiB {t:.2f} s" for b, t in best.items())
+              + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    n = len(layers) * units
+    print(f"| budget | {n} neurons (layers {layers}), fastest of {repeats} | × {mibs[0]} MiB | plan |\n|---|---|---|---|")
+    for b, t in best.items():
+        print(f"| {b} MiB | {t:.2f} s | {t / best[mibs[0]]:.2f} | {plans[b]} |")
 
 
 def neuron_blocks(n: int) -> None:
