@@ -1,8 +1,10 @@
 """Opt-in checks on the committed small text-to-image model (``make test-t2i``; minutes of CPU).
 
-Skipped unless ``PATCHTRACE_TEST_T2I=1``: they generate a few hundred images. The thresholds are
-the measured figures of BENCHMARKS.md ("Text-to-image (issue 12)") with a margin, not the issue's
-85% bar, which this model does not reach for every attribute (see docs/diffusion.md).
+Skipped unless ``PATCHTRACE_TEST_T2I=1``: they generate a few hundred images. The accuracy
+threshold (0.8 for every attribute, the glyph included) is the measured figure of BENCHMARKS.md
+("Text-to-image (issue 12)": every attribute >= 0.875 on 128 training and 96 held-out images) less a
+margin for these smaller samples; a model that ignores any attribute's word (chance: 1/6 to 1/2)
+fails it.
 """
 
 from __future__ import annotations
@@ -39,17 +41,17 @@ def test_weights_match_their_recorded_hash():
         assert hashlib.sha256((WEIGHTS_DIR / f"{stem}.safetensors").read_bytes()).hexdigest() == meta["sha256"]
 
 
-def test_generation_accuracy(model):
+@pytest.mark.parametrize("held_out", [False, True])
+def test_generation_accuracy(model, held_out):
     from patchtrace.diffusion.small.data import all_specs
     from patchtrace.diffusion.small.evaluate import accuracy
 
     a, sc = model
     rng = np.random.default_rng(0)
-    specs = all_specs(False)
+    specs = all_specs(held_out)
     acc = accuracy(a, sc, [specs[i] for i in rng.choice(len(specs), 24, replace=False)], [0, 1])
-    chance = {"glyph": 1 / 6, "color": 1 / 4, "background": 1 / 3, "position": 1 / 2, "style": 1 / 2}
-    for attr in ("color", "background", "style"):  # the attributes it learned (BENCHMARKS.md)
-        assert acc[attr] > chance[attr] + 0.3, (attr, acc)
+    for attr, v in acc.items():  # every prompted attribute is drawn, on unseen (glyph, colour) pairs too
+        assert v >= 0.8, (attr, acc)
 
 
 def test_locogen_style_localizes(model):
