@@ -39,30 +39,32 @@ METHODS = {"EAP": "eap", "EAP-IG-inputs": "eap-ig", "EAP-IG-activations": "eap-i
 PEER_OF = {"EAP": "EAP", "EAP-IG-inputs": "EAP-IG-inputs", "EAP-IG-activations": "EAP-IG-activations", "auto-circuit": "EAP"}
 
 
-def _setup(n: int):
+def _setup(n: int, model: str | None = None):
     from patchtrace import load_model, make_task
 
     torch.set_num_threads(1)
-    m = load_model()
+    m = load_model(model) if model else load_model()
     tok = make_task("ioi", n=n, seed=0).tokenize(m.tokenizer)
     return m, tok
 
 
-def export(n: int, sample: int) -> None:
+def export(n: int, sample: int, model: str | None) -> None:
     """Weights, tokens, reference logits, names; and our exact effects on the sampled edges."""
     from safetensors.torch import save_file
 
     from patchtrace.circuits.exact import edge_grid, prepare
 
-    m, tok = _setup(n)
+    m, tok = _setup(n, model)
     DIR.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().clone() for k, v in m.hf.state_dict().items() if k != "lm_head.weight"}
+    tied = bool(getattr(m.hf.config, "tie_word_embeddings", False))
+    sd = {k: v.detach().contiguous().clone() for k, v in m.hf.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(sd, str(DIR / "model.safetensors"))
     c, d = m.hf.config, m.dims
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
     (DIR / "model.json").write_text(json.dumps({
         "vocab_size": d.vocab, "d_model": d.d_model, "d_mlp": d.d_mlp, "n_layers": d.n_layers, "n_heads": d.n_heads,
         "n_kv_heads": d.n_kv_heads, "d_head": d.d_head, "eps": float(c.rms_norm_eps), "rope_theta": float(rope["rope_theta"]),
+        "tied": tied,
     }))
     clean, corrupt = tok.ids("clean", range(n)), tok.ids("corrupt", range(n))
     with torch.no_grad():
@@ -83,14 +85,14 @@ def export(n: int, sample: int) -> None:
     (DIR / "exact_sample.json").write_text(json.dumps({"edges": sample, "seconds": time.perf_counter() - t0}))
 
 
-def ours(what: str, n: int, steps: int) -> None:
+def ours(what: str, n: int, steps: int, model: str | None) -> None:
     """One method on our side, timed like the peer's (model load excluded, prepare included)."""
     from safetensors.torch import save_file
 
     from patchtrace.circuits.eap import scores
     from patchtrace.circuits.exact import prepare
 
-    m, tok = _setup(n)
+    m, tok = _setup(n, model)
     t0 = time.perf_counter()
     p = prepare(m, tok)
     t1 = time.perf_counter()
@@ -100,6 +102,35 @@ def ours(what: str, n: int, steps: int) -> None:
     res = {"what": what, "seconds": t2 - t0, "prepare_s": t1 - t0, "scores_s": t2 - t1}
     (DIR / f"ours_{what}.json").write_text(json.dumps(res))
     print(json.dumps(res))
+
+
+def peer_rule_act(n: int, steps: int, model: str | None) -> None:
+    """EAP-IG on activations with EAP-IG's own aggregation, from our gradients: EAP-IG's code adds every
+    pass's receiver gradients (whichever node group is interpolated) to *every* edge and divides by
+    ``(2L+1)·m``; ours gives an edge only the passes that interpolate its own sender's group (÷ m).
+    Computing the peer's rule from our ``_grads`` shows whether the two differ only in that rule."""
+    from safetensors.torch import save_file
+
+    from patchtrace.circuits.eap import _grads, _sender_groups
+    from patchtrace.circuits.exact import prepare
+
+    m, tok = _setup(n, model)
+    p = prepare(m, tok)
+    G = p.graph
+    acc = torch.zeros(G.n_senders, G.n_receivers, dtype=torch.float64)
+    groups = _sender_groups(p)
+    for g in p.groups:
+        diff = (g.src_out - g.base_out).float()
+        for grp in groups:
+            adds = []
+            for k in range(1, steps + 1):
+                w = 1 - k / steps  # noising: base = clean, the group's output at α·clean + (1−α)·corrupt
+                adds.append({s: w * (g.src_out[:, :, s] - g.base_out[:, :, s]) for s in grp})
+            gr = _grads(p, g, adds).sum(0)
+            acc += torch.einsum("itsd,itrd->sr", diff, gr.float()).double()
+    out = (acc / p.n / (steps * len(groups))).float()
+    out[~G.mask] = float("nan")
+    save_file({"scores": out.contiguous()}, str(DIR / "ours_EAP-IG-activations-peer-rule.safetensors"))
 
 
 def _sub(cmd: list[str]) -> dict:
@@ -114,7 +145,9 @@ def drive(args: argparse.Namespace) -> None:
 
     from patchtrace.methods.compare import pearson, spearman
 
-    me = [sys.executable, __file__, "--n", str(args.n), "--steps", str(args.steps)]
+    me = [sys.executable, __file__, "--n", str(args.n), "--steps", str(args.steps), "--dir", str(DIR)]
+    if args.model:
+        me += ["--model", args.model]
     peer = [str(PEER_PY), str(ROOT / "benchmarks" / "circuits_peers_tl.py"), "--dir", str(DIR), "--steps", str(args.steps)]
     res: dict = {"n": args.n, "steps": args.steps, "sample": args.sample, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "rounds": args.rounds, "times": {}, "load": None}
@@ -174,8 +207,9 @@ def drive(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    global DIR
     ap = argparse.ArgumentParser()
-    ap.add_argument("--side", choices=("drive", "export", "ours"), default="drive")
+    ap.add_argument("--side", choices=("drive", "export", "ours", "peer-rule"), default="drive")
     ap.add_argument("--what", choices=tuple(METHODS))
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
@@ -186,11 +220,16 @@ def main() -> None:
     ap.add_argument("--skip-export", action="store_true")
     ap.add_argument("--ours-only", nargs="*", default=[], help="methods timed on our side only")
     ap.add_argument("--out", default="peers.json", help="result file name under runs/bench-circuits/")
+    ap.add_argument("--model", help="a local checkpoint instead of SmolLM2 (e.g. a saved tiny Llama)")
+    ap.add_argument("--dir", type=Path, default=DIR, help="exchange folder")
     args = ap.parse_args()
+    DIR = args.dir
     if args.side == "export":
-        export(args.n, args.sample)
+        export(args.n, args.sample, args.model)
     elif args.side == "ours":
-        ours(args.what, args.n, args.steps)
+        ours(args.what, args.n, args.steps, args.model)
+    elif args.side == "peer-rule":
+        peer_rule_act(args.n, args.steps, args.model)
     else:
         drive(args)
 

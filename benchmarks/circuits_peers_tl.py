@@ -71,16 +71,18 @@ def load(d: Path):
     hcfg = LlamaConfig(  # type: ignore[call-arg]  # transformers<5 (.venv-peers) takes rope_theta
         vocab_size=c["vocab_size"], hidden_size=c["d_model"], intermediate_size=c["d_mlp"],
         num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"], num_key_value_heads=c["n_kv_heads"],
-        head_dim=c["d_head"], rms_norm_eps=c["eps"], rope_theta=c["rope_theta"], tie_word_embeddings=True,
+        head_dim=c["d_head"], rms_norm_eps=c["eps"], rope_theta=c["rope_theta"], tie_word_embeddings=c.get("tied", True),
         max_position_embeddings=8192, hidden_act="silu", attention_bias=False, mlp_bias=False,
     )
     hf = LlamaForCausalLM(hcfg).eval()
     sd = load_file(str(d / "model.safetensors"))
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if c.get("tied", True):
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
         raise RuntimeError(f"HF state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    hf.tie_weights()
+    if c.get("tied", True):
+        hf.tie_weights()
     cfg = HookedTransformerConfig(
         d_model=c["d_model"], d_head=c["d_head"], n_heads=c["n_heads"], n_key_value_heads=c["n_kv_heads"],
         d_mlp=c["d_mlp"], n_layers=c["n_layers"], n_ctx=2048, d_vocab=c["vocab_size"], act_fn="silu",
