@@ -174,3 +174,14 @@ def test_graddrop_with_qk_fix_equals_exact_pattern_change_times_dropped_gradient
         assert float(per_l.std(0).max()) > 1e-5  # the dropped layers give different estimates
         torch.testing.assert_close(s.per_example.flatten(), want.float(), rtol=1e-4, atol=1e-7,
                                    msg=f"{family} {kind} unit {unit} pos {pos}")
+
+
+def test_streams_split_by_the_vjp_budget_give_the_same_scores(smol_tokenizer, task, monkeypatch):
+    model = _model("llama", smol_tokenizer)
+    specs = [SiteSpec("resid_pre", positions="all"), SiteSpec("head", per_unit=True, positions="last")]
+    whole = atp_star.run_many(model, task, specs)
+    monkeypatch.setattr(atp_star, "VJP_BUDGET", 1)  # one stream per vector–Jacobian call
+    split = atp_star.run_many(model, task, specs)
+    for a, b in zip(whole, split, strict=True):
+        assert float(a.per_example.abs().max()) > 1e-3
+        torch.testing.assert_close(b.per_example, a.per_example, rtol=1e-6, atol=1e-9)

@@ -165,11 +165,18 @@ def _inside(hp: HookPoint, layer: int) -> bool:
 Estimator = Callable[[dict[HookPoint, Tensor], Sequence[HookPoint], int], Tensor]
 
 
+#: Working memory one batched block VJP may take (a block's widest intermediates are ~8 residual
+#: streams per cotangent); beyond it the streams cross the block in several calls (the same numbers).
+VJP_BUDGET = 256 << 20
+
+
 def _vjp(out: Tensor, inputs: Sequence[Tensor], cot: Tensor) -> list[Tensor]:
     """Batched vector–Jacobian products: ``cot`` ``[n, *out.shape]`` → one ``[n, *x.shape]`` per input."""
-    gs = torch.autograd.grad(out, list(inputs), cot, retain_graph=True, allow_unused=True, is_grads_batched=True)
-    return [cot if x is out else torch.zeros(cot.shape[:1] + x.shape, dtype=x.dtype, device=x.device) if g is None
-            else g for x, g in zip(inputs, gs, strict=True)]
+    step = max(1, VJP_BUDGET // (8 * cot[0].numel() * cot.element_size()))
+    parts = [torch.autograd.grad(out, list(inputs), c, retain_graph=True, allow_unused=True, is_grads_batched=True)
+             for c in cot.split(step)]
+    return [cot if x is out else torch.zeros(cot.shape[:1] + x.shape, dtype=x.dtype, device=x.device) if gs[0] is None
+            else torch.cat(gs) for x, gs in zip(inputs, zip(*parts, strict=True), strict=True)]
 
 
 def grad_drop(
