@@ -4,7 +4,7 @@ Run ``python -m patchtrace.diffusion.smalljoint.train`` (minutes on one thread).
 held-out combinations, schedule and x0 ("sample") prediction as the small UNet model
 (:mod:`patchtrace.diffusion.small.train`), so both architectures are scored by the same classifiers.
 Additions aimed at the glyph (the small UNet model learned colour, background, position and style but
-drew the glyph at chance; issue 12's lesson, ``/work/notes/glyph-lesson.md`` at the time):
+drew the glyph at chance; issue 12's lesson, see its recipe in :mod:`patchtrace.diffusion.small.train`):
 
 - an auxiliary loss on the text encoder: linear heads (:func:`.model.build_aux_heads`, training only)
   must read every attribute, the glyph included, from its pooled output — so the glyph words are
