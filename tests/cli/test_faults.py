@@ -204,6 +204,7 @@ COMMAND_BASE: dict[str, dict[str, str]] = {
     "weights compose": {"patches": "{w_patch}"},
     "weights extract": {"base": "{w_base}", "tuned": "{w_tuned}"},
     "finetune": {"localize": "{good}", "k": "1"},
+    "t2i text-edit": {"t_starts": "0"},  # the default 0,2,4 is past BASE's one sampling step
     "xpatch": {"source": "Lyon is in", "target": "Paris is in", "write": "resid_post[0]@-1->resid_post[0]@-1"},  # type: ignore[dict-item]  # --model is only read with --classify (refused without)
 }
 #: Flags set for every case (quiet progress bars).

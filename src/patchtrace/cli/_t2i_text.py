@@ -234,6 +234,8 @@ def add_commands(t2i: typer.Typer) -> None:
         for v, name in ((steps_train, "--train-steps"), (rank, "--rank"), (batch, "--batch"), (prompts, "--prompts")):
             common.check_count(v, name)
         common.check_finite(lr, "--lr")
+        if lr <= 0:
+            raise common.CLIError(f"--lr {lr}: must be more than 0")
         pipe = _pipe(pipeline)
         a = pipe if hasattr(pipe, "transformer") else T2IAdapter(pipe, steps=steps)
         lay = _layers(layers, _n_layers(pipe))
