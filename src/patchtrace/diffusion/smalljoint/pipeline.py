@@ -20,16 +20,20 @@ from patchtrace.errors import PatchtraceError
 class SmallJointPipeline:
     """Text-to-image in pixel space with the small ``SD3Transformer2DModel`` (see :mod:`.model`)."""
 
-    def __init__(self, transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: Any) -> None:
+    def __init__(self, transformer: Any, text_encoder: Any, tokenizer: Any, scheduler: Any, use_pooled: bool = True) -> None:  # fmt: skip
         self.transformer, self.text_encoder = transformer, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
+        #: False: the pooled text embedding is replaced by zeros (a model trained with the recipe's
+        #: ``pooled: False``), so the text reaches the image only through joint attention
+        self.use_pooled = use_pooled
 
     def encode(self, prompts: list[str]) -> tuple[Any, Any]:
         """``(per-token states (n, tokens, 64), pooled projection (n, 64))`` of ``prompts``."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids  # fmt: skip
         out = self.text_encoder(ids.to(self.transformer.device), output_hidden_states=False)
-        return out.last_hidden_state, out.text_embeds
+        pooled = out.text_embeds if self.use_pooled else out.text_embeds.new_zeros(out.text_embeds.shape)
+        return out.last_hidden_state, pooled
 
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 10, guidance_scale: float = 3.0,
                  latents: Any = None, generator: Any = None, output_type: str = "pt", **_: Any) -> Any:  # fmt: skip
@@ -85,11 +89,12 @@ def build_small_joint(weights: Path | None = None) -> SmallJointPipeline:
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise PatchtraceError(f"{path} has no {meta_path.name} with its sha256 next to it")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != json.loads(meta_path.read_text()).get("sha256"):
+    meta = json.loads(meta_path.read_text())
+    if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("sha256"):
         raise PatchtraceError(f"{path} does not match the sha256 recorded next to it (corrupted or replaced)")
     tr, te, tok, sched = _parts()
     load_state(tr, te, load_file(str(path)))
-    return SmallJointPipeline(tr.eval(), te.eval(), tok, sched)
+    return SmallJointPipeline(tr.eval(), te.eval(), tok, sched, meta.get("recipe", {}).get("pooled", True))
 
 
 def random_small_joint(seed: int = 0) -> SmallJointPipeline:

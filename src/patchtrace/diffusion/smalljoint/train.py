@@ -53,6 +53,28 @@ def render_batch(rng: Any, n: int, specs: list[Any], jitter: bool) -> tuple[Any,
     return np.stack([data.render(s) for s in chosen]), caps, labels
 
 
+def _drop_attribute(rng: Any, caps: list[str], labels: dict[str, Any], named: dict[str, Any],
+                    p: float) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+    """With probability ``p`` per (non-empty) caption, remove its colour word or its glyph words (one of
+    the two, at random); the image keeps the attribute, the auxiliary loss no longer asks for it."""
+    import re
+
+    from patchtrace.diffusion.small.data import ATTRIBUTES, GLYPH_WORDS
+
+    named = {a: v.copy() for a, v in named.items()}
+    hit, which = rng.random(len(caps)) < p, rng.integers(0, 2, len(caps))
+    out = []
+    for i, c in enumerate(caps):
+        if c and hit[i]:
+            a = ("color", "glyph")[int(which[i])]
+            v = ATTRIBUTES[a][int(labels[a][i])]
+            word = GLYPH_WORDS[v] if a == "glyph" else v
+            c = " ".join(re.sub(rf"\b{re.escape(word)}\b", " ", c).split())
+            named[a][i] = False
+        out.append(c)
+    return out, named
+
+
 def _lr(step: int, r: dict[str, Any]) -> float:
     import math
 
@@ -80,6 +102,7 @@ def train_joint(recipe: dict[str, Any] = RECIPE, out: Path = WEIGHTS_DIR, log_ev
 
     from patchtrace.diffusion.small import data
     from patchtrace.diffusion.small.model import MAX_LEN, build_scheduler, build_tokenizer
+    from patchtrace.diffusion.small.train import _region_mask
     from patchtrace.diffusion.smalljoint import model
 
     torch.set_num_threads(recipe["threads"])
@@ -99,10 +122,13 @@ def train_joint(recipe: dict[str, Any] = RECIPE, out: Path = WEIGHTS_DIR, log_ev
         x, caps, labels = render_batch(rng, recipe["batch"], specs, recipe.get("jitter", True))
         drop = rng.random(len(caps)) < recipe["caption_dropout"]
         caps = ["" if d else c for c, d in zip(caps, drop)]
+        named = {a: ~drop for a in labels}  # which captions name each attribute (for the auxiliary loss)
+        if recipe.get("attr_dropout"):  # drop the colour or the glyph phrase alone: each word must bind by itself
+            caps, named = _drop_attribute(rng, caps, labels, named, recipe["attr_dropout"])
         ids = tok(caps, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
         enc = te(ids)
-        keep = torch.from_numpy(~drop)
-        aux = sum(torch.nn.functional.cross_entropy(heads[a](enc.text_embeds[keep]), torch.from_numpy(y[~drop]))
+        aux = sum(torch.nn.functional.cross_entropy(heads[a](enc.text_embeds[torch.from_numpy(named[a])]),
+                                                    torch.from_numpy(y[named[a]]))
                   for a, y in labels.items())  # fmt: skip
         x0 = torch.from_numpy(x)
         t_np = rng.integers(0, T, len(caps))
@@ -112,8 +138,15 @@ def train_joint(recipe: dict[str, Any] = RECIPE, out: Path = WEIGHTS_DIR, log_ev
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = tr(xt, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds, timestep=t).sample
-        fg = ((x0 - x0[..., :1, :1]).abs().sum(1, keepdim=True) > 0.01).float()
+        pooled = enc.text_embeds if recipe.get("pooled", True) else torch.zeros_like(enc.text_embeds)
+        if recipe.get("pooled_dropout"):  # some rows without the pooled path: the tokens must carry the caption
+            off = torch.from_numpy(rng.random(len(caps)) < recipe["pooled_dropout"]).view(-1, 1)
+            pooled = torch.where(off, torch.zeros_like(pooled), pooled)
+        pred = tr(xt, encoder_hidden_states=enc.last_hidden_state, pooled_projections=pooled, timestep=t).sample
+        if recipe.get("region_loss"):  # issue 12's lesson: the glyph's frame rectangle, ink or not
+            fg = _region_mask(labels["position"])
+        else:
+            fg = ((x0 - x0[..., :1, :1]).abs().sum(1, keepdim=True) > 0.01).float()
         loss = (((pred - x0) ** 2) * (1 + (recipe["fg_weight"] - 1) * fg)).mean()
         total = loss + recipe["aux_weight"] * aux
         opt.zero_grad(set_to_none=True)
