@@ -40,12 +40,22 @@ class RunCache:
             attends to).
         logits: last-position logits ``[N, V]``.
         pos0: the first position held in ``acts`` (0: every position).
+        T: the prompts' token length (None: read from ``kv``); lets a run that is only patched *from*
+            drop its keys/values (:meth:`drop_kv`).
     """
 
     acts: dict[HookPoint, Tensor]
     kv: list[tuple[Tensor, Tensor]]
     logits: Tensor
     pos0: int = 0
+    T: int | None = None
+
+    def drop_kv(self) -> None:
+        """Free the keys/values: a source run is read for its activations only (the fast path attends
+        to the *base* run's prefix), so after its last use as a base (a sanity check) they are dead weight."""
+        if self.T is None:
+            self.T = self.length
+        self.kv = []
 
     def local(self, pos: int) -> int:
         """Where absolute position ``pos`` sits in ``acts`` (refuses one that was not kept)."""
@@ -56,6 +66,8 @@ class RunCache:
     @property
     def length(self) -> int:
         """The prompts' token length ``T``."""
+        if self.T is not None:
+            return self.T
         return int(self.kv[0][0].shape[2]) if self.kv else int(next(iter(self.acts.values())).shape[1])
 
 
@@ -98,7 +110,7 @@ def collect(
         if pair is not None:
             kv.append((pair[0].clone(), pair[1].clone()))
             out.kv[i] = None
-    return RunCache(acts, kv, out.logits[:, -1].float(), from_pos)
+    return RunCache(acts, kv, out.logits[:, -1].float(), from_pos, int(ids.shape[1]))
 
 
 __all__ = ["RunCache", "collect"]

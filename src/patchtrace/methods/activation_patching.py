@@ -265,6 +265,7 @@ class PatchingJob:
                                skip_noops=False)
             sanity = float((same - c_m[None]).abs().max())
         self._baselines[gi] = (c_m, k_m, sanity)
+        (clean if cfg.direction == "denoise" else corrupt).drop_kv()  # the source is never a base again
         if cfg.direction == "denoise":
             st = _GroupState(ids_k, {"base": corrupt, "source": clean}, scorer)
         else:
