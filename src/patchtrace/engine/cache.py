@@ -79,12 +79,16 @@ def collect(
     hooks: dict[HookPoint, list[HookFn]] | None = None,
     from_pos: int = 0,
     readout: Tensor | None = None,
+    base: bool = True,
 ) -> RunCache:
     """One forward over ``ids`` ``[N, T]``, recording ``resid_pre`` of every layer, the given points
     (positions ``from_pos..T−1`` only), all keys/values, and the last-position logits (``readout``
-    ``[N]``: the logits at those positions, a masked LM's mask positions)."""
+    ``[N]``: the logits at those positions, a masked LM's mask positions).
+
+    ``base=False`` records a run that is only patched *from*: the given points and the logits, no
+    ``resid_pre`` and no keys/values (a fast run resumes from, and attends to, the base run only)."""
     n_layers = model.dims.n_layers
-    want = set(points) | {HookPoint("resid_pre", i) for i in range(n_layers)}
+    want = set(points) | ({HookPoint("resid_pre", i) for i in range(n_layers)} if base else set())
     acts: dict[HookPoint, Tensor] = {}
     all_hooks: dict[HookPoint, list[HookFn]] = defaultdict(list)
     for hp, fns in (hooks or {}).items():
@@ -102,12 +106,12 @@ def collect(
         all_hooks[hp].append(rec(hp))
     explicit = needs_explicit_attention(hp.kind for hp in want)
     with torch.no_grad():
-        out = model.runner.forward(ids, hooks=all_hooks, keep_kv=True, last_only=True, explicit_attention=explicit,
+        out = model.runner.forward(ids, hooks=all_hooks, keep_kv=base, last_only=True, explicit_attention=explicit,
                                    readout=readout)
-    assert out.logits is not None and out.kv is not None
+    assert out.logits is not None and (out.kv is not None or not base)
     kv: list[tuple[Tensor, Tensor]] = []
-    for i, pair in enumerate(out.kv):  # copy each layer's keys/values and drop the forward's at once
-        if pair is not None:
+    for i, pair in enumerate(out.kv or []):  # copy each layer's keys/values and drop the forward's at once
+        if pair is not None and out.kv is not None:
             kv.append((pair[0].clone(), pair[1].clone()))
             out.kv[i] = None
     return RunCache(acts, kv, out.logits[:, -1].float(), from_pos, int(ids.shape[1]))

@@ -30,7 +30,7 @@ from torch import Tensor
 from patchtrace.engine.apply import intervention_hook
 from patchtrace.engine.cache import RunCache
 from patchtrace.engine.patch import Patch
-from patchtrace.kinds import KINDS, available, kind_info
+from patchtrace.kinds import kind_info
 from patchtrace.models.load import Model
 from patchtrace.models.runner import RunCtx
 from patchtrace.sites import HookPoint
@@ -86,7 +86,11 @@ def patch_base_points(patch: Patch, model: Model) -> set[HookPoint]:
     if rules == {"resid_post"}:
         return {HookPoint("resid_post", L)}
     out = "attn_out" if key[1] == 1 else "mlp_out"
-    pts = {HookPoint(out, L)} | {HookPoint(k, L) for k in KINDS if KINDS[k].feeds == out and available(k, model.dims)}
+    # a block rebuilds ``out`` from the cached kind that feeds it when one of its patches patches that
+    # kind (``joining_rows.sublayer``), else it reads the cached ``out``: the union over a block's
+    # patches covers both, and a head sweep keeps no ``attn_out`` (a neuron-free MLP sweep no ``neuron``)
+    feeding = {s.kind for s in patch.sites if kind_info(s.kind).feeds == out}
+    pts = {HookPoint(k, L) for k in feeding} if feeding else {HookPoint(out, L)}
     if out == "mlp_out":
         pts.add(HookPoint("attn_out", L) if model.dims.parallel_residual else HookPoint("resid_mid", L))
     return pts

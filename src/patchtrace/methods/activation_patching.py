@@ -9,7 +9,7 @@ The result's ``values`` are effects ``M(patched) − M(base)`` averaged over exa
 ``extras['patched']`` holds the mean patched metric, and :meth:`Scores.normalized` gives the
 normalized recovery (0 = corrupt baseline, 1 = clean).
 
-A built-in sanity check patches the clean run into itself at a few sites and records the largest
+A built-in sanity check patches the base run into itself at a few sites and records the largest
 change (it must be ~0) as ``provenance['sanity_max_abs']``.
 
 Example:
@@ -73,7 +73,7 @@ class PatchingConfig:
         metric: metric name (:data:`patchtrace.metrics.METRICS`).
         fast: use the engine's fast path; False runs one full forward per patch (same numbers).
         max_memory: working-memory budget in bytes (None: a quarter of available memory).
-        sanity_check: patch clean into clean at a few sites and record the largest change.
+        sanity_check: patch the base run into itself at a few sites and record the largest change.
         block_rows: batch rows (patches × examples) per checkpointed block.
 
     Raises:
@@ -250,8 +250,10 @@ class PatchingJob:
         p0 = min((pt.start_pos for pt in self.patches[gi]), default=0)  # keep only the positions read
         p0 = p0 if m.family.causal else 0  # bidirectional attention reads every position
         ro = self.readouts[gi]
-        clean = collect(m, ids_c, need, from_pos=p0, readout=ro)
-        corrupt = collect(m, ids_k, need, from_pos=p0, readout=ro)
+        # the source run keeps only the patched points (no resid_pre, no keys/values): nothing resumes from it
+        denoise = cfg.direction == "denoise"
+        clean = collect(m, ids_c, need if not denoise else self.points, from_pos=p0, readout=ro, base=not denoise)
+        corrupt = collect(m, ids_k, need if denoise else self.points, from_pos=p0, readout=ro, base=denoise)
         ref = torch.log_softmax(clean.logits, -1) if self.metric.name == "kl" else None
         scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref,
                         pos=None if ro is None else ro.to(m.device))
@@ -260,13 +262,13 @@ class PatchingJob:
         sanity = 0.0
         if cfg.sanity_check:
             some = self.patches[gi][:: max(1, len(self.patches[gi]) // 3)][:3]
-            # clean into clean: every patch is a no-op, so force the engine to compute them
-            same = run_patches(m, ids_c, clean, clean, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory,
+            # the base run into itself: every patch is a no-op, so force the engine to compute them
+            b_ids, b_run, b_m = (ids_k, corrupt, k_m) if denoise else (ids_c, clean, c_m)
+            same = run_patches(m, b_ids, b_run, b_run, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory,
                                skip_noops=False)
-            sanity = float((same - c_m[None]).abs().max())
+            sanity = float((same - b_m[None]).abs().max())
         self._baselines[gi] = (c_m, k_m, sanity)
-        (clean if cfg.direction == "denoise" else corrupt).drop_kv()  # the source is never a base again
-        if cfg.direction == "denoise":
+        if denoise:
             st = _GroupState(ids_k, {"base": corrupt, "source": clean}, scorer)
         else:
             st = _GroupState(ids_c, {"base": clean, "source": corrupt}, scorer)
