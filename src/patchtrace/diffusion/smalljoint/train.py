@@ -54,7 +54,7 @@ def render_batch(rng: Any, n: int, specs: list[Any], jitter: bool) -> tuple[Any,
 
 
 def _drop_attribute(rng: Any, caps: list[str], labels: dict[str, Any], named: dict[str, Any],
-                    p: float) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+                    p: float, which_attrs: tuple[str, ...] = ("color", "glyph")) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
     """With probability ``p`` per (non-empty) caption, remove its colour word or its glyph words (one of
     the two, at random); the image keeps the attribute, the auxiliary loss no longer asks for it."""
     import re
@@ -62,11 +62,11 @@ def _drop_attribute(rng: Any, caps: list[str], labels: dict[str, Any], named: di
     from patchtrace.diffusion.small.data import ATTRIBUTES, GLYPH_WORDS
 
     named = {a: v.copy() for a, v in named.items()}
-    hit, which = rng.random(len(caps)) < p, rng.integers(0, 2, len(caps))
+    hit, which = rng.random(len(caps)) < p, rng.integers(0, len(which_attrs), len(caps))
     out = []
     for i, c in enumerate(caps):
         if c and hit[i]:
-            a = ("color", "glyph")[int(which[i])]
+            a = which_attrs[int(which[i])]
             v = ATTRIBUTES[a][int(labels[a][i])]
             word = GLYPH_WORDS[v] if a == "glyph" else v
             c = " ".join(re.sub(rf"\b{re.escape(word)}\b", " ", c).split())
@@ -124,7 +124,8 @@ def train_joint(recipe: dict[str, Any] = RECIPE, out: Path = WEIGHTS_DIR, log_ev
         caps = ["" if d else c for c, d in zip(caps, drop)]
         named = {a: ~drop for a in labels}  # which captions name each attribute (for the auxiliary loss)
         if recipe.get("attr_dropout"):  # drop the colour or the glyph phrase alone: each word must bind by itself
-            caps, named = _drop_attribute(rng, caps, labels, named, recipe["attr_dropout"])
+            caps, named = _drop_attribute(rng, caps, labels, named, recipe["attr_dropout"],
+                                          tuple(recipe.get("attr_dropout_attrs", ("color", "glyph"))))  # fmt: skip
         ids = tok(caps, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
         enc = te(ids)
         aux = sum(torch.nn.functional.cross_entropy(heads[a](enc.text_embeds[torch.from_numpy(named[a])]),
