@@ -35,12 +35,7 @@ def generate_specs(adapter: T2IAdapter, specs: Sequence[Spec], seeds: Sequence[i
 def accuracy(adapter: T2IAdapter, scorer: Any, specs: Sequence[Spec], seeds: Sequence[int]) -> dict[str, float]:
     """Per attribute, the share of generated images whose classifier prediction is the prompted value."""
     imgs = generate_specs(adapter, specs, seeds)
-    out = {}
-    for a in ATTRIBUTES:
-        pred = scorer.predict(imgs * 2 - 1, a)
-        want = [getattr(s, a) for s in specs for _ in seeds]
-        out[a] = sum(p == w for p, w in zip(pred, want)) / len(want)
-    return out
+    return score_images(scorer, imgs, specs, seeds)
 
 
 def prompt_accuracy(adapter: T2IAdapter, scorer: Any, prompts: Sequence[str], specs: Sequence[Spec],
@@ -49,9 +44,14 @@ def prompt_accuracy(adapter: T2IAdapter, scorer: Any, prompts: Sequence[str], sp
     cond = adapter.encode(list(prompts))
     P, S = len(prompts), len(seeds)
     imgs = adapter.generate(cond.rows([p for p in range(P) for _ in range(S)]), adapter.latents(list(seeds)).repeat(P, 1, 1, 1))
+    return score_images(scorer, imgs, specs, seeds), imgs
+
+
+def score_images(scorer: Any, imgs: Any, specs: Sequence[Spec], seeds: Sequence[int]) -> dict[str, float]:
+    """Per attribute, the share of ``imgs`` (in [0, 1], spec-major then seed) the classifier reads as prompted."""
     out = {}
     for a in ATTRIBUTES:
         pred = scorer.predict(imgs * 2 - 1, a)
         want = [getattr(s, a) for s in specs for _ in seeds]
         out[a] = sum(p == w for p, w in zip(pred, want)) / len(want)
-    return out, imgs
+    return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from patchtrace.diffusion.small.data import ATTRIBUTES, Spec, caption
+from patchtrace.diffusion.small.data import Spec, caption
+from patchtrace.diffusion.small.evaluate import score_images
 
 
 def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int = 10, guidance: float = 3.0) -> Any:
@@ -23,9 +24,4 @@ def accuracy(pipe: Any, scorer: Any, specs: Sequence[Spec], seeds: Sequence[int]
     """Per attribute, the share of images whose classifier prediction is the prompted value (templates cycle)."""
     prompts = [caption(s, i % 4, i % 2) for i, s in enumerate(specs)]
     imgs = generate(pipe, prompts, seeds, steps)
-    out = {}
-    for a in ATTRIBUTES:
-        pred = scorer.predict(imgs * 2 - 1, a)
-        want = [getattr(s, a) for s in specs for _ in seeds]
-        out[a] = sum(p == w for p, w in zip(pred, want)) / len(want)
-    return out
+    return score_images(scorer, imgs, specs, seeds)
