@@ -121,11 +121,10 @@ def evaluate_prevention(adapter: Any, scorer: Any, patch: Any, forbidden: str, n
     other attributes of the forbidden prompts, every attribute of other prompts, PSNR/SSIM of other
     prompts' images to the unedited ones. Returns numbers and the images (forbidden before/after).
     ``adapter``: a :class:`~.adapters.T2IAdapter` or a joint-attention pipeline."""
-    import torch
 
     from patchtrace.diffusion.small.data import ATTRIBUTES
     from patchtrace.diffusion.small.evaluate import prompt_accuracy
-    from patchtrace.diffusion.textloc import ssim
+    from patchtrace.diffusion.textloc import psnr, ssim
 
     forb, _, others, fspecs, ospecs = prompt_sets(forbidden, neutral, EVAL_TEMPLATES, seed, per_template)
     seeds = list(seeds)
@@ -154,7 +153,6 @@ def evaluate_prevention(adapter: Any, scorer: Any, patch: Any, forbidden: str, n
         return sum(p == glyph for p in scorer.predict(img * 2 - 1, "glyph")) / img.shape[0]
 
     rest = [a for a in ATTRIBUTES if a != "glyph"]
-    mse = ((ao - bo) ** 2).flatten(1).mean(1)
     return {
         "layers": patch.meta.get("layers"), "forbidden": forbidden, "neutral": neutral,
         "forbidden_drawn_before": rate(bf, forbidden), "forbidden_drawn_after": rate(af, forbidden),
@@ -163,7 +161,7 @@ def evaluate_prevention(adapter: Any, scorer: Any, patch: Any, forbidden: str, n
         "forbidden_other_attrs_after": sum(acc_af[a] for a in rest) / len(rest),
         "others_all_attrs_before": sum(acc_bo.values()) / len(acc_bo),
         "others_all_attrs_after": sum(acc_ao.values()) / len(acc_ao),
-        "others_psnr": float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()),
+        "others_psnr": psnr(ao, bo),
         "others_ssim": float(ssim(ao, bo).mean()),
         "images": {"forbidden_before": bf, "forbidden_after": af, "others_before": bo, "others_after": ao},
         "prompts": {"forbidden": forb, "others": others},

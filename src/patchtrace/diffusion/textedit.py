@@ -77,19 +77,17 @@ def layer_states_from(unet: Any, layers: list[CrossAttnLayer], states: Mapping[i
 
 def score_edit(scorer: Any, images: Any, images_a: Any, specs: Sequence[Any], glyph_b: str, seeds_per: int) -> dict[str, float]:
     """Success (glyph == B), preservation (A's other attributes), PSNR and SSIM to A's images."""
-    import torch
 
     from patchtrace.diffusion.small.data import ATTRIBUTES
-    from patchtrace.diffusion.textloc import ssim
+    from patchtrace.diffusion.textloc import psnr, ssim
 
     rows = [s for s in specs for _ in range(seeds_per)]
     x = images * 2 - 1
     success = sum(p == glyph_b for p in scorer.predict(x, "glyph")) / len(rows)
     others = [a for a in ATTRIBUTES if a != "glyph"]
     keep = sum(sum(p == getattr(s, a) for p, s in zip(scorer.predict(x, a), rows)) for a in others)
-    mse = ((images - images_a) ** 2).flatten(1).mean(1)
     return {"success": success, "preserve": keep / (len(rows) * len(others)),
-            "psnr": float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()),
+            "psnr": psnr(images, images_a),
             "ssim": float(ssim(images, images_a).mean())}  # fmt: skip
 
 

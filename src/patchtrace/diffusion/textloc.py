@@ -30,6 +30,24 @@ def ssim(x: Any, y: Any, c1: float = 0.01**2, c2: float = 0.03**2) -> Any:
     return s.flatten(1).mean(1)
 
 
+def psnr(x: Any, y: Any) -> float:
+    """Mean PSNR (dB) over ``(n, C, H, W)`` image pairs in [0, 1]; identical pairs count as 100 dB."""
+    import torch
+
+    mse = ((x - y) ** 2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
+def _add_row(rows: dict[str, list[float]], img: Any, img_a: Any, pidx: Any, agree_b: Callable[..., Any],
+             preserve: Callable[..., Any] | None) -> None:
+    """One patched cell's agreement with B, preservation of A, and MSE/PSNR/SSIM to A's images."""
+    rows["agree_b"].append(float(agree_b(img, pidx).float().mean()))
+    rows["preserve"].append(float(preserve(img, pidx).float().mean()) if preserve else float("nan"))
+    rows["mse"].append(float(((img - img_a) ** 2).flatten(1).mean(1).mean()))
+    rows["psnr"].append(psnr(img, img_a))
+    rows["ssim"].append(float(ssim(img, img_a).mean()))
+
+
 def param_fraction(adapter: T2IAdapter, layers: Sequence[int]) -> float:
     """Parameters of the given cross-attention modules over all UNet parameters."""
     total = sum(p.numel() for p in adapter.pipe.unet.parameters())
@@ -64,12 +82,7 @@ def text_localization(adapter: T2IAdapter, prompts_a: Sequence[str], prompts_b: 
         with layer_states(adapter.layers, {j: cb.pos}):
             img = adapter.generate(ca, lat)
         images.append(img)
-        mse = ((img - img_a) ** 2).flatten(1).mean(1)
-        rows["agree_b"].append(float(agree_b(img, pidx).float().mean()))
-        rows["preserve"].append(float(preserve(img, pidx).float().mean()) if preserve else float("nan"))
-        rows["mse"].append(float(mse.mean()))
-        rows["psnr"].append(float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()))
-        rows["ssim"].append(float(ssim(img, img_a).mean()))
+        _add_row(rows, img, img_a, pidx, agree_b, preserve)
     out: dict[str, Any] = {k: torch.tensor(v) for k, v in rows.items()}
     out["agree_b_plain_a"] = float(agree_b(img_a, pidx).float().mean())
     out["agree_b_plain_b"] = float(agree_b(img_b, pidx).float().mean())
@@ -172,12 +185,7 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
                 with patch_text_kv(pipe, layers, cache, patch, 0, n_cond=len(ra), heads=None if h is None else [h]):
                     img = pipe(prompt=ra, **args).images
             images.append(img)
-            mse = ((img - img_a) ** 2).flatten(1).mean(1)
-            rows["agree_b"].append(float(agree_b(img, pidx).float().mean()))
-            rows["preserve"].append(float(preserve(img, pidx).float().mean()) if preserve else float("nan"))
-            rows["mse"].append(float(mse.mean()))
-            rows["psnr"].append(float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()))
-            rows["ssim"].append(float(ssim(img, img_a).mean()))
+            _add_row(rows, img, img_a, pidx, agree_b, preserve)
     out: dict[str, Any] = {k: torch.tensor(v) for k, v in rows.items()}
     out["cells"], out["labels"] = cells, labels
     out["agree_b_plain_a"] = float(agree_b(img_a, pidx).float().mean())
