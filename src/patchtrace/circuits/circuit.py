@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchtrace.circuits.graph import CircuitError, EdgeGraph, graph_from, save_figure
+from patchtrace.circuits.graph import CircuitError, EdgeGraph, graph_from
+from patchtrace.report.figure import save_figure
 
 FORMAT_VERSION = 1
 

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from patchtrace.circuits.exact import Prepared, evaluate_sets
-from patchtrace.circuits.graph import CircuitError, save_figure
+from patchtrace.circuits.graph import CircuitError
+from patchtrace.report.figure import save_figure
 
 CONVENTIONS = ("outside", "restore")
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -279,16 +278,4 @@ def names_of(graph: EdgeGraph, edges: Sequence[tuple[int, int]]) -> list[str]:
     return [graph.edge_name(s, r) for s, r in edges]
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (creating parent folders) at 110 dpi, close it, return the path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
-
-
-__all__ = ["CircuitError", "EdgeGraph", "check_family", "graph_from", "names_of", "save_figure"]
+__all__ = ["CircuitError", "EdgeGraph", "check_family", "graph_from", "names_of"]

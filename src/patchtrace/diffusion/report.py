@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from patchtrace.report.figure import save_figure
+
 
 def image_grid_png(images: Any, row_labels: Sequence[str], path: str | Path, col_labels: Sequence[str] = (),
                    max_cols: int = 12, cell: float = 0.7) -> Path:  # fmt: skip
@@ -32,12 +34,7 @@ def image_grid_png(images: Any, row_labels: Sequence[str], path: str | Path, col
                 ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
             if r == 0 and c < len(col_labels):
                 ax.set_title(col_labels[c], fontsize=6)
-    fig.tight_layout(pad=0.2)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=80, pad=0.2)
 
 
 def bars_png(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str) -> Path:
@@ -54,11 +51,7 @@ def bars_png(labels: Sequence[str], values: Sequence[float], path: str | Path, t
     ax.set_title(title, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=7)
     ax.axhline(0, color="k", lw=0.5)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=90)
 
 
 def html_page(path: str | Path, title: str, sections: Sequence[tuple[str, str, Sequence[str]]]) -> Path:

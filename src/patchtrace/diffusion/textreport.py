@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from patchtrace.diffusion.report import html_page, image_grid_png
+from patchtrace.report.figure import save_figure
 
 
 def curves_png(labels: Sequence[str], series: dict[str, Sequence[float]], path: str | Path, title: str) -> Path:
@@ -29,12 +30,7 @@ def curves_png(labels: Sequence[str], series: dict[str, Sequence[float]], path: 
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=90)
 
 
 def _grid(rows: Sequence[Any], labels: Sequence[str], path: Path, max_cols: int = 8) -> Path:
