@@ -30,27 +30,15 @@ from patchtrace.methods.dbm.config import DBMError
 from patchtrace.methods.gradients import AttributionError
 from patchtrace.models.load import wrap_model
 from patchtrace.tasks.base import Example, Task
+from tiny_encoder import FAMILIES, WORDS, tiny_encoder
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "capital", "of", "france", "italy", "is", "paris",
-         "rome", "and", "in", "a", "city", "."]
-FAMILIES = ("bert", "roberta")
 ANS, WRONG = WORDS.index("paris"), WORDS.index("rome")
 MASK_POS = torch.tensor([6, 1])
 SUBJECT_POS = [[4], [6]]  # "france" in each clean prompt ([CLS] is position 0)
 
 
 def _hf(family: str, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
-
-    cfg, cls = (BertConfig, BertForMaskedLM) if family == "bert" else (RobertaConfig, RobertaForMaskedLM)
-    torch.manual_seed(seed)
-    hf = cls(cfg(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                 intermediate_size=48, max_position_embeddings=40, initializer_range=0.2)).eval()
-    with torch.no_grad():  # LayerNorms start at (1, 0): give them weights that matter
-        for name, p in hf.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name:
-                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
-    return hf
+    return tiny_encoder(family, seed)
 
 
 @pytest.fixture(scope="module")

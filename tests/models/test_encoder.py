@@ -32,31 +32,15 @@ from patchtrace.models.load import wrap_model
 from patchtrace.models.runner import RunnerError
 from patchtrace.sites import Site
 from patchtrace.tasks.base import Example, Task, TaskError
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "capital", "of", "france", "italy", "is", "paris",
-         "rome", "and", "in", "a", "city", "."]
-FAMILIES = ("bert", "roberta")
+from tiny_encoder import FAMILIES, WORDS, encoder_config, tiny_encoder
 
 
 def _config(family: str, **over):
-    from transformers import BertConfig, RobertaConfig
-
-    cfg = BertConfig if family == "bert" else RobertaConfig
-    kw = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-              max_position_embeddings=40, initializer_range=0.2, type_vocab_size=2)
-    return cfg(**{**kw, **over})
+    return encoder_config(family, **{"type_vocab_size": 2, **over})
 
 
 def _hf(family: str, seed: int = 0, **over):
-    from transformers import BertForMaskedLM, RobertaForMaskedLM
-
-    torch.manual_seed(seed)
-    hf = (BertForMaskedLM if family == "bert" else RobertaForMaskedLM)(_config(family, **over)).eval()
-    with torch.no_grad():  # LayerNorms start at (1, 0): give them weights that matter
-        for name, p in hf.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name:
-                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
-    return hf
+    return tiny_encoder(family, seed, **{"type_vocab_size": 2, **over})
 
 
 @pytest.fixture(scope="module")
