@@ -61,7 +61,6 @@ def locoedit(
         DiffusionError: a layer that does not exist, no concept prompts, or anchors that neither
             number one nor match the concept prompts one to one.
     """
-    from patchtrace.weights.patch import WeightPatch
 
     if not concept_prompts:
         raise DiffusionError("LocoEdit needs at least one concept prompt")
@@ -72,19 +71,20 @@ def locoedit(
             raise DiffusionError(f"cross-attention layer {j} does not exist (the UNet has {adapter.n_layers})")
     x = last_token_states(adapter, concept_prompts)
     y = last_token_states(adapter, anchor_prompts)
-    unet = adapter.pipe.unet
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    targets = [(f"{adapter.layers[j].name}.{proj}.weight", x, y) for j in layers for proj in ("to_k", "to_v")]
+    return solve_patch(adapter.pipe.unet, targets, lam,
+                       {"method": "locoedit", "layers": list(layers), "lambda": lam,
+                        "concept_prompts": list(concept_prompts), "anchor_prompts": list(anchor_prompts)})  # fmt: skip
+
+
+def solve_patch(module: Any, targets: Sequence[tuple[str, Any, Any]], lam: float, meta: dict[str, Any]) -> Any:
+    """Solve :func:`solve` for each ``(weight name, x, y)`` of ``module`` and return the edit as a
+    ``WeightPatch`` of exactly those weights (``meta`` recorded); ``module`` is left unchanged."""
+    from patchtrace.weights.patch import WeightPatch
+
+    base = {k: v.detach().clone() for k, v in module.state_dict().items()}
     tuned = dict(base)
-    names = []
-    for j in layers:
-        prefix = adapter.layers[j].name
-        for proj in ("to_k", "to_v"):
-            name = f"{prefix}.{proj}.weight"
-            tuned[name] = solve(base[name], x, y, lam)
-            names.append(name)
-    chosen = set(names)
-    return WeightPatch.extract(
-        base, tuned, select=lambda n: n in chosen,
-        meta={"method": "locoedit", "layers": list(layers), "lambda": lam,
-              "concept_prompts": list(concept_prompts), "anchor_prompts": list(anchor_prompts)},
-    )  # fmt: skip
+    for name, x, y in targets:
+        tuned[name] = solve(base[name], x, y, lam)
+    chosen = {name for name, _, _ in targets}
+    return WeightPatch.extract(base, tuned, select=lambda n: n in chosen, meta=meta)

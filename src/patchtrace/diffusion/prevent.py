@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from patchtrace.diffusion.adapters import DiffusionError, T2IAdapter
-from patchtrace.diffusion.locoedit import LAMBDA, solve
+from patchtrace.diffusion.locoedit import LAMBDA, solve_patch
 
 #: caption templates the solve sees; the others are the paraphrases of the evaluation
 FIT_TEMPLATES = (0, 1)
@@ -90,7 +90,6 @@ def prevention_patch(adapter: T2IAdapter, layers: Sequence[int], forbidden: str,
     """
     import torch
 
-    from patchtrace.weights.patch import WeightPatch
 
     _check_words(adapter, forbidden, neutral)
     if not layers:
@@ -101,18 +100,10 @@ def prevention_patch(adapter: T2IAdapter, layers: Sequence[int], forbidden: str,
     forb, twins, others, _, _ = prompt_sets(forbidden, neutral, FIT_TEMPLATES, seed, per_template)
     xf, yf, xo = token_states(adapter, forb), token_states(adapter, twins), token_states(adapter, others)
     x, y = torch.cat([xf, xo]), torch.cat([yf, xo])
-    unet = adapter.pipe.unet
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    tuned, names = dict(base), []
-    for j in layers:
-        for proj in ("to_k", "to_v"):
-            name = f"{adapter.layers[j].name}.{proj}.weight"
-            tuned[name] = solve(base[name], x, y, lam)
-            names.append(name)
-    chosen = set(names)
-    return WeightPatch.extract(base, tuned, select=lambda n: n in chosen,
-                               meta={"method": "prevent", "layers": list(layers), "lambda": lam,
-                                     "forbidden": forbidden, "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip
+    targets = [(f"{adapter.layers[j].name}.{proj}.weight", x, y) for j in layers for proj in ("to_k", "to_v")]
+    return solve_patch(adapter.pipe.unet, targets, lam,
+                       {"method": "prevent", "layers": list(layers), "lambda": lam, "forbidden": forbidden,
+                        "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip
 
 
 def evaluate_prevention(adapter: Any, scorer: Any, patch: Any, forbidden: str, neutral: str,
@@ -184,7 +175,6 @@ def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neu
     from patchtrace.diffusion.small.data import GLYPH_WORDS
     from patchtrace.diffusion.small.prompts import check_attribute
     from patchtrace.diffusion.smalljoint.evaluate import generate
-    from patchtrace.weights.patch import WeightPatch
 
     check_attribute("glyph", forbidden)
     check_attribute("glyph", neutral)
@@ -216,15 +206,8 @@ def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neu
         return {j: torch.cat(v) for j, v in seen.items()}
 
     xf, yf, xo = record(forb), record(twins), record(others)
-    base = {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
-    tuned, names = dict(base), []
-    for j in layers:
-        x, y = torch.cat([xf[j], xo[j]]), torch.cat([yf[j], xo[j]])
-        for proj in ("add_k_proj", "add_v_proj"):
-            name = f"{jl[j].name}.{proj}.weight"
-            tuned[name] = solve(base[name], x, y, lam)
-            names.append(name)
-    chosen = set(names)
-    return WeightPatch.extract(base, tuned, select=lambda n: n in chosen,
-                               meta={"method": "prevent-joint", "layers": list(layers), "lambda": lam,
-                                     "forbidden": forbidden, "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip
+    targets = [(f"{jl[j].name}.{proj}.weight", torch.cat([xf[j], xo[j]]), torch.cat([yf[j], xo[j]]))
+               for j in layers for proj in ("add_k_proj", "add_v_proj")]  # fmt: skip
+    return solve_patch(pipe.transformer, targets, lam,
+                       {"method": "prevent-joint", "layers": list(layers), "lambda": lam, "forbidden": forbidden,
+                        "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip
