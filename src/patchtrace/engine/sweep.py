@@ -77,6 +77,7 @@ def run_patches(
     on_chunk: Callable[[int], None] | None = None,
     skip_noops: bool = True,
     runs: Mapping[str, RunCache] | None = None,
+    source_ids: Tensor | None = None,
 ) -> Tensor:
     """Run every patch; return the metric ``[P, N]``.
 
@@ -97,6 +98,11 @@ def run_patches(
             equal the base's bit for bit (exact). Turn off to force computation (sanity checks).
         runs: more recorded runs interventions may read from, by name (``"base"`` and ``"source"``
             are always there): another prompt's run for cross-prompt patching.
+        source_ids: the source run's token ids, when it was recorded with no hooks (and the base run
+            too: ``base_hooks`` is None). Then, with causal attention, a plain patch whose sites all
+            lie before the first token where the two runs differ is a no-op by causality
+            (:func:`before_difference`): skipped without reading the caches, so the runs need not
+            record those positions at all (:func:`first_difference` is the ``from_pos`` to use).
 
     Raises:
         EngineError: a site out of range, or a source point the runs did not record.
@@ -121,8 +127,10 @@ def run_patches(
             all_runs["base"] = base
     groups: dict[int, list[int]] = defaultdict(list)
     base_metric: Tensor | None = None
+    prefix = fast and skip_noops and causal and source_ids is not None and base_hooks is None
+    d = first_difference(base_ids, source_ids) if prefix and source_ids is not None else 0
     for i, pt in enumerate(patches):
-        if fast and skip_noops and _is_noop(pt, base, source):
+        if fast and skip_noops and (before_difference(pt, d) or _is_noop(pt, base, source)):
             # the source equals the base at every patched site: the patched run IS the base run
             if base_metric is None:
                 base_metric = scorer(base.logits, 1, False)[0].cpu()
@@ -160,6 +168,27 @@ def _check_sources(patches: Sequence[Patch], runs: Mapping[str, RunCache]) -> No
                 raise EngineError(f"{iv}: no run named {iv.source.run!r} (runs: {', '.join(runs)})")
             if s.point not in run.acts:
                 raise EngineError(f"the {iv.source.run} run did not record {s.point}; cannot patch {iv.target} from it")
+
+
+def first_difference(base_ids: Tensor, source_ids: Tensor) -> int:
+    """The first position at which two ``[N, T]`` batches of token ids differ in any example (``T``
+    if they are equal).
+
+    With causal attention, every activation at a position before it is a function of the same
+    tokens in both runs, so the runs agree there and patching one into the other changes nothing:
+    those positions need not be recorded. For IOI pairs (the names differ at the second mention)
+    that is most of the prompt."""
+    if base_ids.shape != source_ids.shape:
+        raise EngineError(f"base and source token ids differ in shape: {tuple(base_ids.shape)} vs "
+                          f"{tuple(source_ids.shape)}")
+    cols = (base_ids != source_ids).any(0).nonzero()
+    return int(cols[0]) if len(cols) else int(base_ids.shape[1])
+
+
+def before_difference(patch: Patch, d: int) -> bool:
+    """True if ``patch`` is plain and every site lies at a position ``< d``, the first position where
+    the (hook-free) runs differ (:func:`first_difference`): a no-op by causality, exactly."""
+    return patch.plain and all(s.pos is not None and s.pos < d for s in patch.sites)
 
 
 def _is_noop(patch: Patch, base: RunCache, source: RunCache) -> bool:

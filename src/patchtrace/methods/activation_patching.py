@@ -44,7 +44,9 @@ from patchtrace.engine.sweep import (
     RunCache,
     Scorer,
     base_points,
+    before_difference,
     collect,
+    first_difference,
     plan_sweep,
     resolve,
     run_patches,
@@ -194,6 +196,7 @@ class _GroupState:
     base_ids: torch.Tensor
     runs: dict[str, RunCache]
     scorer: Scorer
+    source_ids: torch.Tensor | None  # given: patches before the first differing token are skipped unread
 
 
 class PatchingJob:
@@ -247,7 +250,11 @@ class PatchingJob:
         m, tok, cfg, idx = self.model, self.tok, self.cfg, self.groups[gi]
         ids_c, ids_k = tok.ids("clean", idx).to(m.device), tok.ids("corrupt", idx).to(m.device)
         need = self.points | (base_points(self.patches[gi], m) if cfg.fast else set())
-        p0 = min((pt.start_pos for pt in self.patches[gi]), default=0)  # keep only the positions read
+        # keep only the positions read: the fast path skips (unread) plain patches before the first
+        # token where clean and corrupt differ, so the runs start at the earliest patch after it
+        d = first_difference(ids_c, ids_k) if cfg.fast and m.family.causal else 0
+        live = [pt for pt in self.patches[gi] if not before_difference(pt, d)]
+        p0 = min((pt.start_pos for pt in live), default=max(0, d - 1))
         p0 = p0 if m.family.causal else 0  # bidirectional attention reads every position
         ro = self.readouts[gi]
         # the source run keeps only the patched points (no resid_pre, no keys/values): nothing resumes from it
@@ -260,8 +267,8 @@ class PatchingJob:
         c_m, k_m = scorer(clean.logits, 1, False)[0].cpu(), scorer(corrupt.logits, 1, False)[0].cpu()
         refuse_zero_gap(tok, idx, c_m, k_m)  # before any patch of this group is run
         sanity = 0.0
-        if cfg.sanity_check:
-            some = self.patches[gi][:: max(1, len(self.patches[gi]) // 3)][:3]
+        if cfg.sanity_check and live:
+            some = live[:: max(1, len(live) // 3)][:3]
             # the base run into itself: every patch is a no-op, so force the engine to compute them
             b_ids, b_run, b_m = (ids_k, corrupt, k_m) if denoise else (ids_c, clean, c_m)
             same = run_patches(m, b_ids, b_run, b_run, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory,
@@ -269,9 +276,9 @@ class PatchingJob:
             sanity = float((same - b_m[None]).abs().max())
         self._baselines[gi] = (c_m, k_m, sanity)
         if denoise:
-            st = _GroupState(ids_k, {"base": corrupt, "source": clean}, scorer)
+            st = _GroupState(ids_k, {"base": corrupt, "source": clean}, scorer, ids_c if d else None)
         else:
-            st = _GroupState(ids_c, {"base": clean, "source": corrupt}, scorer)
+            st = _GroupState(ids_c, {"base": clean, "source": corrupt}, scorer, ids_k if d else None)
         self._state = (gi, st)
         return st
 
@@ -280,7 +287,7 @@ class PatchingJob:
         st = self._group(gi)
         vals = run_patches(
             self.model, st.base_ids, st.runs["base"], st.runs["source"], self.patches[gi][b0:b1], st.scorer,
-            fast=self.cfg.fast, max_memory=self.cfg.max_memory, on_chunk=on_progress,
+            fast=self.cfg.fast, max_memory=self.cfg.max_memory, on_chunk=on_progress, source_ids=st.source_ids,
         )
         return {"patched": vals.cpu()}
 
