@@ -10,6 +10,8 @@ Run::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gradients.py --out BENCHMARKS.md
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/gradients.py --graddrop --repeats 5   # AtP* cost only
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gradients.py --graddrop --groups 3 5 --repeats 3
+        # + coarser GradDrop (grad_drop_groups), its cost and its agreement with per-layer GradDrop and exact
 """
 
 from __future__ import annotations
@@ -44,15 +46,24 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
-def graddrop_only(model: Any, task: Any, specs: list[SiteSpec], repeats: int) -> int:
+def graddrop_only(model: Any, task: Any, specs: list[SiteSpec], repeats: int, groups: list[int]) -> int:
     """AtP* with GradDrop, without it, and a clean+corrupt forward pair, timed in turn ``repeats`` times
-    (fastest of each counts), so that contention hits all three alike; prints the ratios."""
+    (fastest of each counts), so that contention hits all three alike; prints the ratios. With
+    ``groups``, also AtP* with ``grad_drop_groups=G`` for each G, and how each agrees with per-layer
+    GradDrop and with exact patching's ``E|effect|``."""
     L = model.dims.n_layers
+    out: dict[str, list[Any]] = {}
+
+    def keep(name: str, cfg: Any) -> Any:
+        return lambda: out.__setitem__(name, atp_star.run_many(model, task, specs, cfg))
+
     fns = {
         "forward pair": lambda: compare.forward_pair_seconds(model, task, repeats=1),
         "atp* without GradDrop": lambda: atp_star.run_many(model, task, specs, atp_star.AtPStarConfig(grad_drop=False)),
-        "atp* with GradDrop": lambda: atp_star.run_many(model, task, specs, atp_star.AtPStarConfig()),
+        "atp* with GradDrop": keep("atp* with GradDrop", atp_star.AtPStarConfig()),
     }
+    for g in groups:
+        fns[f"atp* with GradDrop, {g} groups"] = keep(f"atp* with GradDrop, {g} groups", atp_star.AtPStarConfig(grad_drop_groups=g))
     best = dict.fromkeys(fns, float("inf"))
     cpu = dict.fromkeys(fns, float("inf"))  # process CPU time: what other processes' load barely changes
     for r in range(repeats):
@@ -74,6 +85,20 @@ def graddrop_only(model: Any, task: Any, specs: list[SiteSpec], repeats: int) ->
     print(f"| GradDrop alone (difference) | {drop:.3f} | {drop / pair:.2f} | {dcpu:.3f} | {dcpu / pair_cpu:.2f} |")
     print(f"\nGradDrop work: L(L−1)/2 = {L * (L - 1) // 2} single-stream block VJPs in {L - 1} batched calls; a forward "
           f"pair is 2L = {2 * L} block forwards, so at equal FLOP rates GradDrop alone is ≥ {(L - 1) / 4:.2f} forward pairs.")
+    for g in groups:
+        vjps = sum(a for a, _ in atp_star.layer_groups(L, g))
+        print(f"{g} groups {atp_star.layer_groups(L, g)}: {vjps} block VJPs, ≥ {vjps / (2 * L):.2f} forward pairs.")
+    if groups:
+        from patchtrace.methods import activation_patching as ap
+
+        exact = [ap.run(model, task, s) for s in specs]
+        ref = [compare.reference_for(e, x) for e, x in zip(exact, out["atp* with GradDrop"], strict=True)]
+        print("\n| estimator | grid | Pearson vs E|effect| | Spearman vs E|effect| | top-10 overlap with exact | "
+              "Spearman vs per-layer GradDrop |\n|---|---|---|---|---|---|")
+        for name, scores in out.items():
+            for spec, rv, s, p in zip(specs, ref, scores, out["atp* with GradDrop"], strict=True):
+                print(f"| {name} | {spec.kind} | {compare.pearson(s.values, rv):.3f} | {compare.spearman(s.values, rv):.3f} | "
+                      f"{compare.top_k_overlap(s.values, rv, 10):.1f} | {compare.spearman(s.values, p.values):.3f} |")
     return 0
 
 
@@ -85,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats per gradient method (fastest counts)")
     ap.add_argument("--graddrop", action="store_true",
                     help="only time AtP* with and without GradDrop next to the forward pair (interleaved, fastest of --repeats)")
+    ap.add_argument("--groups", type=int, nargs="*", default=[],
+                    help="with --graddrop: also AtP* with grad_drop_groups=G for each G, and its agreement with exact")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -97,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         SiteSpec("head", per_unit=True, positions="last"),
     ]
     if args.graddrop:
-        return graddrop_only(model, task, specs, args.repeats)
+        return graddrop_only(model, task, specs, args.repeats, args.groups)
     cfg = compare.CompareConfig(repeats=args.repeats)
     res = compare.run(model, task, specs, ["atp", "atp_star", "ig", "relp"], cfg, out_dir=args.save)
     report, scores = res.report, res.scores

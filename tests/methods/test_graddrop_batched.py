@@ -42,9 +42,11 @@ def _parallel(model: Any) -> bool:
     return c.model_type == "gpt_neox" and bool(getattr(c, "use_parallel_residual", True))
 
 
-def _grads(model: Any, ids: torch.Tensor, ans: torch.Tensor, wr: torch.Tensor, kinds: list[str], drop: int,
+def _grads(model: Any, ids: torch.Tensor, ans: torch.Tensor, wr: torch.Tensor, kinds: list[str], drop: int | set[int],
            pattern_layer: int | None = None) -> dict[tuple[str, int | None], torch.Tensor]:
-    """d(Σ logit diff)/d(site) in canonical views, block ``drop``'s contributions detached (HF hooks only)."""
+    """d(Σ logit diff)/d(site) in canonical views, the contributions of block ``drop`` (or of every
+    block in the set) detached (HF hooks only)."""
+    drops = {drop} if isinstance(drop, int) else drop
     rec: dict[tuple[str, int | None], torch.Tensor] = {}
     handles = []
 
@@ -72,8 +74,8 @@ def _grads(model: Any, ids: torch.Tensor, ans: torch.Tensor, wr: torch.Tensor, k
             handles.append(model.hf.get_input_embeddings().register_forward_hook(out_hook(("embed", None), False)))
     for k in range(L):
         m = ref._modules(model, k)
-        handles.append(m["attn"].register_forward_hook(out_hook(("attn_out", k) if "attn_out" in kinds else ("", k), k == drop)))
-        handles.append(m["mlp"].register_forward_hook(out_hook(("mlp_out", k) if "mlp_out" in kinds else ("", k), k == drop)))
+        handles.append(m["attn"].register_forward_hook(out_hook(("attn_out", k) if "attn_out" in kinds else ("", k), k in drops)))
+        handles.append(m["mlp"].register_forward_hook(out_hook(("mlp_out", k) if "mlp_out" in kinds else ("", k), k in drops)))
         if "resid_pre" in kinds:
             handles.append(m["block"].register_forward_pre_hook(in_hook(("resid_pre", k)), with_kwargs=True))
         if "resid_post" in kinds:
@@ -106,6 +108,36 @@ def _grads(model: Any, ids: torch.Tensor, ans: torch.Tensor, wr: torch.Tensor, k
 def test_graddrop_equals_per_layer_stop_gradient_passes_on_hf(smol_tokenizer, task, family):
     model = _model(family, smol_tokenizer)
     L = model.dims.n_layers
+    _check_on_hf(model, task, [{li} for li in range(L)], atp_star.AtPStarConfig(qk_fix=False), family)
+
+
+@pytest.mark.parametrize("family,layers,n,drops", [
+    ("llama", 5, 2, [{0, 1, 2}, {3, 4}]),
+    ("llama", 5, 3, [{0, 1}, {2, 3}, {4}]),
+    ("gpt_neox", 3, 2, [{0, 1}, {2}]),  # parallel blocks
+    ("gemma3", 3, 2, [{0, 1}, {2}]),  # sandwich norms
+])
+def test_grouped_graddrop_equals_group_stop_gradient_passes_on_hf(smol_tokenizer, task, family, layers, n, drops):
+    """``grad_drop_groups=n``: each group of layers detached together, ``Σ_S |Î_S| / (n − 1)``."""
+    if layers == 3:
+        model = _model(family, smol_tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from conftest import TINY_VOCAB, tiny_config
+        from patchtrace.models.load import wrap_model
+
+        torch.manual_seed(3)
+        cfg = tiny_config(family, TINY_VOCAB)
+        cfg.num_hidden_layers, cfg.initializer_range = layers, 0.2
+        model = wrap_model(AutoModelForCausalLM.from_config(cfg).eval().double(), smol_tokenizer, name=f"tiny-{family}-{layers}")
+    assert atp_star.layer_groups(model.dims.n_layers, n) == [(min(d), max(d)) for d in drops]
+    _check_on_hf(model, task, drops, atp_star.AtPStarConfig(qk_fix=False, grad_drop_groups=n), family)
+
+
+def _check_on_hf(model: Any, task: Any, drops: list[set[int]], config: Any, family: str) -> None:
+    """Every site kind over whole grids against ``Σ_S |Î_S| / (len(drops) − 1)`` from HF hook passes."""
+    L = model.dims.n_layers
     kinds = ["embed", "resid_pre", "resid_post", "attn_out", "mlp_out", "head"]
     if not _parallel(model):
         kinds.append("resid_mid")
@@ -130,21 +162,21 @@ def test_graddrop_equals_per_layer_stop_gradient_passes_on_hf(smol_tokenizer, ta
     total = {k: 0.0 for k in kinds}
     whole = {k: 0.0 for k in kinds}
     full = _grads(model, corrupt, ans, wr, kinds, drop=-1)
-    for drop in range(L):
+    for drop in drops:
         g = _grads(model, corrupt, ans, wr, kinds, drop)
         for k in kinds:
             total[k] = total[k] + cells(k, g).abs()
             whole[k] = whole[k] + cells(k, full).abs()
-    got = atp_star.run_many(model, task, specs, atp_star.AtPStarConfig(qk_fix=False))
+    got = atp_star.run_many(model, task, specs, config)
     order = [k for k in kinds if k != "head"] + ["head"]
     changed = 0.0
     for k, s in zip(order, got, strict=True):
-        want = (total[k] / (L - 1)).float()
+        want = (total[k] / (len(drops) - 1)).float()
         assert s.value_name == "contribution"
         scale = float(want.abs().max())
         assert scale > 1e-3, k
         torch.testing.assert_close(s.per_example, want, rtol=1e-5, atol=1e-5 * scale, msg=f"{family} {k}")
-        changed = max(changed, float((want - whole[k] / (L - 1)).abs().max()) / scale)
+        changed = max(changed, float((want - whole[k] / (len(drops) - 1)).abs().max()) / scale)
     assert changed > 1e-2  # dropping layers changed the scores: the test can tell GradDrop from plain |AtP|
 
 

@@ -20,6 +20,12 @@ two ways, and AtP* fixes each:
   down through the layers below ``l``. All L signals are carried down *together*, one batched
   vector–Jacobian product per block. The work is still ``L(L−1)/2`` block VJPs (about L/2 backward
   passes: GradDrop is exact, not approximated), but in L − 1 calls with tall matrix products.
+  That floor, ``(L − 1)/4`` forward pairs for GradDrop alone (7.25 on SmolLM2's 30 layers), is why
+  the paper's one knob, the drop *granularity*, is exposed: ``grad_drop_groups=G`` stop-gradients
+  ``G`` contiguous groups of layers in turn instead of every layer (``Σ_S |Î_S| / (G − 1)``); the work
+  falls to about ``L(G − 1)/2`` block VJPs. ``G = L`` is the per-layer estimator exactly; fewer groups
+  are a coarser (cheaper) GradDrop, not the same numbers: BENCHMARKS.md measures how its ranking
+  compares with the per-layer one and with exact patching.
 
 Example:
     Keys of layer 23 (three KV heads under GQA): the QK fix applies, GradDrop gives magnitudes, and the
@@ -55,7 +61,7 @@ from patchtrace.methods.gradients import (
     traced_forward,
 )
 from patchtrace.methods.registry import register_method
-from patchtrace.methods.validate import check_bool, check_direction, check_metric
+from patchtrace.methods.validate import ConfigError, check_bool, check_direction, check_int, check_metric
 from patchtrace.models.attention import visible
 from patchtrace.models.load import Model
 from patchtrace.progress import Progress
@@ -74,6 +80,8 @@ class AtPStarConfig:
         qk_fix: recompute the attention softmax exactly for query and key sites.
         grad_drop: average ``|estimate|`` over L backward passes, each dropping one layer's gradient;
             the result is then a magnitude (``contribution``).
+        grad_drop_groups: None (per layer, the paper's GradDrop) or ``G ≥ 2``: drop ``G`` contiguous
+            groups of layers in turn (:func:`layer_groups`); cheaper, coarser (module docstring).
 
     Raises:
         ConfigError: an unknown direction or metric, or a flag that is not a bool.
@@ -83,12 +91,34 @@ class AtPStarConfig:
     metric: str = "logit_diff"
     qk_fix: bool = True
     grad_drop: bool = True
+    grad_drop_groups: int | None = None
 
     def __post_init__(self) -> None:
         check_direction(self)
         check_metric(self)
         check_bool(self, "qk_fix")
         check_bool(self, "grad_drop")
+        check_int(self, "grad_drop_groups", low=2, optional=True)
+
+
+def layer_groups(L: int, n: int | None) -> list[tuple[int, int]]:
+    """``n`` contiguous groups ``(first, last)`` covering layers ``0..L−1``, sizes differing by at most
+    one (the larger ones first); ``None``: one group per layer.
+
+    Raises:
+        ConfigError: more groups than layers.
+    """
+    if n is None:
+        return [(li, li) for li in range(L)]
+    if n > L:
+        raise ConfigError(f"AtPStarConfig.grad_drop_groups: {n} groups for a model of {L} layers")
+    q, r = divmod(L, n)
+    bounds, a = [], 0
+    for i in range(n):
+        b = a + q + (i < r)
+        bounds.append((a, b - 1))
+        a = b
+    return bounds
 
 
 def qk_fix(
@@ -147,17 +177,25 @@ def qk_fix(
     return R, joint
 
 
-def _below(hp: HookPoint, layer: int) -> bool:
-    """Does ``hp`` sit below ``layer``'s block (so dropping the block changes its gradient)?"""
+def _relation(hp: HookPoint, a: int, b: int) -> str:
+    """How stop-gradienting blocks ``a..b`` changes the gradient at ``hp``: ``below`` (the dropped
+    signal is carried down to it), ``skip`` (inside the group on the residual stream: only the skip
+    path is left, the gradient at block ``b``'s output), ``cut`` (inside a dropped block: zero) or
+    ``whole`` (above the group: unchanged)."""
     if hp.layer is None:
-        return True
-    if hp.kind == "resid_pre":
-        return hp.layer <= layer
-    return hp.layer < layer
+        return "below"
+    j = hp.layer + 1 if hp.kind == "resid_post" else hp.layer  # resid_post j is resid_pre j+1
+    if hp.kind in ("resid_pre", "resid_post"):
+        return "below" if j <= a else "skip" if j <= b else "whole"
+    if j < a:
+        return "below"
+    if j <= b:
+        return "skip" if hp.kind == "resid_mid" else "cut"
+    return "whole"
 
 
 def _inside(hp: HookPoint, layer: int) -> bool:
-    """Is ``hp`` inside ``layer``'s block (dropping it cuts the gradient there, but for the skip path)?"""
+    """Is ``hp`` inside ``layer``'s block (a block VJP must deliver its gradient)?"""
     return hp.layer == layer and hp.kind not in ("resid_pre", "resid_post")
 
 
@@ -181,7 +219,7 @@ def _vjp(out: Tensor, inputs: Sequence[Tensor], cot: Tensor) -> list[Tensor]:
 
 def grad_drop(
     L: int, carriers: dict[HookPoint, list[HookPoint]], acts: dict[HookPoint, Tensor], G: dict[HookPoint, Tensor],
-    g_post: list[Tensor], estimate: Estimator,
+    g_post: list[Tensor], estimate: Estimator, groups: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """``Σ_l |Î_l|`` over the ``L`` dropped blocks, every dropped gradient carried down at once.
 
@@ -203,9 +241,11 @@ def grad_drop(
         G: the full gradient at every carrier and every ``resid_pre``.
         g_post: per layer, the full gradient at the block's output.
         estimate: see :data:`Estimator`.
+        groups: the dropped units, ``(first, last)`` layer ranges (:func:`layer_groups`); default one
+            per layer. Dropping ``a..b`` removes ``G[resid_pre a] − g_post,b`` at block ``a``'s input.
 
     Returns:
-        ``[B, n_cells]``.
+        ``[B, n_cells]``: ``Σ_S |Î_S|`` over the groups.
     """
     pre = [HookPoint("resid_pre", li) for li in range(L)]
     total: Tensor | None = None
@@ -222,26 +262,32 @@ def grad_drop(
     def dropped(cs: Sequence[HookPoint], V: Sequence[Tensor]) -> dict[HookPoint, Tensor]:
         return {c: (G[c][None] - v).flatten(0, 1) for c, v in zip(cs, V, strict=True)}
 
-    for c in carriers:  # the streams that leave c's gradient whole, and the one dropping c's own block
-        add({c: G[c]}, [c], 1, sum(not _below(c, li) and not _inside(c, li) for li in range(L)))
-        if c.kind == "resid_mid" and c.layer is not None:
-            add({c: g_post[c.layer]}, [c], 1)
-    C: Tensor | None = None  # cotangents at resid_pre k+1 of the streams l = k+1 .. L-1, stacked
+    groups = list(groups) if groups is not None else layer_groups(L, None)
+    for c in carriers:  # the groups that leave c's gradient whole, or only its skip path
+        rel = [_relation(c, a, b) for a, b in groups]
+        add({c: G[c]}, [c], 1, rel.count("whole"))
+        for (_, b), r in zip(groups, rel, strict=True):
+            if r == "skip":
+                add({c: g_post[b]}, [c], 1)
+    last = {a: b for a, b in groups}  # a group's first layer → its last
+    C: Tensor | None = None  # cotangents at resid_pre k+1 of the groups starting above k, stacked
     for k in range(L - 1, -1, -1):
-        delta = (G[pre[k]] - g_post[k])[None]
-        if C is None:
-            C = delta
-        else:
+        if C is not None:
             inner = [c for c in carriers if _inside(c, k)]
             down = k > 0 or any(c.layer is None or c == pre[0] for c in carriers)  # is resid_pre k read below?
             if not (down or inner):
                 break
             V = _vjp(acts[pre[k + 1]], [acts[pre[k]]] * down + [acts[c] for c in inner], C)
             add(dropped(inner, V[down:]), inner, C.shape[0])
-            C = torch.cat((delta, V[0])) if down else None
+            if not down:
+                break
+            C = V[0]
+        if k in last:  # the group starting here: its dropped signal enters at its first block's input
+            delta = (G[pre[k]] - g_post[last[k]])[None]
+            C = delta if C is None else torch.cat((delta, C))
         if C is None:
-            break
-        # now the streams l = k .. L-1 at resid_pre k, which is also resid_post k-1 (one tensor in the runner)
+            continue
+        # now every stream of a group starting at k or above, at resid_pre k (also resid_post k-1: one tensor)
         at = [c for c in carriers if c.layer is not None and (c == pre[k] or c == HookPoint("resid_post", k - 1))]
         assert all(acts[c] is acts[pre[k]] for c in at)
         add(dropped(at, [C] * len(at)), at, C.shape[0])
@@ -309,8 +355,9 @@ def _atp_star_group(model: Model, g: Group, cfg: AtPStarConfig) -> GroupResult:
     carriers: dict[HookPoint, list[HookPoint]] = {}
     for p in grid_pts:
         carriers.setdefault(carrier(p), []).append(p)
-    total = grad_drop(L, carriers, base.acts, G, g_post, estimate_with)
-    contrib = total / max(L - 1, 1)
+    groups = layer_groups(L, cfg.grad_drop_groups)
+    total = grad_drop(L, carriers, base.acts, G, g_post, estimate_with, groups)
+    contrib = total / max(len(groups) - 1, 1)
     return GroupResult(contrib, m.detach(), src_metric, extras={"signed": signed})
 
 
@@ -320,6 +367,8 @@ def run_many(
 ) -> list[Scores]:
     """AtP* over several grids at once (shared passes)."""
     cfg = config or AtPStarConfig()
+    if cfg.grad_drop:
+        layer_groups(model.dims.n_layers, cfg.grad_drop_groups)  # more groups than layers: refused before any pass
     return estimate(
         model, task, sites, method="atp_star", config=cfg, group_fn=lambda g: _atp_star_group(model, g, cfg),
         value_name="contribution" if cfg.grad_drop else "attribution", on_progress=on_progress,
@@ -351,5 +400,6 @@ register_method(
     description="AtP*: AtP with the exact softmax for queries/keys (QK fix) and GradDrop magnitudes",
     tiny_config=AtPStarConfig, tiny_inputs=tiny_inputs(SiteSpec("k", per_unit=True, positions="last", layers=(1, 2))),
     plain_baselines=("clean", "corrupt"),
-    invalid_configs=({"direction": "sideways"}, {"metric": "accuracy"}, {"qk_fix": 1}, {"grad_drop": "yes"}),
+    invalid_configs=({"direction": "sideways"}, {"metric": "accuracy"}, {"qk_fix": 1}, {"grad_drop": "yes"},
+                     {"grad_drop_groups": 1}, {"grad_drop_groups": 2.5}),
 )
