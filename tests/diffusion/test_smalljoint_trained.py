@@ -39,7 +39,11 @@ def test_weights_sha_is_checked(tmp_path):
 
 @pytest.mark.t2i_small
 @pytest.mark.skipif(os.environ.get("PATCHTRACE_TEST_T2I") != "1", reason="opt-in tier: set PATCHTRACE_TEST_T2I=1")
-def test_joint_model_draws_the_glyph():
+@pytest.mark.parametrize("held_out", [False, True])
+def test_joint_model_draws_every_attribute(held_out):
+    """The quality bar, as for the UNet (test_small_trained.py): every prompted attribute, on unseen
+    (glyph, colour) pairs too. Measured on the full protocol (BENCHMARKS.md): train all 1.00; held-out
+    glyph 0.93, style 0.99, the rest 1.00. The old 900-update weights fail this (held-out glyph 0.57)."""
     from patchtrace.diffusion.small.data import all_specs
     from patchtrace.diffusion.small.scorer import load_scorer
     from patchtrace.diffusion.smalljoint.evaluate import accuracy
@@ -47,8 +51,8 @@ def test_joint_model_draws_the_glyph():
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    pool = all_specs(False)
-    specs = [pool[int(i)] for i in rng.integers(0, len(pool), 24)]
+    pool = all_specs(held_out)
+    specs = [pool[int(i)] for i in rng.choice(len(pool), 24, replace=False)]
     acc = accuracy(build_small_joint(), load_scorer(), specs, [0, 1])
-    assert acc["glyph"] >= 0.75  # measured 0.90 (chance 0.17)
-    assert min(acc["background"], acc["position"], acc["style"]) >= 0.9
+    for attr, v in acc.items():
+        assert v >= 0.8, (attr, acc)
