@@ -8,7 +8,8 @@ curves into ``--img`` (default ``docs/img/diffusion``). Sections:
 - ``accuracy``: generation accuracy per attribute of both models on the same specs and seeds;
 - ``textloc``: per-layer (UNet) and per-layer + per-head (joint) text localization on glyph pairs; the
   localized layer = the best agreement with B (ties: higher SSIM); parameter fractions next to the paper's;
-- ``edit``: training-free editing from ``t_start`` on the localized layers (both models);
+- ``edit``: training-free editing from ``t_start`` on the localized layers (both models; on the joint model the
+  site set may include the pooled text embedding: ``--joint-layers pooled`` or ``pooled,0,1``);
 - ``prevent``: closed-form prevention on the UNet, localized layers vs all layers;
 - ``lora``: LoRA on the localized layers vs all attention layers (UNet).
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,7 @@ def _agree_keep(sc: Any, glyph_b: str, specs: list[Any]) -> tuple[Any, Any]:
 def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, archs: list[str]) -> dict[str, Any]:
     from patchtrace.diffusion.textedit import glyph_pairs
     from patchtrace.diffusion.textloc import (
+        cell_sites,
         joint_fractions,
         joint_text_localization,
         kv_fraction,
@@ -105,10 +108,12 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
             else:
                 pipe = _joint()
                 groups = [] if arch == "joint-heads" else [list(range(i, i + w)) for w in (2, 3) for i in range(0, 7 - w)]
-                r = joint_text_localization(pipe, pa, pb, agree, keep, seeds, 10, per_head=arch == "joint-heads", groups=groups)
+                # B's pooled embedding together with each block, each window and all blocks' text K/V
+                with_pooled: list[Any] = [] if arch == "joint-heads" else [[j] for j in range(6)] + groups + ["all"]
+                r = joint_text_localization(pipe, pa, pb, agree, keep, seeds, 10, per_head=arch == "joint-heads",
+                                            groups=groups, pooled_with=with_pooled)  # fmt: skip
                 labels = r["labels"]
-                fr = [joint_fractions(pipe, [j] if isinstance(j, int) else list(j) if isinstance(j, tuple)
-                                      else list(range(6)) if j == "all" else []) for j, _ in r["cells"]]  # fmt: skip
+                fr = [joint_fractions(pipe, *cell_sites(j, 6)) for j, _ in r["cells"]]
             for k in ("agree_b", "preserve", "psnr", "ssim"):
                 acc.setdefault(k, []).append(r[k].tolist())
             acc.setdefault("plain_a", []).append(r["agree_b_plain_a"])
@@ -122,38 +127,67 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
         best = int(np.argmax(score))
         res[arch] = {"labels": labels, **mean, "kv_fraction": [f[0] for f in fr], "attn_fraction": [f[1] for f in fr],
                      "localized": labels[best], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        rule = localized_by_rule(res[arch])
+        if arch == "joint" and rule is not None:  # the site set the applications use: by the rule, pooled path allowed
+            layers, pooled = cell_sites(r["cells"][rule][0], 6)
+            res[arch]["localized"] = labels[rule]
+            res[arch]["localized_sites"] = {"layers": layers, "pooled": pooled}
     return res
 
 
+def localized_by_rule(r: dict[str, Any]) -> int | None:
+    """The localized site set: the cell with the fewest parameters (its K/V, plus the pooled projection when
+    it patches the pooled embedding) whose patch draws B's glyph at least half as often as prompt B itself
+    (ties: higher agreement); ``None`` if no cell does."""
+    ok = [(r["kv_fraction"][i], -r["agree_b"][i], i) for i, lab in enumerate(r["labels"])
+          if r["agree_b"][i] >= 0.5 * np.mean(r["plain_b"])]  # fmt: skip
+    return min(ok)[2] if ok else None
+
+
+Sites = tuple[list[int], bool]  # a joint site set: text-K/V layers, and whether the pooled projection is in it
+
+
+def _where(sites: Sites) -> list[Any]:
+    return (["pooled"] if sites[1] else []) + list(sites[0])
+
+
 def edit_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, loc: dict[str, list[int]],
-                 archs: list[str]) -> dict[str, Any]:  # fmt: skip
+                 archs: list[str], pooled: bool = False, extra: Sequence[Sites] = ()) -> dict[str, Any]:  # fmt: skip
     from patchtrace.diffusion.textedit import text_edit
     from patchtrace.diffusion.textreport import text_edit_report
 
     old = out / "edit.json"
     res: dict[str, Any] = json.loads(old.read_text()) if old.exists() else {}
-    for arch in [x for x in archs if x in ("unet", "joint")]:
+    ga, gb = PAIRS[0]
+    runs: list[tuple[str, str, Sites]] = [(x, "", (loc[x], pooled and x == "joint")) for x in archs if x in ("unet", "joint")]
+    runs += [("joint", "_" + "_".join(f"L{w}" if isinstance(w, int) else w for w in _where(e)), e) for e in extra if "joint" in archs]
+    for arch, suffix, sites in runs:
         pipe = build_small() if arch == "unet" else _joint()
-        ga, gb = PAIRS[0]
-        r = text_edit(pipe, sc, ga, gb, loc[arch], [0, 1, 2, 4, 6], n, seeds, 10)
-        text_edit_report(r, out / f"edit_{arch}", f"Glyph editing ({arch}) {ga} -> {gb}, layers {loc[arch]}")
-        _img(out / f"edit_{arch}" / "edit_grid.png", img, f"text_edit_{arch}_grid.png")
-        res[arch] = {"layers": loc[arch], "rows": r["rows"]}
+        r = text_edit(pipe, sc, ga, gb, sites[0], [0, 1, 2, 4, 6], n, seeds, 10, pooled=sites[1])
+        text_edit_report(r, out / f"edit_{arch}{suffix}", f"Glyph editing ({arch}) {ga} -> {gb}, sites {_where(sites)}")
+        _img(out / f"edit_{arch}{suffix}" / "edit_grid.png", img, f"text_edit_{arch}{suffix}_grid.png")
+        res[f"{arch}{suffix.replace('_', ' ')}"] = {"layers": _where(sites), "rows": r["rows"]}
     return res
 
 
-def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], arch: str = "unet") -> dict[str, Any]:
+def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], arch: str = "unet",
+                    pooled: bool = False, extra: Sequence[Sites] = ()) -> dict[str, Any]:  # fmt: skip
     from patchtrace.diffusion.prevent import evaluate_prevention, joint_prevention_patch, prevention_patch
     from patchtrace.diffusion.textreport import prevention_report
 
     a: Any = T2IAdapter(build_small(), steps=10) if arch == "unet" else _joint()
     n = a.n_layers if arch == "unet" else 6
     evals = {}
-    for name, layers in ((f"localized {loc}", loc), (f"all {n} layers", list(range(n)))):
+    arms: list[tuple[str, list[int], bool]] = [(f"localized {_where((loc, pooled))}", loc, pooled)]
+    arms += [(f"{_where(e)}", e[0], e[1]) for e in extra]
+    arms.append((f"all {n} layers", list(range(n)), False))
+    if pooled or any(e[1] for e in extra):
+        arms.append((f"pooled + all {n} layers", list(range(n)), True))
+    for name, layers, pool in arms:
         if arch == "unet":
             patch = prevention_patch(a, layers, "two", "seven")
         else:
-            patch = joint_prevention_patch(a, layers, "two", "seven", seeds=seeds)
+            patch = joint_prevention_patch(a, layers, "two", "seven", seeds=seeds, pooled=pool)
         evals[name] = evaluate_prevention(a, sc, patch, "two", "seven", seeds)
     suffix = "" if arch == "unet" else "_joint"
     prevention_report(evals, out / f"prevent{suffix}", f"Prevention of 'two' (drawn as 'seven'), {arch}")
@@ -162,13 +196,15 @@ def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[i
 
 
 def lora_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], steps: int, arch: str = "unet",
-                 lr: float = 1e-3) -> dict[str, Any]:  # fmt: skip
+                 lr: float = 1e-3, pooled: bool = False, extra: Sequence[Sites] = ()) -> dict[str, Any]:  # fmt: skip
     from patchtrace.diffusion.textlora import accuracy_sets, text_lora
     from patchtrace.diffusion.textreport import lora_report
 
     a: Any = T2IAdapter(build_small(), steps=10) if arch == "unet" else _joint()
     base = accuracy_sets(a, sc, seeds)
-    runs = [text_lora(a, sc, arm, loc, steps=steps, lr=lr, seeds=seeds) for arm in ("localized", "all")]
+    sets = [(loc, pooled), *extra]
+    runs = [text_lora(a, sc, "localized", ly, steps=steps, lr=lr, seeds=seeds, pooled=pl) for ly, pl in sets]
+    runs.append(text_lora(a, sc, "all", [], steps=steps, lr=lr, seeds=seeds))
     suffix = "" if arch == "unet" else "_joint"
     lora_report(base, runs, out / f"lora{suffix}", f"LoRA localized vs all attention layers, {arch}")
     _img(out / f"lora{suffix}" / "lora_grid.png", img, f"text_lora{suffix}_grid.png")
@@ -203,18 +239,15 @@ def write_md(out: Path) -> Path:
         for arch in ("unet", "joint"):
             if arch in tl:
                 r = tl[arch]
-                # the fewest layers whose patch draws B's glyph at least half as often as prompt B itself
-                size = lambda lab: (lab.count("+") + 1 if "+" in lab else int(lab.split("-")[1][:1]) - int(lab[1]) + 1  # noqa: E731
-                                    if "-" in lab else 1)  # fmt: skip
-                ok = [(size(lab), -r["agree_b"][i], i) for i, lab in enumerate(r["labels"])
-                      if lab.startswith("L") and r["agree_b"][i] >= 0.5 * np.mean(r["plain_b"])]  # fmt: skip
+                i_rule = localized_by_rule(r)
                 n_single = sum(lab[1:].isdigit() for lab in r["labels"])
-                if not ok:
+                if i_rule is None:
                     md.append(f"| small {arch} (here) | none of {n_single} | — |")
                     continue
-                k, _, i = min(ok)
-                md.append(f"| small {arch} (here) | {k}/{n_single} ({r['labels'][i]}, agree B {_f(r['agree_b'][i])}) | "
-                          f"{100 * r['kv_fraction'][i]:.2f}% (whole attention modules {100 * r['attn_fraction'][i]:.2f}%) |")  # fmt: skip
+                lab = r["labels"][i_rule]
+                sites = "pooled projection" if lab == "pooled" else lab
+                md.append(f"| small {arch} (here) | {sites} of {n_single} blocks (agree B {_f(r['agree_b'][i_rule])}) | "
+                          f"{100 * r['kv_fraction'][i_rule]:.2f}% (whole attention modules {100 * r['attn_fraction'][i_rule]:.2f}%) |")  # fmt: skip
         md.append("")
     ed = load("edit")
     if ed:
@@ -264,7 +297,9 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--archs", default="unet,joint,joint-heads", help="architectures of textloc/edit")
     p.add_argument("--unet-layers", default="", help="override the localized UNet layers (default: from textloc)")
-    p.add_argument("--joint-layers", default="", help="override the joint model's localized layers (default: from textloc)")
+    p.add_argument("--joint-layers", default="",
+                   help="override the joint model's localized sites: layers and/or 'pooled' (default: from textloc)")
+    p.add_argument("--joint-extra", default="", help="further joint site sets to compare, ';'-separated (e.g. 'pooled,1')")
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -274,21 +309,28 @@ def main() -> None:
     if "textloc" in what:
         _save(a.out, "textloc", textloc_section(a.out, a.img, sc, seeds, a.prompts, a.archs.split(",")))
     tl = json.loads((a.out / "textloc.json").read_text()) if (a.out / "textloc.json").exists() else {}
-    loc = {arch: [int(tl[arch]["localized"][1:])] if arch in tl else [6] for arch in ("unet", "joint")}
+    loc = {arch: [int(tl[arch]["localized"][1:])] if arch in tl and tl[arch]["localized"][1:].isdigit() else [6]
+           for arch in ("unet", "joint")}  # fmt: skip
+    pooled = False  # the joint model's site set includes its pooled text projection
+    if "joint" in tl and "localized_sites" in tl["joint"]:
+        loc["joint"], pooled = tl["joint"]["localized_sites"]["layers"], tl["joint"]["localized_sites"]["pooled"]
     if a.unet_layers:
         loc["unet"] = [int(x) for x in a.unet_layers.split(",")]
     if a.joint_layers:
-        loc["joint"] = [int(x) for x in a.joint_layers.split(",")]
+        toks = a.joint_layers.split(",")
+        loc["joint"], pooled = [int(x) for x in toks if x != "pooled"], "pooled" in toks
+    extra = [([int(x) for x in e.split(",") if x != "pooled"], "pooled" in e.split(",")) for e in a.joint_extra.split(";") if e]
     if "edit" in what:
-        _save(a.out, "edit", edit_section(a.out, a.img, sc, seeds, a.prompts, loc, a.archs.split(",")))
+        _save(a.out, "edit", edit_section(a.out, a.img, sc, seeds, a.prompts, loc, a.archs.split(","), pooled, extra))
     if "prevent" in what:
         _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"]))
     if "lora" in what:
         _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps, lr=a.lora_lr))
     if "prevent-joint" in what:
-        _save(a.out, "prevent_joint", prevent_section(a.out, a.img, sc, seeds, loc["joint"], "joint"))
+        _save(a.out, "prevent_joint", prevent_section(a.out, a.img, sc, seeds, loc["joint"], "joint", pooled, extra))
     if "lora-joint" in what:
-        _save(a.out, "lora_joint", lora_section(a.out, a.img, sc, seeds, loc["joint"], a.lora_steps, "joint", a.lora_lr))
+        _save(a.out, "lora_joint", lora_section(a.out, a.img, sc, seeds, loc["joint"], a.lora_steps, "joint", a.lora_lr,
+                                                pooled, extra))  # fmt: skip
     print(write_md(a.out).read_text())
 
 

@@ -20,7 +20,7 @@ def test_joint_textloc_matches_naive_processor():
     layers = joint_layers(pipe)
     assert len(layers) == 6 and layers[0].name == "transformer_blocks.0.attn"
     green = lambda im, i: im[:, 1].mean((1, 2))  # noqa: E731
-    r = joint_text_localization(pipe, A, B, green, seeds=[0], steps=2)
+    r = joint_text_localization(pipe, A, B, green, seeds=[0], steps=2, pooled_with=[[4]])
     lat = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(0))[None]
     step = [-1]
     h = pipe.transformer.register_forward_pre_hook(lambda m, a, k: step.__setitem__(0, step[0] + 1), with_kwargs=True)
@@ -39,7 +39,7 @@ def test_joint_textloc_matches_naive_processor():
     assert torch.allclose(r["images"][4], ref, atol=1e-5)
     assert not torch.allclose(r["images"][4], r["images_a"], atol=1e-4)
     assert float(r["agree_b"][4]) == float(green(ref, None).mean())
-    assert r["labels"][-2:] == ["all", "pooled"]
+    assert r["labels"][-3:] == ["all", "pooled", "pooled+L4"]
     orig = pipe.encode  # reference for "pooled": A's text tokens with B's pooled embedding, by the encoder itself
 
     def enc(prompts):
@@ -49,13 +49,24 @@ def test_joint_textloc_matches_naive_processor():
     pipe.encode = enc
     try:
         ref_pooled = pipe(A, num_inference_steps=2, guidance_scale=3.0, latents=lat).images
+        step[0] = -1  # "pooled+L4": the encoder's B pooled embedding and the naive processor fed B's layer-4 K/V
+        h = pipe.transformer.register_forward_pre_hook(lambda m, a, k: step.__setitem__(0, step[0] + 1), with_kwargs=True)
+        attn.processor = NaiveJoint(step, override=dict(rec.seen))
+        ref_both = pipe(A, num_inference_steps=2, guidance_scale=3.0, latents=lat).images
     finally:
         del pipe.encode
-    assert torch.allclose(r["images"][-1], ref_pooled, atol=1e-5)
-    assert not torch.allclose(r["images"][-1], r["images_a"], atol=1e-4)
+        attn.processor = old
+        h.remove()
+    assert torch.allclose(r["images"][-2], ref_pooled, atol=1e-5)
+    assert not torch.allclose(r["images"][-2], r["images_a"], atol=1e-4)
+    assert torch.allclose(r["images"][-1], ref_both, atol=1e-5)
+    assert not torch.allclose(ref_both, ref_pooled, atol=1e-4) and not torch.allclose(ref_both, ref, atol=1e-4)
     kv, whole = joint_fractions(pipe, [4])
     total = sum(p.numel() for p in pipe.transformer.parameters())
     assert kv == 2 * (64 * 64 + 64) / total and whole > kv  # add_k_proj + add_v_proj: 64 -> 64 with bias
+    # the pooled text projection: linear_1 64 -> 64 and linear_2 64 -> 64 (inner width 64), with biases
+    assert joint_fractions(pipe, [], pooled=True) == (2 * (64 * 64 + 64) / total,) * 2
+    assert joint_fractions(pipe, [4], pooled=True)[0] == 2 * kv
 
 
 def test_text_commands_refuse_bad_input(tmp_path):

@@ -9,14 +9,16 @@ text-token keys and values of every layer at every denoising step**, and in the 
 only, image tokens untouched, conditional half of guidance only.
 
 :func:`joint_layers` lists the blocks in forward order; :func:`record_text_kv` and
-:func:`patch_text_kv` are scoped hook contexts (nothing left afterwards); :func:`text_patch_generate`
-runs the B-cache and the patched A-run with shared noise.
+:func:`patch_text_kv` are scoped hook contexts (nothing left afterwards), as are :func:`record_pooled` and
+:func:`patch_pooled` for the pooled text embedding (SD3's other text path: the adaptive norms of every
+block, through the time embedding); :func:`text_patch_generate` runs the B-cache and the patched A-run
+with shared noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,10 +126,51 @@ def patch_text_kv(pipe: Any, layers: Sequence[JointLayer], cache: dict, patch: S
                 h.remove()
 
 
+@contextmanager
+def record_pooled(pipe: Any, n_cond: int) -> Iterator[list[Any]]:
+    """Within the block, the conditional rows of the first transformer call's ``pooled_projections`` are kept.
+
+    SD3 feeds this pooled text embedding through ``time_text_embed.text_embedder`` into the time
+    embedding, which every block's adaptive norms read: a path to the image that bypasses attention."""
+    kept: list[Any] = []
+
+    def keep(m: Any, a: Any, k: dict) -> None:
+        if not kept:
+            kept.append(k["pooled_projections"][-n_cond:].detach().clone())
+
+    h = pipe.transformer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield kept
+    finally:
+        h.remove()
+
+
+@contextmanager
+def patch_pooled(pipe: Any, pooled_b: Any, t_start: int, n_cond: int) -> Iterator[None]:
+    """Within the block, the conditional rows of ``pooled_projections`` are B's (``pooled_b``) from step ``t_start`` on."""
+    with _steps(pipe.transformer) as step:
+
+        def put(m: Any, a: Any, k: dict) -> tuple | None:
+            if step[0] < t_start:
+                return None
+            if pooled_b.shape[0] != n_cond:
+                raise DiffusionError(f"B's pooled embedding has {pooled_b.shape[0]} rows, A has {n_cond}")
+            k["pooled_projections"] = k["pooled_projections"].clone()
+            k["pooled_projections"][-n_cond:] = pooled_b
+            return a, k
+
+        h = pipe.transformer.register_forward_pre_hook(put, with_kwargs=True)
+        try:
+            yield
+        finally:
+            h.remove()
+
+
 def text_patch_generate(pipe: Any, prompt_a: list[str], prompt_b: list[str], patch: Sequence[int], t_start: int,
                         steps: int, guidance: float, latents: Any, heads: Sequence[int] | None = None,
-                        **kw: Any) -> Any:  # fmt: skip
-    """Images of prompt A with layers ``patch`` reading prompt B's text K/V from step ``t_start`` (same noise)."""
+                        pooled: bool = False, **kw: Any) -> Any:  # fmt: skip
+    """Images of prompt A with layers ``patch`` reading prompt B's text K/V from step ``t_start`` (same noise);
+    with ``pooled`` B's pooled text embedding (the adaptive-norm path) is written in from ``t_start`` too."""
     import torch
 
     if not 0 <= t_start < steps:
@@ -136,8 +179,12 @@ def text_patch_generate(pipe: Any, prompt_a: list[str], prompt_b: list[str], pat
         raise DiffusionError(f"{len(prompt_a)} A prompts but {len(prompt_b)} B prompts")
     layers = joint_layers(pipe)
     args = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pt", "latents": latents, **kw}
+    n = len(prompt_a)
     with torch.no_grad():
-        with record_text_kv(pipe, layers) as cache:
+        with record_text_kv(pipe, layers) as cache, record_pooled(pipe, n) as pooled_b:
             pipe(prompt=prompt_b, **args)
-        with patch_text_kv(pipe, layers, cache, patch, t_start, n_cond=len(prompt_a), heads=heads):
+        with ExitStack() as stack:
+            stack.enter_context(patch_text_kv(pipe, layers, cache, patch, t_start, n_cond=n, heads=heads))
+            if pooled:
+                stack.enter_context(patch_pooled(pipe, pooled_b[0], t_start, n))
             return pipe(prompt=prompt_a, **args).images

@@ -161,13 +161,18 @@ def evaluate_prevention(adapter: Any, scorer: Any, patch: Any, forbidden: str, n
 
 def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neutral: str, lam: float = LAMBDA,
                            per_template: int = 4, seeds: Sequence[int] = (0,), steps: int = 10,
-                           guidance: float = 3.0, seed: int = 0) -> Any:  # fmt: skip
+                           guidance: float = 3.0, seed: int = 0, pooled: bool = False) -> Any:  # fmt: skip
     """The same closed form on a joint-attention model's text-stream ``add_k_proj``/``add_v_proj``.
 
     A block's text tokens are not the text encoder's output: they evolve through the blocks and depend
     on the image and the step. So the rows are *recorded*: every conditional text-token input of the
     edited projections at every denoising step, from runs of the forbidden prompts (``x``), of their
     neutral twins with the same noise (``y``, same token positions) and of other-glyph prompts (kept).
+
+    With ``pooled`` the first linear layer of the pooled text projection
+    (``time_text_embed.text_embedder.linear_1``, SD3's adaptive-norm text path) is edited the same way:
+    its input, the pooled text vector of a forbidden prompt, is mapped to what its neutral twin's gives
+    (``layers`` may then be empty).
     """
     import torch
 
@@ -185,29 +190,36 @@ def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neu
         raise DiffusionError(f"forbidden glyph {forbidden!r} is {la} tokens and neutral {neutral!r} is {lb}: "
                              "twin prompts must have the same token length; choose a neutral glyph of equal length")  # fmt: skip
     jl = joint_layers(pipe)
-    if not layers:
-        raise DiffusionError("prevention needs at least one layer to edit")
+    if not layers and not pooled:
+        raise DiffusionError("prevention needs at least one layer (or the pooled projection) to edit")
     for j in layers:
         if not 0 <= j < len(jl):
             raise DiffusionError(f"joint-attention layer {j} does not exist (the model has {len(jl)})")
     forb, twins, others, _, _ = prompt_sets(forbidden, neutral, FIT_TEMPLATES, seed, per_template)
 
-    def record(prompts: list[str]) -> dict[int, Any]:
-        seen: dict[int, list[Any]] = {j: [] for j in layers}
+    # the module whose input is recorded -> the weights solved from it
+    mods: dict[str, tuple[Any, list[str]]] = {
+        jl[j].name: (jl[j].attn.add_k_proj, [f"{jl[j].name}.{p}.weight" for p in ("add_k_proj", "add_v_proj")]) for j in layers}
+    if pooled:
+        emb = pipe.transformer.time_text_embed.text_embedder.linear_1
+        mods["pooled"] = (emb, ["time_text_embed.text_embedder.linear_1.weight"])
+
+    def record(prompts: list[str]) -> dict[str, Any]:
+        seen: dict[str, list[Any]] = {k: [] for k in mods}
         n_cond = len(prompts) * len(seeds)
-        hs = [jl[j].attn.add_k_proj.register_forward_pre_hook(
-            lambda m, a, j=j: seen[j].append(a[0][-n_cond:].reshape(-1, a[0].shape[-1]).detach().clone())) for j in layers]  # fmt: skip
+        hs = [m.register_forward_pre_hook(
+            lambda m, a, k=k: seen[k].append(a[0][-n_cond:].reshape(-1, a[0].shape[-1]).detach().clone()))
+            for k, (m, _) in mods.items()]  # fmt: skip
         try:
             with torch.no_grad():
                 generate(pipe, prompts, seeds, steps, guidance)
         finally:
             for h in hs:
                 h.remove()
-        return {j: torch.cat(v) for j, v in seen.items()}
+        return {k: torch.cat(v) for k, v in seen.items()}
 
     xf, yf, xo = record(forb), record(twins), record(others)
-    targets = [(f"{jl[j].name}.{proj}.weight", torch.cat([xf[j], xo[j]]), torch.cat([yf[j], xo[j]]))
-               for j in layers for proj in ("add_k_proj", "add_v_proj")]  # fmt: skip
+    targets = [(w, torch.cat([xf[k], xo[k]]), torch.cat([yf[k], xo[k]])) for k, (_, ws) in mods.items() for w in ws]
     return solve_patch(pipe.transformer, targets, lam,
-                       {"method": "prevent-joint", "layers": list(layers), "lambda": lam, "forbidden": forbidden,
-                        "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip
+                       {"method": "prevent-joint", "layers": list(layers), "pooled": pooled, "lambda": lam,
+                        "forbidden": forbidden, "neutral": neutral, "fit_templates": list(FIT_TEMPLATES)})  # fmt: skip

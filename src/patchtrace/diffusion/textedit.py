@@ -92,21 +92,25 @@ def score_edit(scorer: Any, images: Any, images_a: Any, specs: Sequence[Any], gl
 
 
 def patched_images(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequence[str], layers: Sequence[int], t_start: int,
-                   seeds: Sequence[int], steps: int, guidance: float = 3.0) -> Any:  # fmt: skip
-    """Images of A with ``layers`` reading B from ``t_start`` (rows prompt-major × seeds), any supported pipeline."""
+                   seeds: Sequence[int], steps: int, guidance: float = 3.0, pooled: bool = False) -> Any:  # fmt: skip
+    """Images of A with ``layers`` reading B from ``t_start`` (rows prompt-major × seeds), any supported pipeline.
+
+    ``pooled`` (joint-attention pipelines only): B's pooled text embedding is written in from ``t_start`` too."""
     import torch
 
     check_t_start(t_start, steps)
     pa, pb, seeds = list(prompts_a), list(prompts_b), list(seeds)
     if len(pa) != len(pb):
         raise DiffusionError(f"{len(pa)} A prompts but {len(pb)} B prompts")
+    if pooled and not hasattr(pipe, "transformer"):
+        raise DiffusionError(f"{type(pipe).__name__} has no pooled text embedding path (joint-attention pipelines only)")
     if hasattr(pipe, "transformer"):
         from patchtrace.diffusion.joint import text_patch_generate
 
         lat = _noise(pipe.transformer.config, seeds).repeat(len(pa), 1, 1, 1)
         ra = [p for p in pa for _ in seeds]
         rb = [p for p in pb for _ in seeds]
-        return text_patch_generate(pipe, ra, rb, list(layers), t_start, steps, guidance, lat)
+        return text_patch_generate(pipe, ra, rb, list(layers), t_start, steps, guidance, lat, pooled=pooled)
     a = T2IAdapter(pipe, steps=steps, guidance=guidance)
     idx = [p for p in range(len(pa)) for _ in seeds]
     ca, cb = a.encode(pa).rows(idx), a.encode(pb).rows(idx)
@@ -123,8 +127,10 @@ def _noise(config: Any, seeds: Sequence[int]) -> Any:
 
 
 def text_edit(pipe: Any, scorer: Any, glyph_a: str, glyph_b: str, layers: Sequence[int], t_starts: Sequence[int],
-              n: int = 4, seeds: Sequence[int] = (0, 1), steps: int = 10, guidance: float = 3.0) -> dict[str, Any]:  # fmt: skip
+              n: int = 4, seeds: Sequence[int] = (0, 1), steps: int = 10, guidance: float = 3.0,
+              pooled: bool = False) -> dict[str, Any]:  # fmt: skip
     """One row per ``t_start`` (success, preservation, PSNR, SSIM), plus plain A and plain B, with images.
+    ``pooled``: also patch B's pooled text embedding (joint-attention pipelines; it may be the only site).
 
     Raises:
         DiffusionError: an unknown glyph, a ``t_start`` outside ``0 … steps-1``, a layer that does not exist.
@@ -139,7 +145,7 @@ def text_edit(pipe: Any, scorer: Any, glyph_a: str, glyph_b: str, layers: Sequen
     for name, img in (("plain A", plain_a), ("plain B", plain_b)):
         rows.append({"t_start": name, **score_edit(scorer, img, plain_a, specs, glyph_b, len(seeds))})
     for t in t_starts:
-        img = patched_images(pipe, pa, pb, layers, t, seeds, steps, guidance)
+        img = patched_images(pipe, pa, pb, layers, t, seeds, steps, guidance, pooled)
         rows.append({"t_start": t, **score_edit(scorer, img, plain_a, specs, glyph_b, len(seeds))})
         images.append(img)
-    return {"rows": rows, "images": images, "prompts_a": pa, "prompts_b": pb, "layers": list(layers)}
+    return {"rows": rows, "images": images, "prompts_a": pa, "prompts_b": pb, "layers": list(layers), "pooled": pooled}

@@ -11,6 +11,7 @@ to A's image). The localized layers' share of the model's parameters is the pape
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 from patchtrace.diffusion.adapters import DiffusionError, T2IAdapter
@@ -100,23 +101,45 @@ def kv_fraction(adapter: T2IAdapter, layers: Sequence[int]) -> float:
                for p in m.parameters()) / total  # fmt: skip
 
 
-def joint_fractions(pipe: Any, layers: Sequence[int]) -> tuple[float, float]:
+def joint_fractions(pipe: Any, layers: Sequence[int], pooled: bool = False) -> tuple[float, float]:
     """For a joint-attention pipeline: (text ``add_k_proj``/``add_v_proj`` of ``layers``, whole attention
-    modules of ``layers``) over all transformer parameters. SD3: 1 layer × 2 × 1536² ≈ 4.7 M of 2 B = 0.23%."""
+    modules of ``layers``) over all transformer parameters. SD3: 1 layer × 2 × 1536² ≈ 4.7 M of 2 B = 0.23%.
+    With ``pooled`` both add the pooled text projection (``time_text_embed.text_embedder``: the linear
+    layers that map the pooled text vector into the time embedding), counted the same way."""
     from patchtrace.diffusion.joint import joint_layers
 
     jl = joint_layers(pipe)
     total = sum(p.numel() for p in pipe.transformer.parameters())
     kv = sum(p.numel() for j in layers for m in (jl[j].attn.add_k_proj, jl[j].attn.add_v_proj) for p in m.parameters())
     whole = sum(p.numel() for j in layers for p in jl[j].attn.parameters())
-    return kv / total, whole / total
+    extra = sum(p.numel() for p in pipe.transformer.time_text_embed.text_embedder.parameters()) if pooled else 0
+    return (kv + extra) / total, (whole + extra) / total
+
+
+def cell_sites(cell: Any, n_layers: int) -> tuple[list[int], bool]:
+    """A joint textloc cell (``j`` of ``(j, head)``) as (text-K/V layers patched, pooled embedding patched):
+    ``3``, ``(0, 1, 2)``, ``"all"``, ``"pooled"``, or ``("pooled", layers)`` / ``("pooled", "all")``."""
+    if cell == "pooled":
+        return [], True
+    if isinstance(cell, tuple) and cell and cell[0] == "pooled":
+        rest, _ = cell_sites(cell[1], n_layers)
+        return rest, True
+    if cell == "all":
+        return list(range(n_layers)), False
+    return (list(cell), False) if isinstance(cell, tuple) else ([int(cell)], False)
+
+
+def _group_label(g: Sequence[int]) -> str:
+    if len(g) == 1:
+        return f"L{g[0]}"
+    return f"L{min(g)}-{max(g)}" if list(g) == list(range(min(g), max(g) + 1)) else "L" + "+".join(map(str, g))
 
 
 def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequence[str],
                             agree_b: Callable[[Any, Any], Any], preserve: Callable[[Any, Any], Any] | None = None,
                             seeds: Sequence[int] = (0,), steps: int = 10, guidance: float = 3.0,
-                            per_head: bool = False, extra: bool = True,
-                            groups: Sequence[Sequence[int]] = ()) -> dict[str, Any]:  # fmt: skip
+                            per_head: bool = False, extra: bool = True, groups: Sequence[Sequence[int]] = (),
+                            pooled_with: Sequence[Sequence[int] | str] = ()) -> dict[str, Any]:  # fmt: skip
     """:func:`text_localization` for joint attention: one layer (or one head of one layer) at a time reads
     prompt B's cached text-token K/V at every step; B is run once and its cache reused for every layer.
 
@@ -124,11 +147,14 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
     ``extra`` two more: ``all`` (every layer's text K/V from B) and ``pooled`` (only B's pooled text
     embedding, which SD3 feeds to every block's adaptive norms through the time embedding, not through
     attention) — together they say whether the text reaches the image through the joint attention at all;
-    and one row per group of layers in ``groups`` (``L0-2`` for ``[0, 1, 2]``), patched together.
+    and one row per group of layers in ``groups`` (``L0-2`` for ``[0, 1, 2]``), patched together; and one
+    row per entry of ``pooled_with`` (a group of layers or ``"all"``) patched *together with* B's pooled
+    embedding (``pooled+L0-2``, ``pooled+all``): with the ``pooled`` row they show how the glyph splits
+    between the adaptive-norm path and the text K/V.
     """
     import torch
 
-    from patchtrace.diffusion.joint import joint_layers, patch_text_kv, record_text_kv
+    from patchtrace.diffusion.joint import joint_layers, patch_pooled, patch_text_kv, record_pooled, record_text_kv
 
     if agree_b is None:
         raise DiffusionError("no glyph scorer given: pass agree_b (the glyph classifier's agreement with B)")
@@ -143,47 +169,36 @@ def joint_text_localization(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequ
     lat = noise.repeat(len(pa), 1, 1, 1)
     args = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pt", "latents": lat}
     pidx = torch.tensor([p for p in range(len(pa)) for _ in seeds])
-    pooled_b: list[Any] = []
-
-    def keep_pooled(m: Any, a: Any, k: dict) -> None:
-        if not pooled_b:
-            pooled_b.append(k["pooled_projections"][-len(rb):].clone())
-
-    def put_pooled(m: Any, a: Any, k: dict) -> tuple:
-        k["pooled_projections"] = k["pooled_projections"].clone()
-        k["pooled_projections"][-len(ra):] = pooled_b[0]
-        return a, k
-
     with torch.no_grad():
         img_a = pipe(prompt=ra, **args).images
-        h_keep = pipe.transformer.register_forward_pre_hook(keep_pooled, with_kwargs=True)
-        try:
-            with record_text_kv(pipe, layers) as cache:
-                img_b = pipe(prompt=rb, **args).images
-        finally:
-            h_keep.remove()
+        with record_text_kv(pipe, layers) as cache, record_pooled(pipe, len(rb)) as pooled_b:
+            img_b = pipe(prompt=rb, **args).images
         cells: list[tuple[Any, Any]] = [(j, h) for j in range(len(layers)) for h in range(layers[j].heads)] \
             if per_head else [(j, None) for j in range(len(layers))]  # fmt: skip
         labels = [f"L{j}" if h is None else f"L{j}.H{h}" for j, h in cells]
         for g in groups:
             cells.append((tuple(g), None))
-            labels.append(f"L{min(g)}-{max(g)}" if list(g) == list(range(min(g), max(g) + 1)) else "L" + "+".join(map(str, g)))
+            labels.append(_group_label(g))
         if extra:
             cells += [("all", None), ("pooled", None)]
             labels += ["all", "pooled"]
+        for pw in pooled_with:
+            if isinstance(pw, str):  # "all"
+                cells.append((("pooled", "all"), None))
+                labels.append("pooled+all")
+            else:
+                cells.append((("pooled", tuple(pw)), None))
+                labels.append("pooled+" + _group_label(pw))
         rows: dict[str, list[float]] = {"agree_b": [], "preserve": [], "mse": [], "psnr": [], "ssim": []}
         images = []
         for j, h in cells:
-            if j == "pooled":
-                hp = pipe.transformer.register_forward_pre_hook(put_pooled, with_kwargs=True)
-                try:
-                    img = pipe(prompt=ra, **args).images
-                finally:
-                    hp.remove()
-            else:
-                patch = list(range(len(layers))) if j == "all" else list(j) if isinstance(j, tuple) else [j]
-                with patch_text_kv(pipe, layers, cache, patch, 0, n_cond=len(ra), heads=None if h is None else [h]):
-                    img = pipe(prompt=ra, **args).images
+            patch, pooled = cell_sites(j, len(layers))
+            with ExitStack() as stack:
+                stack.enter_context(patch_text_kv(pipe, layers, cache, patch, 0, n_cond=len(ra),
+                                                  heads=None if h is None else [h]))  # fmt: skip
+                if pooled:
+                    stack.enter_context(patch_pooled(pipe, pooled_b[0], 0, len(ra)))
+                img = pipe(prompt=ra, **args).images
             images.append(img)
             _add_row(rows, img, img_a, pidx, agree_b, preserve)
     out: dict[str, Any] = {k: torch.tensor(v) for k, v in rows.items()}

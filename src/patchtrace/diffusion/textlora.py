@@ -35,11 +35,17 @@ def _pipe(model: Any) -> Any:
     return model.pipe if isinstance(model, T2IAdapter) else model
 
 
-def lora_modules(model: Any, arm: str, layers: Sequence[int] = ()) -> list[str]:
-    """Full module names of the projections LoRA goes on, for arm ``localized`` (needs ``layers``) or ``all``.
+#: the pooled text projection of an SD3-style transformer (its adaptive-norm text path)
+POOLED_PROJ = ("time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
+
+
+def lora_modules(model: Any, arm: str, layers: Sequence[int] = (), pooled: bool = False) -> list[str]:
+    """Full module names of the projections LoRA goes on, for arm ``localized`` (needs ``layers`` or
+    ``pooled``) or ``all``.
 
     ``model`` is a :class:`~.adapters.T2IAdapter` (UNet: ``to_q/to_k/to_v/to_out.0`` of cross-attention
-    layers) or a joint-attention pipeline (the blocks' attention: both streams' projections).
+    layers) or a joint-attention pipeline (the blocks' attention: both streams' projections; with
+    ``pooled`` in the localized arm, also the pooled text projection's two linear layers).
     """
     if arm not in ARMS:
         raise DiffusionError(f"LoRA arm {arm!r} is not one of {list(ARMS)}")
@@ -52,8 +58,10 @@ def lora_modules(model: Any, arm: str, layers: Sequence[int] = ()) -> list[str]:
         names, proj = [la.name for la in joint_layers(pipe)], PROJ + JOINT_PROJ
     else:
         names, proj = [la.name for la in model.layers], PROJ
+    if pooled and not joint:
+        raise DiffusionError(f"{type(pipe).__name__} has no pooled text projection (joint-attention pipelines only)")
     if arm == "localized":
-        if not layers:
+        if not layers and not pooled:
             raise DiffusionError("arm 'localized' needs the localized layers (e.g. from `patchtrace t2i textloc`)")
         for j in layers:
             if not 0 <= j < len(names):
@@ -63,7 +71,8 @@ def lora_modules(model: Any, arm: str, layers: Sequence[int] = ()) -> list[str]:
         root = pipe.transformer if joint else pipe.unet
         picked = [n for n, m in root.named_modules() if type(m).__name__ == "Attention"]
     mods = dict((pipe.transformer if joint else pipe.unet).named_modules())
-    return [f"{n}.{p}" for n in picked for p in proj if f"{n}.{p}" in mods]
+    extra = list(POOLED_PROJ) if pooled and arm == "localized" else []
+    return [f"{n}.{p}" for n in picked for p in proj if f"{n}.{p}" in mods] + extra
 
 
 def make_batches(steps: int, batch: int, seed: int) -> list[tuple[Any, list[str], Any]]:
@@ -140,15 +149,16 @@ def accuracy_sets(model: Any, scorer: Any, seeds: Sequence[int], n: int = 24, se
 
 def text_lora(adapter: Any, scorer: Any, arm: str, layers: Sequence[int] = (), steps: int = 100,
               lr: float = 1e-3, rank: int = 4, batch: int = 32, seed: int = 0, seeds: Sequence[int] = (0, 1),
-              n_eval: int = 24) -> dict[str, Any]:  # fmt: skip
+              n_eval: int = 24, pooled: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train one arm, then score it against the unchanged model: accuracies, trainable parameters, time.
+    ``pooled``: the localized arm includes the pooled text projection (joint-attention pipelines).
 
     Raises:
         DiffusionError: an unknown arm, no layers for ``localized``, a layer that does not exist, steps < 1.
     """
     from patchtrace.weights.lora import train_lora
 
-    names = lora_modules(adapter, arm, layers)
+    names = lora_modules(adapter, arm, layers, pooled)
     if steps < 1:
         raise DiffusionError(f"LoRA steps {steps}: need at least 1")
     pipe = _pipe(adapter)
@@ -160,7 +170,8 @@ def text_lora(adapter: Any, scorer: Any, arm: str, layers: Sequence[int] = (), s
     net.eval()
     with run.patch.applied(net):
         after = accuracy_sets(adapter, scorer, seeds, n_eval)
-    return {"arm": arm, "layers": list(layers) if arm == "localized" else "all attention", "modules": len(names),
+    where: Any = (list(layers) + (["pooled"] if pooled else [])) if arm == "localized" else "all attention"
+    return {"arm": arm, "layers": where, "modules": len(names),
             "steps": steps, "lr": lr, "rank": rank, "batch": batch,
             "trainable": run.trainable, "total": run.total, "trainable_fraction": run.trainable / run.total,
             "seconds": round(seconds, 1), "loss_first": run.losses[0], "loss_last": sum(run.losses[-10:]) / min(10, len(run.losses)),
