@@ -148,3 +148,72 @@ def test_joint_prevention_against_recorded_lstsq():
     assert (xf @ new.T - yf @ w_old.T).norm() < 0.5 * (xf @ w_old.T - yf @ w_old.T).norm()
     assert torch.equal(proj.weight.double(), w_old)
     assert {n.split(".")[-2] for n in patch.names} == {"add_k_proj", "add_v_proj"}
+
+
+def test_pooled_edit_from_t_start_matches_encoder_swap():
+    from patchtrace.diffusion.joint import text_patch_generate
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+
+    pipe = random_small_joint()
+    lat = torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(0))[None]
+    pooled_b = pipe.encode(B)[1]  # B's pooled embedding from the text encoder itself
+    step = [-1]
+
+    def swap(m, a, k):  # reference: from the 2nd transformer call on, the conditional row reads B's pooled vector
+        step[0] += 1
+        if step[0] >= 1:
+            k["pooled_projections"] = torch.cat([k["pooled_projections"][:1], pooled_b])
+        return a, k
+
+    h = pipe.transformer.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        ref = pipe(A, num_inference_steps=3, guidance_scale=3.0, latents=lat).images
+    finally:
+        h.remove()
+    got = text_patch_generate(pipe, A, B, [], 1, 3, 3.0, lat, pooled=True)
+    assert torch.allclose(got, ref, atol=1e-6)
+    plain = pipe(A, num_inference_steps=3, guidance_scale=3.0, latents=lat).images
+    from_0 = text_patch_generate(pipe, A, B, [], 0, 3, 3.0, lat, pooled=True)
+    assert not torch.allclose(got, plain, atol=1e-4) and not torch.allclose(got, from_0, atol=1e-4)
+    assert torch.equal(text_patch_generate(pipe, A, B, [], 0, 3, 3.0, lat), plain)  # no sites: A unchanged
+
+
+def test_pooled_prevention_and_lora_sites():
+    from patchtrace.diffusion.adapters import DiffusionError
+    from patchtrace.diffusion.prevent import FIT_TEMPLATES, joint_prevention_patch, prompt_sets
+    from patchtrace.diffusion.small.pipeline import random_small
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+    from patchtrace.diffusion.textlora import lora_modules
+
+    pipe = random_small_joint()
+    steps = 2
+    patch = joint_prevention_patch(pipe, [], "two", "seven", lam=0.01, per_template=2, seeds=[0], steps=steps, pooled=True)
+    forb, twins, others, _, _ = prompt_sets("two", "seven", FIT_TEMPLATES, 0, 2)
+    # reference rows: each prompt's pooled vector from the encoder, once per denoising step (the solve sees every step)
+    enc = lambda ps: pipe.encode(ps)[1].detach().double().repeat(steps, 1)  # noqa: E731
+    xf, yf, xo = enc(forb), enc(twins), enc(others)
+    lin = pipe.transformer.time_text_embed.text_embedder.linear_1
+    w_old = lin.weight.detach().double()
+    X, Y = torch.cat([xf, xo]), torch.cat([yf, xo])
+    lhs = torch.cat([X, 0.1 * torch.eye(64, dtype=torch.float64)])
+    ref = torch.linalg.lstsq(lhs, torch.cat([Y @ w_old.T, 0.1 * w_old.T])).solution.T
+    assert set(patch.names) == {"time_text_embed.text_embedder.linear_1.weight"}
+    with patch.applied(pipe.transformer):
+        assert torch.allclose(lin.weight.double(), ref, atol=1e-4)
+    assert torch.equal(lin.weight.double(), w_old)
+    try:
+        joint_prevention_patch(pipe, [], "two", "seven", steps=1)
+        raise AssertionError("no site refused")
+    except DiffusionError as e:
+        assert "pooled" in str(e)
+    assert lora_modules(pipe, "localized", [], pooled=True) == [
+        "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2"]
+    assert lora_modules(pipe, "localized", [1], pooled=True)[-2:] == lora_modules(pipe, "localized", [], pooled=True)
+    assert len(lora_modules(pipe, "all", pooled=True)) == 5 * 8 + 7  # the 'all attention' arm is unchanged
+    from patchtrace.diffusion.adapters import T2IAdapter
+
+    try:
+        lora_modules(T2IAdapter(random_small()), "localized", [0], pooled=True)
+        raise AssertionError("UNet pooled refused")
+    except DiffusionError as e:
+        assert "pooled" in str(e)
