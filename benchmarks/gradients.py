@@ -60,7 +60,7 @@ def graddrop_only(model: Any, task: Any, specs: list[SiteSpec], repeats: int, gr
     fns = {
         "forward pair": lambda: compare.forward_pair_seconds(model, task, repeats=1),
         "atp* without GradDrop": lambda: atp_star.run_many(model, task, specs, atp_star.AtPStarConfig(grad_drop=False)),
-        "atp* with GradDrop": keep("atp* with GradDrop", atp_star.AtPStarConfig()),
+        "atp* with GradDrop": keep("atp* with GradDrop", atp_star.AtPStarConfig(grad_drop_groups=None)),  # per layer
     }
     for g in groups:
         fns[f"atp* with GradDrop, {g} groups"] = keep(f"atp* with GradDrop, {g} groups", atp_star.AtPStarConfig(grad_drop_groups=g))
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graddrop", action="store_true",
                     help="only time AtP* with and without GradDrop next to the forward pair (interleaved, fastest of --repeats)")
     ap.add_argument("--groups", type=int, nargs="*", default=[],
-                    help="with --graddrop: also AtP* with grad_drop_groups=G for each G, and its agreement with exact")
+                    help="with --graddrop: also AtP* with grad_drop_groups=G for each G (the default is 5), "
+                    "and its agreement with per-layer GradDrop and exact")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)

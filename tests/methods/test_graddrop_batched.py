@@ -217,3 +217,11 @@ def test_streams_split_by_the_vjp_budget_give_the_same_scores(smol_tokenizer, ta
     for a, b in zip(whole, split, strict=True):
         assert float(a.per_example.abs().max()) > 1e-3
         torch.testing.assert_close(b.per_example, a.per_example, rtol=1e-6, atol=1e-9)
+
+
+def test_layer_groups_are_contiguous_balanced_and_per_layer_when_few():
+    assert atp_star.layer_groups(7, 3) == [(0, 2), (3, 4), (5, 6)]
+    assert atp_star.layer_groups(30, 5) == [(0, 5), (6, 11), (12, 17), (18, 23), (24, 29)]
+    assert atp_star.layer_groups(3, 5) == [(0, 0), (1, 1), (2, 2)]  # the default on a small model: per layer
+    assert atp_star.layer_groups(4, None) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert atp_star.AtPStarConfig().grad_drop_groups == 5
