@@ -122,10 +122,14 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
                 textloc_report(r, out / f"textloc_{arch}", labels, pa, pb, [f[0] for f in fr], f"Text localization ({arch}) {ga} -> {gb}")
                 _img(out / f"textloc_{arch}" / "textloc_grid.png", img, f"textloc_{arch}_grid.png")
                 _img(out / f"textloc_{arch}" / "textloc_curves.png", img, f"textloc_{arch}_curves.png")
+            elif arch == "joint":  # the second pair's curves too: the pooled path alone moves one pair, not the other
+                textloc_report(r, out / f"textloc_{arch}_{ga}", labels, pa, pb, [f[0] for f in fr], f"Text localization ({arch}) {ga} -> {gb}")
+                _img(out / f"textloc_{arch}_{ga}" / "textloc_curves.png", img, f"textloc_{arch}_{ga}-{gb}_curves.png")
         mean = {k: np.mean(np.array(v), 0).tolist() for k, v in acc.items()}
         score = [g + 1e-3 * s if lab[1:].isdigit() else -1.0 for g, s, lab in zip(mean["agree_b"], mean["ssim"], labels)]
         best = int(np.argmax(score))
-        res[arch] = {"labels": labels, **mean, "kv_fraction": [f[0] for f in fr], "attn_fraction": [f[1] for f in fr],
+        res[arch] = {"labels": labels, **mean, "agree_b_pairs": acc["agree_b"], "plain_b_pairs": acc["plain_b"],
+                     "kv_fraction": [f[0] for f in fr], "attn_fraction": [f[1] for f in fr],
                      "localized": labels[best], "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         rule = localized_by_rule(res[arch])
         if arch == "joint" and rule is not None:  # the site set the applications use: by the rule, pooled path allowed
@@ -135,12 +139,15 @@ def textloc_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, arc
     return res
 
 
-def localized_by_rule(r: dict[str, Any]) -> int | None:
+def localized_by_rule(r: dict[str, Any], every_pair: bool = False) -> int | None:
     """The localized site set: the cell with the fewest parameters (its K/V, plus the pooled projection when
     it patches the pooled embedding) whose patch draws B's glyph at least half as often as prompt B itself
-    (ties: higher agreement); ``None`` if no cell does."""
-    ok = [(r["kv_fraction"][i], -r["agree_b"][i], i) for i, lab in enumerate(r["labels"])
-          if r["agree_b"][i] >= 0.5 * np.mean(r["plain_b"])]  # fmt: skip
+    (ties: higher agreement); ``None`` if no cell does. ``every_pair``: on each glyph pair, not on average."""
+    if every_pair:
+        good = [all(a[i] >= 0.5 * b for a, b in zip(r["agree_b_pairs"], r["plain_b_pairs"])) for i in range(len(r["labels"]))]
+    else:
+        good = [r["agree_b"][i] >= 0.5 * np.mean(r["plain_b"]) for i in range(len(r["labels"]))]
+    ok = [(r["kv_fraction"][i], -r["agree_b"][i], i) for i in range(len(r["labels"])) if good[i]]
     return min(ok)[2] if ok else None
 
 
@@ -230,8 +237,11 @@ def write_md(out: Path) -> Path:
         for arch, r in tl.items():
             md += [f"**{arch}** (pairs {PAIRS}; plain A agrees with B {np.mean(r['plain_a']):.2f}, plain B "
                    f"{np.mean(r['plain_b']):.2f}; localized: {r['localized']}; {r['seconds']} s)", "",
-                   "| cell | agree B | preserve A | PSNR | SSIM | K/V params | attention params |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-            md += [f"| {lab} | {_f(r['agree_b'][i])} | {_f(r['preserve'][i])} | {r['psnr'][i]:.1f} | {_f(r['ssim'][i])} | "
+                   "| cell | agree B | per pair | preserve A | PSNR | SSIM | K/V params | attention params |",
+                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            pairs = r.get("agree_b_pairs")
+            md += [f"| {lab} | {_f(r['agree_b'][i])} | {' / '.join(_f(p[i]) for p in pairs) if pairs else '—'} | "
+                   f"{_f(r['preserve'][i])} | {r['psnr'][i]:.1f} | {_f(r['ssim'][i])} | "
                    f"{100 * r['kv_fraction'][i]:.2f}% | {100 * r['attn_fraction'][i]:.2f}% |" for i, lab in enumerate(r["labels"])]  # fmt: skip
             md.append("")
         md += ["| model | localized / layers | parameter fraction (K/V of the localized layers) |", "|---|---|---|"]
@@ -244,10 +254,17 @@ def write_md(out: Path) -> Path:
                 if i_rule is None:
                     md.append(f"| small {arch} (here) | none of {n_single} | — |")
                     continue
-                lab = r["labels"][i_rule]
-                sites = "pooled projection" if lab == "pooled" else lab
-                md.append(f"| small {arch} (here) | {sites} of {n_single} blocks (agree B {_f(r['agree_b'][i_rule])}) | "
-                          f"{100 * r['kv_fraction'][i_rule]:.2f}% (whole attention modules {100 * r['attn_fraction'][i_rule]:.2f}%) |")  # fmt: skip
+                rules: list[tuple[str, int | None]] = [("", i_rule)]
+                if "plain_b_pairs" in r:
+                    rules.append((", on every pair", localized_by_rule(r, every_pair=True)))
+                for how, i in rules:
+                    if i is None:
+                        md.append(f"| small {arch} (here{how}) | none of {n_single} | — |")
+                        continue
+                    lab = r["labels"][i]
+                    sites = "pooled projection" if lab == "pooled" else lab.replace("pooled+", "pooled projection + ")
+                    md.append(f"| small {arch} (here{how}) | {sites} of {n_single} blocks (agree B {_f(r['agree_b'][i])}) | "
+                              f"{100 * r['kv_fraction'][i]:.2f}% (whole attention modules {100 * r['attn_fraction'][i]:.2f}%) |")  # fmt: skip
         md.append("")
     ed = load("edit")
     if ed:
