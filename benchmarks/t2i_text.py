@@ -159,13 +159,14 @@ def _where(sites: Sites) -> list[Any]:
 
 
 def edit_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, loc: dict[str, list[int]],
-                 archs: list[str], pooled: bool = False, extra: Sequence[Sites] = ()) -> dict[str, Any]:  # fmt: skip
+                 archs: list[str], pooled: bool = False, extra: Sequence[Sites] = (),
+                 pair: tuple[str, str] = PAIRS[0]) -> dict[str, Any]:  # fmt: skip
     from patchtrace.diffusion.textedit import text_edit
     from patchtrace.diffusion.textreport import text_edit_report
 
     old = out / "edit.json"
     res: dict[str, Any] = json.loads(old.read_text()) if old.exists() else {}
-    ga, gb = PAIRS[0]
+    ga, gb = pair
     runs: list[tuple[str, str, Sites]] = [(x, "", (loc[x], pooled and x == "joint")) for x in archs if x in ("unet", "joint")]
     runs += [("joint", "_" + "_".join(f"L{w}" if isinstance(w, int) else w for w in _where(e)), e) for e in extra if "joint" in archs]
     for arch, suffix, sites in runs:
@@ -178,7 +179,7 @@ def edit_section(out: Path, img: Path, sc: Any, seeds: list[int], n: int, loc: d
 
 
 def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[int], arch: str = "unet",
-                    pooled: bool = False, extra: Sequence[Sites] = ()) -> dict[str, Any]:  # fmt: skip
+                    pooled: bool = False, extra: Sequence[Sites] = (), pair: tuple[str, str] = PAIRS[0]) -> dict[str, Any]:  # fmt: skip
     from patchtrace.diffusion.prevent import evaluate_prevention, joint_prevention_patch, prevention_patch
     from patchtrace.diffusion.textreport import prevention_report
 
@@ -192,12 +193,12 @@ def prevent_section(out: Path, img: Path, sc: Any, seeds: list[int], loc: list[i
         arms.append((f"pooled + all {n} layers", list(range(n)), True))
     for name, layers, pool in arms:
         if arch == "unet":
-            patch = prevention_patch(a, layers, "two", "seven")
+            patch = prevention_patch(a, layers, *pair)
         else:
-            patch = joint_prevention_patch(a, layers, "two", "seven", seeds=seeds, pooled=pool)
-        evals[name] = evaluate_prevention(a, sc, patch, "two", "seven", seeds)
+            patch = joint_prevention_patch(a, layers, *pair, seeds=seeds, pooled=pool)
+        evals[name] = evaluate_prevention(a, sc, patch, *pair, seeds)
     suffix = "" if arch == "unet" else "_joint"
-    prevention_report(evals, out / f"prevent{suffix}", f"Prevention of 'two' (drawn as 'seven'), {arch}")
+    prevention_report(evals, out / f"prevent{suffix}", f"Prevention of '{pair[0]}' (drawn as '{pair[1]}'), {arch}")
     _img(out / f"prevent{suffix}" / "prevent_grid.png", img, f"prevent{suffix}_grid.png")
     return {k: {x: y for x, y in e.items() if x not in ("images", "prompts")} for k, e in evals.items()}
 
@@ -316,6 +317,7 @@ def main() -> None:
     p.add_argument("--unet-layers", default="", help="override the localized UNet layers (default: from textloc)")
     p.add_argument("--joint-layers", default="",
                    help="override the joint model's localized sites: layers and/or 'pooled' (default: from textloc)")
+    p.add_argument("--pair", default="two,seven", help="glyph pair of edit (A,B) and prevention (forbidden,neutral)")
     p.add_argument("--joint-extra", default="", help="further joint site sets to compare, ';'-separated (e.g. 'pooled,1')")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -336,15 +338,17 @@ def main() -> None:
     if a.joint_layers:
         toks = a.joint_layers.split(",")
         loc["joint"], pooled = [int(x) for x in toks if x != "pooled"], "pooled" in toks
+    g1, g2 = a.pair.split(",")
+    pair = (g1, g2)
     extra = [([int(x) for x in e.split(",") if x != "pooled"], "pooled" in e.split(",")) for e in a.joint_extra.split(";") if e]
     if "edit" in what:
-        _save(a.out, "edit", edit_section(a.out, a.img, sc, seeds, a.prompts, loc, a.archs.split(","), pooled, extra))
+        _save(a.out, "edit", edit_section(a.out, a.img, sc, seeds, a.prompts, loc, a.archs.split(","), pooled, extra, pair))
     if "prevent" in what:
-        _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"]))
+        _save(a.out, "prevent", prevent_section(a.out, a.img, sc, seeds, loc["unet"], pair=pair))
     if "lora" in what:
         _save(a.out, "lora", lora_section(a.out, a.img, sc, seeds, loc["unet"], a.lora_steps, lr=a.lora_lr))
     if "prevent-joint" in what:
-        _save(a.out, "prevent_joint", prevent_section(a.out, a.img, sc, seeds, loc["joint"], "joint", pooled, extra))
+        _save(a.out, "prevent_joint", prevent_section(a.out, a.img, sc, seeds, loc["joint"], "joint", pooled, extra, pair))
     if "lora-joint" in what:
         _save(a.out, "lora_joint", lora_section(a.out, a.img, sc, seeds, loc["joint"], a.lora_steps, "joint", a.lora_lr,
                                                 pooled, extra))  # fmt: skip
