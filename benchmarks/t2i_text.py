@@ -264,7 +264,7 @@ def write_md(out: Path) -> Path:
                         continue
                     lab = r["labels"][i]
                     sites = "pooled projection" if lab == "pooled" else lab.replace("pooled+", "pooled projection + ")
-                    md.append(f"| small {arch} (here{how}) | {sites} of {n_single} blocks (agree B {_f(r['agree_b'][i])}) | "
+                    md.append(f"| small {arch} (here{how}) | {sites} of {n_single} {'layers' if arch == 'unet' else 'blocks'} (agree B {_f(r['agree_b'][i])}) | "
                               f"{100 * r['kv_fraction'][i]:.2f}% (whole attention modules {100 * r['attn_fraction'][i]:.2f}%) |")  # fmt: skip
         md.append("")
     ed = load("edit")
