@@ -217,3 +217,27 @@ def test_pooled_prevention_and_lora_sites():
         raise AssertionError("UNet pooled refused")
     except DiffusionError as e:
         assert "pooled" in str(e)
+
+
+def test_cli_layers_take_the_pooled_site(tmp_path):
+    """``--layers pooled,1``: the joint model's pooled text path with block 1 (the CLI passes it through)."""
+    import json
+
+    from patchtrace.diffusion.small.scorer import load_scorer
+    from patchtrace.diffusion.smalljoint.pipeline import build_small_joint
+    from patchtrace.diffusion.textedit import text_edit
+
+    app = build_app()
+    r = CliRunner().invoke(app, ["t2i", "text-edit", "--layers", "pooled", "--pipeline", "small", "--out", str(tmp_path / "u")])
+    assert r.exit_code == 2 and "'pooled' needs a joint-attention pipeline" in r.output
+    args = ["--glyph-a", "two", "--glyph-b", "seven", "--t-starts", "0", "--steps", "2", "--prompts", "1", "--seeds", "0"]
+    r = CliRunner().invoke(app, ["t2i", "text-edit", *args, "--pipeline", "small-joint", "--layers", "pooled,1",
+                                 "--out", str(tmp_path / "j")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "j" / "text_edit.json").read_text())
+    assert got["pooled"] is True and got["layers"] == [1]
+    pipe, sc = build_small_joint(), load_scorer()
+    want = text_edit(pipe, sc, "two", "seven", [1], [0], 1, [0], 2, pooled=True)["rows"]
+    without = text_edit(pipe, sc, "two", "seven", [1], [0], 1, [0], 2, pooled=False)["rows"]
+    assert [row["psnr"] for row in got["rows"]] == [row["psnr"] for row in want]
+    assert [row["psnr"] for row in want] != [row["psnr"] for row in without]  # the pooled site changes the images

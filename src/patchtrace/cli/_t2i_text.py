@@ -20,7 +20,8 @@ GlyphB = Annotated[str, typer.Option("--glyph-b", help="glyph of prompt B (patch
 Pipe = Annotated[str, typer.Option("--pipeline", help="'small' (cross-attention UNet) or 'small-joint' (MMDiT)")]
 Seeds = Annotated[str, typer.Option("--seeds", help="noise seeds, e.g. 0,1")]
 Steps = Annotated[int, typer.Option(help="denoising steps")]
-Layers = Annotated[str, typer.Option(help="localized layers, e.g. 5,6 (see `patchtrace t2i textloc`)")]
+Layers = Annotated[str, typer.Option(help="localized layers, e.g. 5,6 (see `patchtrace t2i textloc`); "
+                                          "joint pipelines: 'pooled' (the pooled text path) alone or with layers, e.g. pooled,1")]
 
 
 def _pipe(pipeline: str) -> Any:
@@ -64,6 +65,19 @@ def _layers(text: str, n: int) -> list[int]:
     if bad:
         raise DiffusionError(f"--layers {text!r}: layer {bad[0]} does not exist (the model has {n} text-attention layers)")
     return layers
+
+
+def _sites(text: str, pipe: Any) -> tuple[list[int], bool]:
+    """``--layers`` with an optional ``pooled`` item (joint-attention pipelines: the pooled text path,
+    where the small joint model reads the glyph; see docs/diffusion.md)."""
+    from patchtrace.diffusion.adapters import DiffusionError
+
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    pooled = "pooled" in items
+    if pooled and not hasattr(pipe, "transformer"):
+        raise DiffusionError(f"--layers {text!r}: 'pooled' needs a joint-attention pipeline (--pipeline small-joint)")
+    rest = ",".join(x for x in items if x != "pooled")
+    return (_layers(rest, _n_layers(pipe)) if rest or not pooled else []), pooled
 
 
 def _n_layers(pipe: Any) -> int:
@@ -170,14 +184,14 @@ def add_commands(t2i: typer.Typer) -> None:
         for t in ts:
             check_t_start(t, steps)
         pipe = _pipe(pipeline)
-        lay = _layers(layers, _n_layers(pipe))
-        r = text_edit(pipe, load_scorer(), glyph_a, glyph_b, lay, ts, prompts, seed_list, steps)
+        lay, pooled = _sites(layers, pipe)
+        r = text_edit(pipe, load_scorer(), glyph_a, glyph_b, lay, ts, prompts, seed_list, steps, pooled=pooled)
         con = common.console()
         for row in r["rows"]:
             con.print(f"{row['t_start']!s:8s} success {row['success']:.2f}  preserve {row['preserve']:.2f}  "
                       f"PSNR {row['psnr']:.1f}  SSIM {row['ssim']:.2f}")  # fmt: skip
-        page = text_edit_report(r, out, f"Glyph editing {glyph_a} -> {glyph_b}, layers {lay} ({pipeline})")
-        _dump(out / "text_edit.json", {"pipeline": pipeline, "layers": lay, "rows": r["rows"]})
+        page = text_edit_report(r, out, f"Glyph editing {glyph_a} -> {glyph_b}, layers {lay}{' + pooled' * pooled} ({pipeline})")
+        _dump(out / "text_edit.json", {"pipeline": pipeline, "layers": lay, "pooled": pooled, "rows": r["rows"]})
         con.print(f"report {page}")
 
     @t2i.command("prevent")
@@ -238,10 +252,10 @@ def add_commands(t2i: typer.Typer) -> None:
             raise common.CLIError(f"--lr {lr}: must be more than 0")
         pipe = _pipe(pipeline)
         a = pipe if hasattr(pipe, "transformer") else T2IAdapter(pipe, steps=steps)
-        lay = _layers(layers, _n_layers(pipe))
+        lay, pooled = _sites(layers, pipe)
         sc = load_scorer()
         base = accuracy_sets(a, sc, seed_list, prompts)
-        runs = [text_lora(a, sc, arm, lay, steps_train, lr, rank, batch, seeds=seed_list, n_eval=prompts)
+        runs = [text_lora(a, sc, arm, lay, steps_train, lr, rank, batch, seeds=seed_list, n_eval=prompts, pooled=pooled)
                 for arm in ("localized", "all")]  # fmt: skip
         con = common.console()
         con.print(f"unchanged: hard {base['hard']}  train {base['train']}")
