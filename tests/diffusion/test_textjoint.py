@@ -241,3 +241,19 @@ def test_cli_layers_take_the_pooled_site(tmp_path):
     without = text_edit(pipe, sc, "two", "seven", [1], [0], 1, [0], 2, pooled=False)["rows"]
     assert [row["psnr"] for row in got["rows"]] == [row["psnr"] for row in want]
     assert [row["psnr"] for row in want] != [row["psnr"] for row in without]  # the pooled site changes the images
+
+
+def test_cli_textloc_shows_pooled_cells(tmp_path):
+    import json
+
+    from patchtrace.diffusion.smalljoint.pipeline import build_small_joint
+    from patchtrace.diffusion.textloc import joint_fractions
+
+    r = CliRunner().invoke(build_app(), ["t2i", "textloc", "--pipeline", "small-joint", "--prompts", "1", "--seeds", "0",
+                                         "--steps", "1", "--out", str(tmp_path / "t")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = {row["cell"]: row for row in json.loads((tmp_path / "t" / "textloc.json").read_text())["layers"]}
+    assert {"pooled", "pooled+L1", "pooled+all"} <= set(rows)
+    pipe = build_small_joint()
+    assert rows["pooled+L1"]["kv_fraction"] == joint_fractions(pipe, [1], pooled=True)[0]
+    assert rows["pooled"]["kv_fraction"] == joint_fractions(pipe, [], pooled=True)[0] > 0

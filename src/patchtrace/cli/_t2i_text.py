@@ -118,6 +118,7 @@ def add_commands(t2i: typer.Typer) -> None:
         from patchtrace.diffusion.small.scorer import load_scorer
         from patchtrace.diffusion.textedit import glyph_pairs
         from patchtrace.diffusion.textloc import (
+            cell_sites,
             joint_fractions,
             joint_text_localization,
             kv_fraction,
@@ -142,11 +143,14 @@ def add_commands(t2i: typer.Typer) -> None:
             return torch.stack(per).mean(0)
 
         if hasattr(pipe, "transformer"):
-            r = joint_text_localization(pipe, pa, pb, agree, keep, seed_list, steps, per_head=per_head)
-            labels = r["labels"]
             n = len(joint_layers(pipe))
-            fr = [joint_fractions(pipe, [j] if isinstance(j, int) else list(range(n)) if j == "all" else [])
-                  for j, _ in r["cells"]]  # fmt: skip
+            # with B's pooled embedding too (pooled+L0 …, pooled+all): how the glyph splits between the
+            # adaptive-norm path and the text K/V (the small joint model reads it mostly from the former)
+            with_pooled: list[Any] = [] if per_head else [[j] for j in range(n)] + ["all"]
+            r = joint_text_localization(pipe, pa, pb, agree, keep, seed_list, steps, per_head=per_head,
+                                        pooled_with=with_pooled)  # fmt: skip
+            labels = r["labels"]
+            fr = [joint_fractions(pipe, *cell_sites(j, n)) for j, _ in r["cells"]]
         else:
             from patchtrace.diffusion.adapters import T2IAdapter
 
