@@ -50,7 +50,7 @@ class InterventionError(PatchtraceError, ValueError):
     """An intervention that cannot be applied (names the target, source or tensor)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Replace:
     """The source's value replaces the target's."""
 
@@ -123,7 +123,7 @@ Op = Replace | Mix | Add | Zero | Mean | Resample | LogitBias
 _NEEDS_SOURCE = (Replace, Mix, Resample)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceRef:
     """Where a value comes from: a named run (``"source"`` by default: the clean run when denoising)
     and a site of it (None: the target site itself)."""
@@ -132,7 +132,7 @@ class SourceRef:
     site: Site | None = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Intervention:
     """Write ``op(target, source)`` into ``target``.
 

@@ -89,7 +89,7 @@ class HookPoint(NamedTuple):
         return self.kind if self.layer is None else f"{self.kind}[{self.layer}]"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Site:
     """One addressable component: kind, layer, optional unit (head / KV head / neuron), optional position.
 

@@ -27,7 +27,7 @@ class EngineError(PatchtraceError, ValueError):
     """A patch that does not fit the model or the prompts (names the site)."""
 
 
-@dataclass(frozen=True, init=False, eq=False)
+@dataclass(frozen=True, init=False, eq=False, slots=True)
 class Patch:
     """Interventions applied together (positions absolute and non-negative, or None for all).
 
