@@ -40,8 +40,8 @@ class RunCache:
             attends to).
         logits: last-position logits ``[N, V]``.
         pos0: the first position held in ``acts`` (0: every position).
-        T: the prompts' token length (None: read from ``kv``); lets a run that is only patched *from*
-            drop its keys/values (:meth:`drop_kv`).
+        T: the prompts' token length (None: read from ``kv``); a run recorded without keys/values
+            (``collect(base=False)``) still knows it.
     """
 
     acts: dict[HookPoint, Tensor]
@@ -49,13 +49,6 @@ class RunCache:
     logits: Tensor
     pos0: int = 0
     T: int | None = None
-
-    def drop_kv(self) -> None:
-        """Free the keys/values: a source run is read for its activations only (the fast path attends
-        to the *base* run's prefix), so after its last use as a base (a sanity check) they are dead weight."""
-        if self.T is None:
-            self.T = self.length
-        self.kv = []
 
     def local(self, pos: int) -> int:
         """Where absolute position ``pos`` sits in ``acts`` (refuses one that was not kept)."""
