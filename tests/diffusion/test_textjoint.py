@@ -229,7 +229,8 @@ def test_cli_layers_take_the_pooled_site(tmp_path):
 
     app = build_app()
     r = CliRunner().invoke(app, ["t2i", "text-edit", "--layers", "pooled", "--pipeline", "small", "--out", str(tmp_path / "u")])
-    assert r.exit_code == 2 and "'pooled' needs a joint-attention pipeline" in r.output
+    assert r.exit_code == 2 and "'pooled' site needs a joint-attention pipeline" in r.output
+    assert not (tmp_path / "u").exists()
     args = ["--glyph-a", "two", "--glyph-b", "seven", "--t-starts", "0", "--steps", "2", "--prompts", "1", "--seeds", "0"]
     r = CliRunner().invoke(app, ["t2i", "text-edit", *args, "--pipeline", "small-joint", "--layers", "pooled,1",
                                  "--out", str(tmp_path / "j")])  # fmt: skip
@@ -257,3 +258,21 @@ def test_cli_textloc_shows_pooled_cells(tmp_path):
     pipe = build_small_joint()
     assert rows["pooled+L1"]["kv_fraction"] == joint_fractions(pipe, [1], pooled=True)[0]
     assert rows["pooled"]["kv_fraction"] == joint_fractions(pipe, [], pooled=True)[0] > 0
+
+
+def test_text_edit_refuses_bad_sites_before_drawing(monkeypatch):
+    import pytest
+
+    from patchtrace.diffusion import textedit
+    from patchtrace.diffusion.adapters import DiffusionError
+    from patchtrace.diffusion.small.pipeline import build_small
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+
+    def drawn(*a, **k):
+        raise AssertionError("an image was drawn before the sites were checked")
+
+    monkeypatch.setattr(textedit, "patched_images", drawn)
+    with pytest.raises(DiffusionError, match="'pooled' site needs a joint-attention pipeline"):
+        textedit.text_edit(build_small(), None, "two", "seven", [1], [0], pooled=True)
+    with pytest.raises(DiffusionError, match="layer 6 does not exist"):
+        textedit.text_edit(random_small_joint(), None, "two", "seven", [6], [0], pooled=True)

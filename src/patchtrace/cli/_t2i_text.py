@@ -70,12 +70,11 @@ def _layers(text: str, n: int) -> list[int]:
 def _sites(text: str, pipe: Any) -> tuple[list[int], bool]:
     """``--layers`` with an optional ``pooled`` item (joint-attention pipelines: the pooled text path,
     where the small joint model reads the glyph; see docs/diffusion.md)."""
-    from patchtrace.diffusion.adapters import DiffusionError
+    from patchtrace.diffusion.textedit import check_sites
 
     items = [x.strip() for x in text.split(",") if x.strip()]
     pooled = "pooled" in items
-    if pooled and not hasattr(pipe, "transformer"):
-        raise DiffusionError(f"--layers {text!r}: 'pooled' needs a joint-attention pipeline (--pipeline small-joint)")
+    check_sites(pipe, [], pooled)
     rest = ",".join(x for x in items if x != "pooled")
     return (_layers(rest, _n_layers(pipe)) if rest or not pooled else []), pooled
 

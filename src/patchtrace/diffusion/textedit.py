@@ -39,6 +39,26 @@ def glyph_pairs(glyph_a: str, glyph_b: str, n: int, seed: int = 0,
     return pa, pb, specs
 
 
+def check_sites(pipe: Any, layers: Sequence[int], pooled: bool = False) -> None:
+    """Refuse, before any image is drawn, a layer the pipeline does not have, or the pooled site on a
+    pipeline without one (only joint-attention transformers feed a pooled text embedding to their blocks)."""
+    joint = hasattr(pipe, "transformer")
+    if pooled and not joint:
+        raise DiffusionError(f"the 'pooled' site needs a joint-attention pipeline: {type(pipe).__name__} has no "
+                             "pooled text embedding path")  # fmt: skip
+    if joint:
+        from patchtrace.diffusion.joint import joint_layers
+
+        n = len(joint_layers(pipe))
+    else:
+        from patchtrace.diffusion.adapters import cross_attention_layers
+
+        n = len(cross_attention_layers(pipe.unet))
+    bad = [j for j in layers if not 0 <= j < n]
+    if bad:
+        raise DiffusionError(f"layer {bad[0]} does not exist (the model has {n} text-attention layers)")
+
+
 def check_t_start(t_start: int, steps: int) -> None:
     """Refuse a ``t_start`` outside the scheduler's steps (names both)."""
     if not 0 <= t_start < steps:
@@ -102,8 +122,7 @@ def patched_images(pipe: Any, prompts_a: Sequence[str], prompts_b: Sequence[str]
     pa, pb, seeds = list(prompts_a), list(prompts_b), list(seeds)
     if len(pa) != len(pb):
         raise DiffusionError(f"{len(pa)} A prompts but {len(pb)} B prompts")
-    if pooled and not hasattr(pipe, "transformer"):
-        raise DiffusionError(f"{type(pipe).__name__} has no pooled text embedding path (joint-attention pipelines only)")
+    check_sites(pipe, layers, pooled)
     if hasattr(pipe, "transformer"):
         from patchtrace.diffusion.joint import text_patch_generate
 
@@ -138,6 +157,7 @@ def text_edit(pipe: Any, scorer: Any, glyph_a: str, glyph_b: str, layers: Sequen
     pa, pb, specs = glyph_pairs(glyph_a, glyph_b, n)
     for t in t_starts:
         check_t_start(t, steps)
+    check_sites(pipe, layers, pooled)  # before plain A and B are drawn
     seeds = list(seeds)
     plain_a = patched_images(pipe, pa, pa, [], 0, seeds, steps, guidance)
     plain_b = patched_images(pipe, pb, pb, [], 0, seeds, steps, guidance)
