@@ -79,8 +79,8 @@ class AtPStarConfig:
         direction: ``denoise`` or ``noise``, as for :class:`~patchtrace.methods.atp.AtPConfig`.
         metric: metric name.
         qk_fix: recompute the attention softmax exactly for query and key sites.
-        grad_drop: average ``|estimate|`` over L backward passes, each dropping one layer's gradient;
-            the result is then a magnitude (``contribution``).
+        grad_drop: average ``|estimate|`` over backward passes that each drop the gradient through one
+            layer group (``grad_drop_groups``); the result is then a magnitude (``contribution``).
         grad_drop_groups: drop at most this many contiguous groups of layers in turn (``≥ 2``;
             :func:`layer_groups`; per layer when the model has no more layers than that), or None: per
             layer always (the paper's GradDrop, ``(L − 1)/4`` forward pairs). Module docstring: why 5.
@@ -217,7 +217,8 @@ def grad_drop(
     L: int, carriers: dict[HookPoint, list[HookPoint]], acts: dict[HookPoint, Tensor], G: dict[HookPoint, Tensor],
     g_post: list[Tensor], estimate: Estimator, groups: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
-    """``Σ_l |Î_l|`` over the ``L`` dropped blocks, every dropped gradient carried down at once.
+    """``Σ_S |Î_S|`` over the dropped groups of blocks (default: each block), every dropped gradient
+    carried down at once.
 
     Dropping block ``l`` removes ``δ_l = G[resid_pre l] − g_post,l`` (what flowed back through the
     block) at its input. The backward pass is linear in its cotangent, so below ``l`` the dropped
