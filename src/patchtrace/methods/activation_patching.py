@@ -38,9 +38,9 @@ import torch
 
 from patchtrace.engine.checkpoint import run_key
 from patchtrace.engine.job import Block, Executor, execute
+from patchtrace.engine.patch import CellPatches
 from patchtrace.engine.sweep import (
     EngineError,
-    Patch,
     RunCache,
     Scorer,
     base_points,
@@ -48,7 +48,6 @@ from patchtrace.engine.sweep import (
     collect,
     first_difference,
     plan_sweep,
-    resolve,
     run_patches,
 )
 from patchtrace.grid import Grid, GridError
@@ -219,9 +218,10 @@ class PatchingJob:
         self.groups = tok.groups()
         # where the metric reads: the last position, or a masked LM's mask position (checked here, before compute)
         self.readouts = [tok.readout(g, mask=not model.family.causal) for g in self.groups]
-        cells = self.grid.sites()
-        self.points = {s.point for s in cells}
-        self.patches = [[Patch((resolve(s, model, tok.lengths[g[0]]),)) for s in cells] for g in self.groups]
+        n_cells = len(self.grid)
+        self.points = {self.grid.site_at(i).point for i in self.grid.indices()}
+        # built when read (a block's worth at a time); the plan below reads, and so checks, every one
+        self.patches = [CellPatches(self.grid, model, tok.lengths[g[0]]) for g in self.groups]
         cols = self.metric.columns(tok.answer, tok.wrong)
         self.plans = [
             plan_sweep(model, gp, len(g), tok.lengths[g[0]], fast=cfg.fast, max_memory=cfg.max_memory,
@@ -232,8 +232,8 @@ class PatchingJob:
         self._blocks: list[Block] = []
         self._where: list[tuple[int, int, int]] = []
         for gi in range(len(self.groups)):
-            for b0 in range(0, len(cells), per):
-                b1 = min(len(cells), b0 + per)
+            for b0 in range(0, n_cells, per):
+                b1 = min(n_cells, b0 + per)
                 self._where.append((gi, b0, b1))
                 self._blocks.append(Block(len(self._blocks), b1 - b0, f"group {gi}, cells {b0}-{b1 - 1}"))
         self._state: tuple[int, _GroupState] | None = None
@@ -253,8 +253,13 @@ class PatchingJob:
         # keep only the positions read: the fast path skips (unread) plain patches before the first
         # token where clean and corrupt differ, so the runs start at the earliest patch after it
         d = first_difference(ids_c, ids_k) if cfg.fast and m.family.causal else 0
-        live = [pt for pt in self.patches[gi] if not before_difference(pt, d)]
-        p0 = min((pt.start_pos for pt in live), default=max(0, d - 1))
+        live: list[int] = []  # indices of the patches that are not no-ops
+        starts = []
+        for i, pt in enumerate(self.patches[gi]):
+            if not before_difference(pt, d):
+                live.append(i)
+                starts.append(pt.start_pos)
+        p0 = min(starts, default=max(0, d - 1))
         p0 = p0 if m.family.causal else 0  # bidirectional attention reads every position
         ro = self.readouts[gi]
         # the source run keeps only the patched points (no resid_pre, no keys/values): nothing resumes from it
@@ -268,7 +273,7 @@ class PatchingJob:
         refuse_zero_gap(tok, idx, c_m, k_m)  # before any patch of this group is run
         sanity = 0.0
         if cfg.sanity_check and live:
-            some = live[:: max(1, len(live) // 3)][:3]
+            some = [self.patches[gi][i] for i in live[:: max(1, len(live) // 3)][:3]]
             # the base run into itself: every patch is a no-op, so force the engine to compute them
             b_ids, b_run, b_m = (ids_k, corrupt, k_m) if denoise else (ids_c, clean, c_m)
             same = run_patches(m, b_ids, b_run, b_run, some, scorer, fast=cfg.fast, max_memory=cfg.max_memory,
