@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import make_tiny
+from patchtrace import PatchingConfig, SiteSpec
 from patchtrace.engine import plan
 from patchtrace.engine.sweep import (
     EngineError,
@@ -18,6 +19,7 @@ from patchtrace.engine.sweep import (
     row_bytes,
     run_patches,
 )
+from patchtrace.methods import activation_patching as ap
 from patchtrace.metrics import Metric
 from patchtrace.sites import Site
 from patchtrace.tasks import make_task
@@ -45,3 +47,31 @@ def test_default_budget_is_a_preference_and_an_explicit_one_a_limit(smol_tokeniz
     torch.testing.assert_close(tight, roomy, atol=1e-5, rtol=0)  # other batch shapes: rounding only
     with pytest.raises(EngineError, match="cannot hold one patch"):
         run_patches(model, ids_k, k, c, patches, scorer, max_memory=1)
+
+
+@pytest.mark.parametrize("spec", [
+    SiteSpec("head", per_unit=True, positions="last"),
+    SiteSpec("neuron", per_unit=True, positions="last", layers=(0, 2)),
+    SiteSpec("resid_pre", positions="all"),
+    SiteSpec("mlp_out", positions=[-3, -1]),
+])
+def test_the_planned_caches_cover_what_a_sweep_records(smol_tokenizer, spec):
+    """The plan's cache estimate (``--dry-run``'s "est. peak" minus the working set) is at least what
+    activation patching really records for the base and source runs, and, for a last-position sweep,
+    within a few times of it (it once counted every position of both runs: ~10× too much)."""
+    model = make_tiny("llama", tokenizer=smol_tokenizer)
+    tok = make_task("ioi", n=4, seed=1).tokenize(smol_tokenizer)
+    job = ap.PatchingJob(model, tok, spec, PatchingConfig(sanity_check=False))
+    (g,) = tok.groups()
+    st = job._group(0)
+    recorded = sum(
+        sum(a.nbytes for a in r.acts.values()) + sum(k.nbytes + v.nbytes for k, v in r.kv) for r in st.runs.values()
+    )
+    pl = job.plans[0]
+    T = tok.lengths[g[0]]
+    n_max = T - min(p.start_pos for p in job.patches[0])
+    working = pl.rows_per_chunk * row_bytes(model, n_max, T, len(job.metric.columns(tok.answer, tok.wrong)))
+    planned = pl.peak_bytes - working
+    assert recorded <= planned
+    if spec.positions == "last":
+        assert planned <= 4 * recorded, (planned, recorded)

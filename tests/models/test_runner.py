@@ -220,10 +220,21 @@ def test_the_engines_memory_plan_is_the_runners_estimate(monkeypatch):
     model = make_tiny("gemma3", vocab=VOCAB)
     asked = []
     monkeypatch.setattr(model.runner, "row_bytes", lambda n, T, ncols, dtype: asked.append((n, T)) or 1000)
-    monkeypatch.setattr(model.runner, "cache_bytes", lambda n_rows, T, dtype: 7_000_000 * n_rows)
+    cached = []
+
+    def cache_bytes(n_rows, T, dtype, n_pos=None, kv=True):
+        cached.append((n_rows, T, n_pos, kv))
+        return 7_000_000 * n_rows if kv else 5_000_000 * n_rows
+
+    monkeypatch.setattr(model.runner, "cache_bytes", cache_bytes)
     plan = plan_sweep(model, [Patch((Site("resid_pre", 1, None, 5),))], 4, 14, max_memory=10**9)
     assert (9, 14) in asked  # positions 5..13 of a 14-token prompt
-    assert plan.peak_bytes == 2 * 4 * 7_000_000 + 4 * 1000  # base + source caches, 4 rows of 1000
+    # the base run from position 5 with keys/values, the source run from 5 without
+    assert sorted(cached) == [(4, 14, 9, False), (4, 14, 9, True)]
+    assert plan.peak_bytes == 4 * 7_000_000 + 4 * 5_000_000 + 4 * 1000  # base + source caches, 4 rows of 1000
+    cached.clear()
+    plain = plan_sweep(model, [Patch((Site("resid_pre", 1, None, 5),))], 4, 14, max_memory=10**9, fast=False)
+    assert cached == [(4, 14, None, True)] and plain.peak_bytes == 2 * 4 * 7_000_000 + 4 * 1000
     assert patches_per_chunk(model, 9, 14, None, 4, budget=8000) == 2
     with pytest.raises(EngineError, match="memory budget"):
         patches_per_chunk(model, 9, 14, None, 4, budget=3999)

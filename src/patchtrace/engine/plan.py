@@ -102,7 +102,10 @@ def plan_sweep(
 
     Forward equivalents count position-layers computed, relative to one full forward of the
     ``n_examples`` prompts (the no-op skip of :func:`run_patches` is not predicted here).
-    Peak memory = the cached base/source runs + the largest chunk's working memory.
+    Peak memory = the cached base/source runs + the largest chunk's working memory, over the model's
+    own footprint. Both runs are counted from the earliest patched position on (the fast path records
+    no more), the source run without keys/values and as if it kept every activation (it keeps only
+    the patched ones).
 
     Raises:
         EngineError: the budget cannot hold even one patch's rows.
@@ -130,8 +133,12 @@ def plan_sweep(
                 fe += max(layers, 0.0) / L * n / T
             else:
                 fe += 1.0
-    caches = 2 * model.runner.cache_bytes(n_examples, T, model.dtype)  # the base and the source run
     n_max = T - min(groups) if groups else T
+    if fast and causal:  # recorded from the earliest patched position; the source run keeps no keys/values
+        caches = (model.runner.cache_bytes(n_examples, T, model.dtype, n_pos=n_max)
+                  + model.runner.cache_bytes(n_examples, T, model.dtype, n_pos=n_max, kv=False))
+    else:
+        caches = 2 * model.runner.cache_bytes(n_examples, T, model.dtype)  # the base and the source run
     peak = caches + max_rows * row_bytes(model, n_max, T, ncols if fast else None)
     mode = "plain" if not fast else "fast" if causal else (
         f"fast (no suffix shortcut: {model.family.name} attention is bidirectional; resumes at the patched layer, "

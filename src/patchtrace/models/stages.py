@@ -392,10 +392,18 @@ class Stages:
         logits = ncols if ncols is not None else d.vocab
         return el * n * per_pos + 4 * logits * 2
 
-    def cache_bytes(self, n_rows: int, T: int, dtype: torch.dtype) -> int:
+    def cache_bytes(self, n_rows: int, T: int, dtype: torch.dtype, n_pos: int | None = None, kv: bool = True) -> int:
         """Bytes one recorded run of ``n_rows`` prompts of ``T`` tokens keeps for the fast path: per
-        layer and position the residual streams and sublayer outputs it may rebuild from (``4·D``),
-        the hidden activation (``M``) and the keys/values (``2·K·d``)."""
+        layer and recorded position the residual streams and sublayer outputs it
+        may rebuild from (``4·D``) and the hidden activation (``M``), and per layer and position of
+        the whole prompt the keys/values (``2·K·d``).
+
+        Args:
+            n_pos: positions recorded (a run recorded from position ``p`` on keeps ``T − p``; default all).
+            kv: whether the run keeps keys/values (a run that is only patched *from* does not).
+        """
         d = self.dims
         el = torch.finfo(dtype).bits // 8
-        return n_rows * T * d.n_layers * (4 * d.d_model + d.d_mlp + 2 * d.n_kv_heads * d.d_head) * el
+        acts = (T if n_pos is None else n_pos) * (4 * d.d_model + d.d_mlp)
+        kvs = T * 2 * d.n_kv_heads * d.d_head if kv else 0
+        return n_rows * d.n_layers * (acts + kvs) * el
