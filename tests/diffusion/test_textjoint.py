@@ -276,3 +276,18 @@ def test_text_edit_refuses_bad_sites_before_drawing(monkeypatch):
         textedit.text_edit(build_small(), None, "two", "seven", [1], [0], pooled=True)
     with pytest.raises(DiffusionError, match="layer 6 does not exist"):
         textedit.text_edit(random_small_joint(), None, "two", "seven", [6], [0], pooled=True)
+
+
+def test_pooled_projection_is_found_by_name_and_refused_where_missing():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from patchtrace.diffusion.adapters import DiffusionError
+    from patchtrace.diffusion.joint import pooled_projection
+    from patchtrace.diffusion.smalljoint.pipeline import random_small_joint
+
+    pipe = random_small_joint()
+    assert pooled_projection(pipe) is pipe.transformer.time_text_embed.text_embedder
+    with pytest.raises(DiffusionError, match=r"Linear has no pooled text projection \(time_text_embed.text_embedder\)"):
+        pooled_projection(SimpleNamespace(transformer=torch.nn.Linear(2, 2)))

@@ -126,6 +126,24 @@ def patch_text_kv(pipe: Any, layers: Sequence[JointLayer], cache: dict, patch: S
                 h.remove()
 
 
+#: Where an SD3-style transformer projects the pooled text vector into its time embedding (diffusers'
+#: module name): the adaptive-norm text path that every block reads, beside attention.
+POOLED_PROJECTION = "time_text_embed.text_embedder"
+
+
+def pooled_projection(pipe: Any) -> Any:
+    """The pooled text projection module of ``pipe``'s transformer (:data:`POOLED_PROJECTION`).
+
+    Raises:
+        DiffusionError: the transformer has none (a UNet, or a joint model without pooled text).
+    """
+    try:
+        return pipe.transformer.get_submodule(POOLED_PROJECTION)
+    except AttributeError:
+        raise DiffusionError(f"{type(getattr(pipe, 'transformer', pipe)).__name__} has no pooled text "
+                             f"projection ({POOLED_PROJECTION})") from None
+
+
 @contextmanager
 def record_pooled(pipe: Any, n_cond: int) -> Iterator[list[Any]]:
     """Within the block, the conditional rows of the first transformer call's ``pooled_projections`` are kept.

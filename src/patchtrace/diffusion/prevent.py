@@ -176,7 +176,7 @@ def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neu
     """
     import torch
 
-    from patchtrace.diffusion.joint import joint_layers
+    from patchtrace.diffusion.joint import POOLED_PROJECTION, joint_layers, pooled_projection
     from patchtrace.diffusion.small.data import GLYPH_WORDS
     from patchtrace.diffusion.small.prompts import check_attribute
     from patchtrace.diffusion.smalljoint.evaluate import generate
@@ -201,8 +201,7 @@ def joint_prevention_patch(pipe: Any, layers: Sequence[int], forbidden: str, neu
     mods: dict[str, tuple[Any, list[str]]] = {
         jl[j].name: (jl[j].attn.add_k_proj, [f"{jl[j].name}.{p}.weight" for p in ("add_k_proj", "add_v_proj")]) for j in layers}
     if pooled:
-        emb = pipe.transformer.time_text_embed.text_embedder.linear_1
-        mods["pooled"] = (emb, ["time_text_embed.text_embedder.linear_1.weight"])
+        mods["pooled"] = (pooled_projection(pipe).linear_1, [f"{POOLED_PROJECTION}.linear_1.weight"])
 
     def record(prompts: list[str]) -> dict[str, Any]:
         seen: dict[str, list[Any]] = {k: [] for k in mods}

@@ -106,13 +106,13 @@ def joint_fractions(pipe: Any, layers: Sequence[int], pooled: bool = False) -> t
     modules of ``layers``) over all transformer parameters. SD3: 1 layer × 2 × 1536² ≈ 4.7 M of 2 B = 0.23%.
     With ``pooled`` both add the pooled text projection (``time_text_embed.text_embedder``: the linear
     layers that map the pooled text vector into the time embedding), counted the same way."""
-    from patchtrace.diffusion.joint import joint_layers
+    from patchtrace.diffusion.joint import joint_layers, pooled_projection
 
     jl = joint_layers(pipe)
     total = sum(p.numel() for p in pipe.transformer.parameters())
     kv = sum(p.numel() for j in layers for m in (jl[j].attn.add_k_proj, jl[j].attn.add_v_proj) for p in m.parameters())
     whole = sum(p.numel() for j in layers for p in jl[j].attn.parameters())
-    extra = sum(p.numel() for p in pipe.transformer.time_text_embed.text_embedder.parameters()) if pooled else 0
+    extra = sum(p.numel() for p in pooled_projection(pipe).parameters()) if pooled else 0
     return (kv + extra) / total, (whole + extra) / total
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from patchtrace.diffusion.adapters import DiffusionError, T2IAdapter
+from patchtrace.diffusion.joint import POOLED_PROJECTION
 
 PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 #: a joint-attention block's text-stream projections (the last block has no ``to_add_out``)
@@ -36,7 +37,7 @@ def _pipe(model: Any) -> Any:
 
 
 #: the pooled text projection of an SD3-style transformer (its adaptive-norm text path)
-POOLED_PROJ = ("time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")
+POOLED_PROJ = (f"{POOLED_PROJECTION}.linear_1", f"{POOLED_PROJECTION}.linear_2")
 
 
 def lora_modules(model: Any, arm: str, layers: Sequence[int] = (), pooled: bool = False) -> list[str]:
