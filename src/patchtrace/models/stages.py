@@ -394,14 +394,9 @@ class Stages:
 
     def cache_bytes(self, n_rows: int, T: int, dtype: torch.dtype, n_pos: int | None = None, kv: bool = True) -> int:
         """Bytes one recorded run of ``n_rows`` prompts of ``T`` tokens keeps for the fast path: per
-        layer and recorded position the residual streams and sublayer outputs it
-        may rebuild from (``4·D``) and the hidden activation (``M``), and per layer and position of
-        the whole prompt the keys/values (``2·K·d``).
-
-        Args:
-            n_pos: positions recorded (a run recorded from position ``p`` on keeps ``T − p``; default all).
-            kv: whether the run keeps keys/values (a run that is only patched *from* does not).
-        """
+        layer, over ``n_pos`` recorded positions (default ``T``; a run recorded from ``p`` keeps ``T − p``),
+        the residual streams and sublayer outputs (``4·D``) and the hidden activation (``M``), and over all
+        ``T`` the keys/values (``2·K·d``) unless ``kv`` is False (a run only patched *from* keeps none)."""
         d = self.dims
         el = torch.finfo(dtype).bits // 8
         acts = (T if n_pos is None else n_pos) * (4 * d.d_model + d.d_mlp)
