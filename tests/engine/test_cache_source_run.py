@@ -21,3 +21,16 @@ def test_source_run_keeps_points_and_length_without_kv(smol_tokenizer):
     for hp in pts:
         assert torch.equal(src.acts[hp], base.acts[hp])
     assert torch.equal(src.logits, base.logits)
+
+
+def test_a_hand_built_trimmed_run_without_kv_knows_its_length():
+    """No ``T`` given and no keys/values: the length is ``pos0`` plus the positions an activation
+    holds along its kind's position axis (a ``pattern`` is ``[N, H, T − pos0, T]``)."""
+    from patchtrace.engine.cache import RunCache
+
+    head = torch.zeros(2, 3, 4, 8)  # [N, T − pos0, H, d]: positions 6..8 of 9
+    pattern = torch.zeros(2, 4, 3, 9)  # [N, H, T − pos0, T]
+    logits = torch.zeros(2, 5)
+    assert RunCache({HookPoint("head", 0): head}, [], logits, 6).length == 9
+    assert RunCache({HookPoint("pattern", 1): pattern}, [], logits, 6).length == 9
+    assert RunCache({HookPoint("head", 0): head}, [], logits, 0).length == 3

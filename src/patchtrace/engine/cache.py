@@ -58,10 +58,14 @@ class RunCache:
 
     @property
     def length(self) -> int:
-        """The prompts' token length ``T``."""
+        """The prompts' token length ``T``: given, else from the keys/values, else ``pos0`` plus the
+        positions an activation holds (along its kind's position axis)."""
         if self.T is not None:
             return self.T
-        return int(self.kv[0][0].shape[2]) if self.kv else int(next(iter(self.acts.values())).shape[1])
+        if self.kv:
+            return int(self.kv[0][0].shape[2])
+        hp, a = next(iter(self.acts.items()))
+        return self.pos0 + int(a.shape[kind_info(hp.kind).pos_dim])
 
 
 def collect(

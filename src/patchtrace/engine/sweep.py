@@ -123,7 +123,7 @@ def run_patches(
         missing = base_points(patches, model) - set(base.acts)
         if missing:
             extra = collect(model, base_ids, missing, hooks=base_hooks, from_pos=base.pos0)
-            base = RunCache({**base.acts, **extra.acts}, base.kv, base.logits, base.pos0)
+            base = RunCache({**base.acts, **extra.acts}, base.kv, base.logits, base.pos0, base.T)
             all_runs["base"] = base
     groups: dict[int, list[int]] = defaultdict(list)
     base_metric: Tensor | None = None
