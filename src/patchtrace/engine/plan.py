@@ -103,42 +103,40 @@ def plan_sweep(
     Forward equivalents count position-layers computed, relative to one full forward of the
     ``n_examples`` prompts (the no-op skip of :func:`run_patches` is not predicted here).
     Peak memory = the cached base/source runs + the largest chunk's working memory, over the model's
-    own footprint. Both runs are counted from the earliest patched position on (the fast path records
-    no more), the source run without keys/values and as if it kept every activation (it keeps only
-    the patched ones).
+    own footprint. Both runs are counted from the earliest patched position on (activation patching
+    records no more), the source run without keys/values and as if it kept every activation (it keeps
+    only the patched ones). ``patches`` is read once.
 
     Raises:
         EngineError: the budget cannot hold even one patch's rows.
     """
     budget = max_memory or default_budget(model)
-    d = model.dims
-    L = d.n_layers
-    groups: dict[int, list[int]] = defaultdict(list)
+    L = model.dims.n_layers
     causal = model.family.causal  # bidirectional attention: no suffix shortcut (see engine.sweep)
-    for i, pt in enumerate(patches):
-        groups[pt.start_pos if fast and causal else 0].append(i)
+    sizes: dict[int, int] = defaultdict(int)  # first position computed -> patches
     fe = 0.0
+    first = T  # the earliest patched position: the runs are recorded from there on
+    for pt in patches:  # one pass: a patch may be built when read (CellPatches)
+        p = pt.start_pos if fast and causal else 0
+        sizes[p] += 1
+        first = min(first, pt.start_pos if causal else 0)
+        if fast:
+            key = join_key(pt, model)
+            layers = L - max(key[0], 0) - (0.5 if key[1] == 1 else 0.0)
+            fe += max(layers, 0.0) / L * (T - p) / T
+        else:
+            fe += 1.0
     chunks = 0
     max_rows = 0
-    for p, idx in groups.items():
-        n = T - p
-        per_chunk = patches_per_chunk(model, n, T, ncols if fast else None, n_examples, budget,
+    for p, count in sizes.items():
+        per_chunk = patches_per_chunk(model, T - p, T, ncols if fast else None, n_examples, budget,
                                       strict=max_memory is not None)
-        chunks += math.ceil(len(idx) / per_chunk)
-        max_rows = max(max_rows, min(len(idx), per_chunk) * n_examples)
-        for i in idx:
-            if fast:
-                key = join_key(patches[i], model)
-                layers = L - max(key[0], 0) - (0.5 if key[1] == 1 else 0.0)
-                fe += max(layers, 0.0) / L * n / T
-            else:
-                fe += 1.0
-    n_max = T - min(groups) if groups else T
-    if fast and causal:  # recorded from the earliest patched position; the source run keeps no keys/values
-        caches = (model.runner.cache_bytes(n_examples, T, model.dtype, n_pos=n_max)
-                  + model.runner.cache_bytes(n_examples, T, model.dtype, n_pos=n_max, kv=False))
-    else:
-        caches = 2 * model.runner.cache_bytes(n_examples, T, model.dtype)  # the base and the source run
+        chunks += math.ceil(count / per_chunk)
+        max_rows = max(max_rows, min(count, per_chunk) * n_examples)
+    n_max = T - min(sizes) if sizes else T
+    # the base run keeps keys/values; the source run (only patched from) keeps none
+    caches = (model.runner.cache_bytes(n_examples, T, model.dtype, n_pos=T - first)
+              + model.runner.cache_bytes(n_examples, T, model.dtype, n_pos=T - first, kv=False))
     peak = caches + max_rows * row_bytes(model, n_max, T, ncols if fast else None)
     mode = "plain" if not fast else "fast" if causal else (
         f"fast (no suffix shortcut: {model.family.name} attention is bidirectional; resumes at the patched layer, "

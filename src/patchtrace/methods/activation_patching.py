@@ -38,12 +38,12 @@ import torch
 
 from patchtrace.engine.checkpoint import run_key
 from patchtrace.engine.job import Block, Executor, execute
+from patchtrace.engine.joins import patch_base_points
 from patchtrace.engine.patch import CellPatches
 from patchtrace.engine.sweep import (
     EngineError,
     RunCache,
     Scorer,
-    base_points,
     before_difference,
     collect,
     first_difference,
@@ -56,7 +56,7 @@ from patchtrace.methods.validate import check_bool, check_direction, check_int, 
 from patchtrace.metrics import Metric, warn_zero_gap
 from patchtrace.models.load import Model
 from patchtrace.results import Scores, make_provenance
-from patchtrace.sites import SiteSpec
+from patchtrace.sites import HookPoint, SiteSpec
 from patchtrace.tasks.base import Task, TaskError, TokenizedTask
 
 Direction = Literal["denoise", "noise"]
@@ -219,7 +219,6 @@ class PatchingJob:
         # where the metric reads: the last position, or a masked LM's mask position (checked here, before compute)
         self.readouts = [tok.readout(g, mask=not model.family.causal) for g in self.groups]
         n_cells = len(self.grid)
-        self.points = {self.grid.site_at(i).point for i in self.grid.indices()}
         # built when read (a block's worth at a time); the plan below reads, and so checks, every one
         self.patches = [CellPatches(self.grid, model, tok.lengths[g[0]]) for g in self.groups]
         cols = self.metric.columns(tok.answer, tok.wrong)
@@ -249,23 +248,28 @@ class PatchingJob:
         self._state = None
         m, tok, cfg, idx = self.model, self.tok, self.cfg, self.groups[gi]
         ids_c, ids_k = tok.ids("clean", idx).to(m.device), tok.ids("corrupt", idx).to(m.device)
-        need = self.points | (base_points(self.patches[gi], m) if cfg.fast else set())
         # keep only the positions read: the fast path skips (unread) plain patches before the first
         # token where clean and corrupt differ, so the runs start at the earliest patch after it
         d = first_difference(ids_c, ids_k) if cfg.fast and m.family.causal else 0
+        points: set[HookPoint] = set()  # what the patches read from the source run
+        need: set[HookPoint] = set()  # ... and from the base run (the fast path's joins)
         live: list[int] = []  # indices of the patches that are not no-ops
-        starts = []
-        for i, pt in enumerate(self.patches[gi]):
+        p0 = tok.lengths[idx[0]]
+        for i, pt in enumerate(self.patches[gi]):  # one pass: each patch is built when read
+            points.update(s.point for s in pt.sites)
+            if cfg.fast:
+                need |= patch_base_points(pt, m)
             if not before_difference(pt, d):
                 live.append(i)
-                starts.append(pt.start_pos)
-        p0 = min(starts, default=max(0, d - 1))
+                p0 = min(p0, pt.start_pos)
+        need |= points
+        p0 = max(0, d - 1) if not live else p0
         p0 = p0 if m.family.causal else 0  # bidirectional attention reads every position
         ro = self.readouts[gi]
         # the source run keeps only the patched points (no resid_pre, no keys/values): nothing resumes from it
         denoise = cfg.direction == "denoise"
-        clean = collect(m, ids_c, need if not denoise else self.points, from_pos=p0, readout=ro, base=not denoise)
-        corrupt = collect(m, ids_k, need if denoise else self.points, from_pos=p0, readout=ro, base=denoise)
+        clean = collect(m, ids_c, need if not denoise else points, from_pos=p0, readout=ro, base=not denoise)
+        corrupt = collect(m, ids_k, need if denoise else points, from_pos=p0, readout=ro, base=denoise)
         ref = torch.log_softmax(clean.logits, -1) if self.metric.name == "kl" else None
         scorer = Scorer(self.metric, tok.answer[idx].to(m.device), tok.wrong[idx].to(m.device), ref,
                         pos=None if ro is None else ro.to(m.device))
