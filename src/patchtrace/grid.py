@@ -144,6 +144,20 @@ class Grid:
         """Every multi-index, row-major."""
         return iter(product(*[range(len(c)) for c in self.coords]))
 
+    def index_at(self, flat: int) -> tuple[int, ...]:
+        """The multi-index of cell number ``flat`` in :meth:`indices`' (row-major) order.
+
+        Raises:
+            GridError: ``flat`` is outside ``0 … len − 1``.
+        """
+        if not 0 <= flat < len(self):
+            raise GridError(f"cell {flat} is outside a grid of {len(self)} cells")
+        out = []
+        for c in reversed(self.coords):
+            flat, i = divmod(flat, len(c))
+            out.append(i)
+        return tuple(reversed(out))
+
     def coords_at(self, index: Sequence[int]) -> dict[str, int]:
         """``{axis: model index}`` of a cell (fixed coordinates included).
 

@@ -108,10 +108,6 @@ class CellPatches(Sequence[Patch]):
 
     def __init__(self, grid: Grid, model: Model, T: int) -> None:
         self.grid, self.model, self.T = grid, model, T
-        shape = grid.shape
-        self._strides = [1] * len(shape)
-        for a in range(len(shape) - 2, -1, -1):
-            self._strides[a] = self._strides[a + 1] * shape[a + 1]
         self._n = len(grid)
 
     def __len__(self) -> int:
@@ -130,8 +126,7 @@ class CellPatches(Sequence[Patch]):
         return self._one(j)
 
     def _one(self, j: int) -> Patch:
-        index = [(j // s) % n for s, n in zip(self._strides, self.grid.shape, strict=True)]
-        return Patch((resolve(self.grid.site_at(index), self.model, self.T),))
+        return Patch((resolve(self.grid.site_at(self.grid.index_at(j)), self.model, self.T),))
 
 
 def resolve_patch(patch: Patch, model: Model, T: int, runs: Mapping[str, Any] | None = None) -> Patch:
