@@ -289,5 +289,5 @@ def test_pooled_projection_is_found_by_name_and_refused_where_missing():
 
     pipe = random_small_joint()
     assert pooled_projection(pipe) is pipe.transformer.time_text_embed.text_embedder
-    with pytest.raises(DiffusionError, match=r"Linear has no pooled text projection \(time_text_embed.text_embedder\)"):
+    with pytest.raises(DiffusionError, match=r"'pooled' site needs a joint-attention pipeline: Linear has no pooled text projection \(time_text_embed.text_embedder\)"):
         pooled_projection(SimpleNamespace(transformer=torch.nn.Linear(2, 2)))

@@ -140,7 +140,8 @@ def pooled_projection(pipe: Any) -> Any:
     try:
         return pipe.transformer.get_submodule(POOLED_PROJECTION)
     except AttributeError:
-        raise DiffusionError(f"{type(getattr(pipe, 'transformer', pipe)).__name__} has no pooled text "
+        raise DiffusionError(f"the 'pooled' site needs a joint-attention pipeline: "
+                             f"{type(getattr(pipe, 'transformer', pipe)).__name__} has no pooled text "
                              f"projection ({POOLED_PROJECTION})") from None
 
 

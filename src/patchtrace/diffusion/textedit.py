@@ -42,13 +42,11 @@ def glyph_pairs(glyph_a: str, glyph_b: str, n: int, seed: int = 0,
 def check_sites(pipe: Any, layers: Sequence[int], pooled: bool = False) -> None:
     """Refuse, before any image is drawn, a layer the pipeline does not have, or the pooled site on a
     pipeline without one (only joint-attention transformers feed a pooled text embedding to their blocks)."""
-    joint = hasattr(pipe, "transformer")
-    if pooled and not joint:
-        raise DiffusionError(f"the 'pooled' site needs a joint-attention pipeline: {type(pipe).__name__} has no "
-                             "pooled text embedding path")  # fmt: skip
-    if joint:
-        from patchtrace.diffusion.joint import joint_layers
+    from patchtrace.diffusion.joint import joint_layers, pooled_projection
 
+    if pooled:
+        pooled_projection(pipe)  # refuses a pipeline without one
+    if hasattr(pipe, "transformer"):
         n = len(joint_layers(pipe))
     else:
         from patchtrace.diffusion.adapters import cross_attention_layers

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from patchtrace.diffusion.adapters import DiffusionError, T2IAdapter
-from patchtrace.diffusion.joint import POOLED_PROJECTION
+from patchtrace.diffusion.joint import POOLED_PROJECTION, pooled_projection
 
 PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 #: a joint-attention block's text-stream projections (the last block has no ``to_add_out``)
@@ -59,8 +59,8 @@ def lora_modules(model: Any, arm: str, layers: Sequence[int] = (), pooled: bool 
         names, proj = [la.name for la in joint_layers(pipe)], PROJ + JOINT_PROJ
     else:
         names, proj = [la.name for la in model.layers], PROJ
-    if pooled and not joint:
-        raise DiffusionError(f"{type(pipe).__name__} has no pooled text projection (joint-attention pipelines only)")
+    if pooled:
+        pooled_projection(pipe)  # refuses a pipeline without one
     if arm == "localized":
         if not layers and not pooled:
             raise DiffusionError("arm 'localized' needs the localized layers (e.g. from `patchtrace t2i textloc`)")
