@@ -330,3 +330,41 @@ def test_sub_grid_cli_names_the_patched_layer(app, tiny_dir, tmp_path):
                "--out", tmp_path / "o", "-q", "--top", "2")
     assert r.exit_code == 0, r.output
     assert "head[2].h" in r.output and "head[0].h" not in r.output
+
+
+@pytest.mark.parametrize("args,want", [
+    ([], None),  # not given: AtPStarConfig's own default
+    (["--grad-drop-groups", "3"], 3),
+    (["--grad-drop-groups", "0"], "per-layer"),
+])
+def test_compare_grad_drop_groups_reaches_the_atp_star_config(monkeypatch, args, want):
+    """What `compare --grad-drop-groups` hands to AtP*'s config (captured before anything loads)."""
+    from patchtrace.methods import compare as cmp
+    from patchtrace.methods.atp_star import AtPStarConfig
+
+    seen: dict = {}
+    reached = []
+    real = cmp.CompareConfig
+
+    def capture(**kw):
+        real(**kw)  # the options are valid
+        seen.update(kw["options"]["atp_star"])
+        reached.append(True)
+        raise KeyboardInterrupt  # stop before the model loads
+
+    monkeypatch.setattr(cmp, "CompareConfig", capture)
+    CliRunner().invoke(build_app(), ["compare", "--methods", "atp_star", *args])
+    assert reached
+    cfg = AtPStarConfig(**seen)
+    assert cfg.grad_drop
+    if want is None:
+        assert "grad_drop_groups" not in seen and cfg.grad_drop_groups == AtPStarConfig().grad_drop_groups
+    elif want == "per-layer":
+        assert cfg.grad_drop_groups is None
+    else:
+        assert cfg.grad_drop_groups == want
+
+
+def test_compare_refuses_one_grad_drop_group_before_loading():
+    r = CliRunner().invoke(build_app(), ["compare", "--methods", "atp_star", "--grad-drop-groups", "1"])
+    assert r.exit_code == 2 and "grad_drop_groups" in r.output

@@ -62,8 +62,9 @@ def register(app: typer.Typer) -> None:
         ig_steps: int = typer.Option(5, help="integrated-gradients steps (method ig)"),
         top_k: int = typer.Option(10, help="k of the top-k overlap"),
         grad_drop: bool = typer.Option(True, "--grad-drop/--no-grad-drop", help="AtP* (atp_star): GradDrop (magnitudes)"),
-        grad_drop_groups: int = typer.Option(
-            5, help="AtP*: GradDrop over at most N contiguous layer groups (~L/N times cheaper); 0: every layer"),
+        grad_drop_groups: int | None = typer.Option(
+            None, help="AtP*: GradDrop over at most N contiguous layer groups (~L/N times cheaper); 0: every layer "
+            "(default: AtPStarConfig's)"),
         out: Path | None = typer.Option(None, help="results folder (default runs/<task>-compare)"),  # noqa: B008
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto"),
@@ -90,7 +91,10 @@ def register(app: typer.Typer) -> None:
         bad = [x for x in names if x not in (*known, cmp.REFERENCE)]
         if bad:
             raise common.CLIError(f"--methods: unknown {bad}; choose from {', '.join(known)}")
-        per_method: dict[str, dict[str, Any]] = {"ig": {"steps": ig_steps}, "atp_star": {"grad_drop": grad_drop, "grad_drop_groups": grad_drop_groups or None}}
+        star: dict[str, Any] = {"grad_drop": grad_drop}
+        if grad_drop_groups is not None:  # else the config's default
+            star["grad_drop_groups"] = grad_drop_groups or None  # 0: per layer
+        per_method: dict[str, dict[str, Any]] = {"ig": {"steps": ig_steps}, "atp_star": star}
         options = {k: v for k, v in per_method.items() if k in known}
         # checked here, before anything is loaded (ConfigError names the bad value)
         cfg = cmp.CompareConfig(direction=cast(Any, direction), metric=metric, top_k=top_k, options=options)
