@@ -41,6 +41,7 @@ from torch import Tensor
 from patchtrace.errors import PatchtraceError
 from patchtrace.models.adapters import Dims, Family, get_path
 from patchtrace.models.attention import apply_rotary, explicit_attention, fused_attention
+from patchtrace.models.footprint import Footprint
 
 Rope = dict[str, tuple[Tensor, Tensor]]
 
@@ -93,7 +94,7 @@ class _Block:
     post_add: tuple[Any, Any] | None = None  # post-norm encoders: the norms after the attention / MLP adds
 
 
-class Stages:
+class Stages(Footprint):
     """The block's stages over a family-described HF causal LM (see the module docstring).
 
     Args:
@@ -368,37 +369,3 @@ class Stages:
         if attn_out is not None:
             raise RunnerError(f"{self.family.name} blocks are sequential: pass resid_mid, not attn_out")
         return self._post_add(li, 1, h + mlp_out, lrp)
-
-    # -- what the stages allocate -----------------------------------------------------------------
-
-    def row_bytes(self, n: int, T: int, ncols: int | None, dtype: torch.dtype) -> int:
-        """Peak working memory (bytes) of one batch row computing ``n`` positions of a ``T``-token
-        prompt, one layer at a time (a layer's temporaries are freed before the next), plus its logits.
-
-        Per position, the stages above hold: the three residual streams (pre, mid, post) and the two
-        norm outputs entering the sublayers (``5·D``), the attention output (``D``) and the MLP output
-        (the post-norm outputs add ``2·D`` where the family has them), queries/keys/values and heads
-        (``≈ 4·H·d``), the hidden activation with its gate, up and activated gate (``4·M``), and the
-        scores, masked scores and pattern against all ``T`` keys (``3·H·T``). The cached prefix is
-        shared by all rows and not counted here; logits are float32, with one temporary.
-        """
-        d = self.dims
-        el = torch.finfo(dtype).bits // 8
-        per_pos = 6 * d.d_model + 4 * d.d_mlp + 4 * d.n_heads * d.d_head + 3 * d.n_heads * T
-        if self.family.post_norms:
-            per_pos += 2 * d.d_model
-        if self.family.moe:  # router, routing weights and every expert's output row
-            per_pos += d.n_experts * (d.d_model + 3)
-        logits = ncols if ncols is not None else d.vocab
-        return el * n * per_pos + 4 * logits * 2
-
-    def cache_bytes(self, n_rows: int, T: int, dtype: torch.dtype, n_pos: int | None = None, kv: bool = True) -> int:
-        """Bytes one recorded run of ``n_rows`` prompts of ``T`` tokens keeps for the fast path: per
-        layer, over ``n_pos`` recorded positions (default ``T``; a run recorded from ``p`` keeps ``T − p``),
-        the residual streams and sublayer outputs (``4·D``) and the hidden activation (``M``), and over all
-        ``T`` the keys/values (``2·K·d``) unless ``kv`` is False (a run only patched *from* keeps none)."""
-        d = self.dims
-        el = torch.finfo(dtype).bits // 8
-        acts = (T if n_pos is None else n_pos) * (4 * d.d_model + d.d_mlp)
-        kvs = T * 2 * d.n_kv_heads * d.d_head if kv else 0
-        return n_rows * d.n_layers * (acts + kvs) * el
