@@ -10,6 +10,7 @@ Run it under different allocator settings to separate working set from allocator
     MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --neuron-blocks 6      # the 46,080-neuron job, last 6 blocks
     .venv/bin/python benchmarks/memory.py --budgets 16 64 --units 384   # neuron-sweep time per budget
+    .venv/bin/python benchmarks/memory.py --job                  # the 46,080-neuron job: size, build time
 
 Linux only (reads /proc/self/status).
 """
@@ -30,6 +31,35 @@ def mem() -> tuple[int, int]:
     return d["VmRSS"], d["VmHWM"]
 
 
+def job_size(repeats: int) -> None:
+    """Build the all-neurons last-position job as ``activation_patching.run`` does; fastest of ``repeats``."""
+    import tracemalloc
+
+    from patchtrace import PatchingConfig, SiteSpec, load_model, make_task
+    from patchtrace.methods.activation_patching import PatchingJob
+
+    model = load_model()
+    tok = make_task("ioi", n=16, seed=0).tokenize(model.tokenizer)
+    spec, cfg = SiteSpec("neuron", per_unit=True, positions="last"), PatchingConfig()
+    tracemalloc.start()
+    job = PatchingJob(model, tok, spec, cfg)
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    build = read = group = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()
+        job = PatchingJob(model, tok, spec, cfg)
+        build = min(build, time.process_time() - t)
+        t = time.process_time()
+        n = sum(1 for _ in job.patches[0])
+        read = min(read, time.process_time() - t)
+        t = time.process_time()
+        job._group(0)
+        group = min(group, time.process_time() - t)
+    print(f"job of {n} patches: holds {held / 1e6:.2f} MB (peak while built {peak / 1e6:.2f} MB); CPU s, fastest of "
+          f"{repeats}: build {build:.2f}, read every patch {read:.2f}, record the group (2 forwards + scan) {group:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-mib", type=int, default=None, help="engine working-memory budget (default: library default)")
@@ -39,8 +69,14 @@ def main() -> None:
                     help="instead: time a neuron sweep (every neuron of --layers, last position) at each budget, in turn")
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 29], help="layers of the --budgets sweep (%(default)s)")
     ap.add_argument("--units", type=int, default=1536, help="first N neurons per layer in the --budgets sweep (%(default)s)")
+    ap.add_argument("--job", action="store_true",
+                    help="the 46,080-neuron activation-patching job: Python memory it holds (tracemalloc), CPU time "
+                         "to build it, to read every patch once, and to record its group's runs")
     ap.add_argument("--repeats", type=int, default=3, help="--budgets: runs per budget, fastest counts (%(default)s)")
     args = ap.parse_args()
+    if args.job:
+        job_size(args.repeats)
+        return
     if args.budgets:
         budgets(args.budgets, args.layers, args.units, args.repeats)
         return
